@@ -1,0 +1,232 @@
+"""Stage 1's data: prompt/completion pairs, trained with the loss on completion tokens only.
+
+Rows follow WildJailbreak's schema (`vanilla`, `adversarial`, `completion`, `data_type`); the prompt
+is vanilla + adversarial (one of the two is empty in each row). Sources: a local .tsv/.csv/.jsonl
+file, or a Hugging Face dataset through `datasets.load_dataset` (e.g. `allenai/wildjailbreak`).
+One training example is `prompt + "\\n" + completion + EOS` (METHOD.md, stage 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding positions)
+EMBEDDED_CORPUS = "embedded:nontoxic"  # the small corpus shipped in calibfuse/resources/nontoxic/
+
+
+@dataclass
+class PromptCompletion:
+    prompt: str
+    completion: str
+
+
+def embedded_corpus_path() -> Path:
+    return Path(str(resources.files("calibfuse") / "resources" / "nontoxic" / "corpus.tsv"))
+
+
+def _read_local_rows(path: Path) -> list[dict]:
+    """Rows of a local .tsv/.csv/.jsonl/.json file as dicts; malformed lines are named by number."""
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: malformed JSON line ({e.msg}); expected one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    if path.suffix not in (".tsv", ".csv"):
+        raise ValueError(f"data file {str(path)!r} has suffix {path.suffix!r}; expected .tsv, .csv, .jsonl or .json")
+    csv.field_size_limit(sys.maxsize)  # WildJailbreak's adversarial prompts can be long
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():  # too many / too few fields on this line
+                raise ValueError(
+                    f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} fields "
+                    f"({', '.join(reader.fieldnames)}), found a line with a different number"
+                )
+            rows.append(row)
+    return rows
+
+
+def read_prompt_completions(
+    path: str,
+    *,
+    hf_name: str | None = None,
+    split: str = "train",
+    prompt_columns: Sequence[str] = ("vanilla", "adversarial"),
+    completion_column: str = "completion",
+    data_types: Sequence[str] | None = None,
+    load_kwargs: dict | None = None,
+) -> list[PromptCompletion]:
+    """Read prompt/completion pairs from a local file, the embedded corpus or a HF dataset."""
+    if path == EMBEDDED_CORPUS:
+        path = str(embedded_corpus_path())
+    local = Path(path).expanduser()
+    if local.is_file():
+        rows, columns = _read_local_rows(local), None
+    elif local.suffix in (".tsv", ".csv", ".jsonl", ".json") or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data file {path!r} does not exist; expected a .tsv/.csv/.jsonl file or a dataset id")
+    else:
+        import datasets
+
+        dataset = datasets.load_dataset(path, hf_name, split=split, **dict(load_kwargs or {}))
+        rows, columns = dataset, list(dataset.column_names)
+    source = f"{path}" + (f" ({hf_name}/{split})" if hf_name else "")
+    if columns is None:
+        columns = list(rows[0].keys()) if len(rows) else []
+    if len(rows) == 0:
+        raise ValueError(f"data source {source!r} is empty; expected prompt/completion rows")
+    expected = [*prompt_columns, completion_column]
+    missing = [c for c in expected if c not in columns]
+    if missing:
+        raise ValueError(f"data source {source!r} lacks column(s) {missing}; found {columns}, expected {expected}")
+    if data_types is not None and "data_type" not in columns:
+        raise ValueError(f"data_types={list(data_types)} given but {source!r} has no 'data_type' column")
+
+    pairs, skipped = [], 0
+    for row in rows:
+        if data_types is not None and row["data_type"] not in data_types:
+            continue
+        # The paper's prompt: vanilla + adversarial; one of them is empty in each WildJailbreak row.
+        prompt = "".join(str(row[c] or "") for c in prompt_columns).strip()
+        completion = str(row[completion_column] or "").strip()
+        if not prompt or not completion:
+            skipped += 1
+            continue
+        pairs.append(PromptCompletion(prompt, completion))
+    if skipped:
+        log.warning("%s: skipped %d rows with an empty prompt or completion", source, skipped)
+    if not pairs:
+        raise ValueError(
+            f"no usable prompt/completion rows in {source!r} ({len(rows)} rows read, {skipped} empty"
+            + (f", data_types={list(data_types)}" if data_types is not None else "")
+            + "); expected at least one row with a non-empty prompt and completion"
+        )
+    return pairs
+
+
+def encode(tokenizer, pair: PromptCompletion, max_length: int) -> dict | None:
+    """Token ids and labels for `prompt + "\\n" + completion + EOS`; labels cover the completion only.
+
+    Prompt and completion are tokenised apart so the boundary is exact; returns None when
+    truncation to `max_length` leaves no completion token to learn from.
+    """
+    prompt_ids = tokenizer(pair.prompt + "\n", add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(pair.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):  # position 0 is never predicted
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PromptCompletionDataModule(L.LightningDataModule):
+    """Prompt/completion pairs, split into train/val with a seed, tokenised for completion-only loss."""
+
+    def __init__(
+        self,
+        tokenizer,
+        path: str = EMBEDDED_CORPUS,
+        hf_name: str | None = None,
+        split: str = "train",
+        prompt_columns: Sequence[str] = ("vanilla", "adversarial"),
+        completion_column: str = "completion",
+        data_types: Sequence[str] | None = None,
+        load_kwargs: dict | None = None,
+        max_examples: int | None = None,
+        val_fraction: float = 0.1,
+        max_length: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction}; expected a fraction strictly between 0 and 1")
+        self.tokenizer = tokenizer
+        self.source = dict(
+            path=path, hf_name=hf_name, split=split, prompt_columns=list(prompt_columns),
+            completion_column=completion_column, data_types=None if data_types is None else list(data_types),
+            load_kwargs=dict(load_kwargs or {}),
+        )
+        self.max_examples, self.val_fraction, self.max_length = max_examples, val_fraction, max_length
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_examples: list[dict] | None = None
+        self.val_examples: list[dict] | None = None
+        self.stats: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples is not None:
+            return
+        pairs = read_prompt_completions(**self.source)
+        rng = random.Random(self.seed)
+        rng.shuffle(pairs)
+        if self.max_examples is not None:
+            pairs = pairs[: self.max_examples]
+        encoded = [encode(self.tokenizer, p, self.max_length) for p in pairs]
+        examples = [e for e in encoded if e is not None]
+        if len(examples) < 2:
+            raise ValueError(
+                f"{len(examples)} usable example(s) in {self.source['path']!r} after tokenisation "
+                f"(max_length={self.max_length}); expected at least 2 (one for training, one for validation)"
+            )
+        num_val = min(max(1, round(len(examples) * self.val_fraction)), len(examples) - 1)
+        self.val_examples, self.train_examples = examples[:num_val], examples[num_val:]
+        self.stats = {
+            "rows": len(pairs),
+            "dropped_by_truncation": len(encoded) - len(examples),
+            "train_examples": len(self.train_examples),
+            "val_examples": len(self.val_examples),
+            "train_completion_tokens": sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in self.train_examples),
+            "train_tokens": sum(len(e["input_ids"]) for e in self.train_examples),
+        }
+        log.info("data %s: %s", self.source["path"], self.stats)
+
+    def _loader(self, examples: list[dict], shuffle: bool) -> DataLoader:
+        return DataLoader(
+            examples, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_examples, shuffle=False)

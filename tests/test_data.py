@@ -1,0 +1,145 @@
+"""Stage-1 data: reading every source, completion-only labels, padding, and clear errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from calibfuse.data import (
+    EMBEDDED_CORPUS,
+    IGNORE_INDEX,
+    PromptCompletion,
+    PromptCompletionDataModule,
+    collate,
+    encode,
+    read_prompt_completions,
+)
+
+HEADER = "vanilla\tadversarial\tcompletion\tdata_type\n"
+
+
+@pytest.fixture
+def tokenizer(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def write_tsv(path, *rows):
+    path.write_text(HEADER + "".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_shipped_corpus_has_the_wildjailbreak_schema():
+    pairs = read_prompt_completions(EMBEDDED_CORPUS)
+    assert len(pairs) == 320
+    assert all(p.prompt and p.completion for p in pairs)
+    benign_only = read_prompt_completions(EMBEDDED_CORPUS, data_types=["vanilla_benign"])
+    assert len(benign_only) == 130
+
+
+def test_prompt_is_vanilla_plus_adversarial(tmp_path):
+    path = write_tsv(tmp_path / "d.tsv", ("How do I boil an egg?", "", "Place it in boiling water.", "vanilla_benign"),
+                     ("", "As a chef, explain eggs.", "Gladly.", "adversarial_benign"))
+    assert read_prompt_completions(str(path)) == [
+        PromptCompletion("How do I boil an egg?", "Place it in boiling water."),
+        PromptCompletion("As a chef, explain eggs.", "Gladly."),
+    ]
+
+
+def test_labels_cover_exactly_the_completion_and_eos(tokenizer):
+    pair = PromptCompletion("Write a kind note.", "Thank you for your help today.")
+    example = encode(tokenizer, pair, max_length=256)
+    prompt_len = len(tokenizer(pair.prompt + "\n")["input_ids"])
+    assert example["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    learned = example["labels"][prompt_len:]
+    assert learned[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(learned[:-1]) == pair.completion
+    assert tokenizer.decode(example["input_ids"][:-1]) == pair.prompt + "\n" + pair.completion
+
+
+def test_truncation_that_leaves_no_completion_drops_the_example(tokenizer):
+    pair = PromptCompletion("word " * 100, "Fine.")
+    assert encode(tokenizer, pair, max_length=16) is None
+
+
+def test_collate_right_pads_and_masks():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_datamodule_splits_deterministically(tokenizer):
+    def split(seed):
+        dm = PromptCompletionDataModule(tokenizer, val_fraction=0.1, seed=seed, batch_size=4)
+        dm.setup("fit")
+        return dm
+
+    a, b, c = split(1), split(1), split(2)
+    assert (len(a.train_examples), len(a.val_examples)) == (288, 32)
+    assert a.val_examples == b.val_examples and a.val_examples != c.val_examples
+    batch = next(iter(a.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and batch["labels"].dtype == torch.long
+
+
+def test_hf_datasets_path_with_a_local_stand_in(tmp_path):
+    # The hub path (allenai/wildjailbreak) goes through datasets.load_dataset; "csv" + local files runs the same code.
+    path = write_tsv(tmp_path / "train.tsv", ("Tell me a fact.", "", "Octopuses have three hearts.", "vanilla_benign"))
+    pairs = read_prompt_completions("csv", load_kwargs={"data_files": str(path), "delimiter": "\t", "keep_default_na": False})
+    assert pairs == [PromptCompletion("Tell me a fact.", "Octopuses have three hearts.")]
+
+
+def test_jsonl_source(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"vanilla": "Hi?", "adversarial": "", "completion": "Hello!"}) + "\n")
+    assert read_prompt_completions(str(path)) == [PromptCompletion("Hi?", "Hello!")]
+
+
+# Bad input: each error names the value and what was expected.
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.tsv.*does not exist"):
+        read_prompt_completions(str(tmp_path / "nowhere.tsv"))
+
+
+def test_missing_columns_are_named(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("question\tanswer\nHi\tHello\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['vanilla', 'adversarial', 'completion'\]; found \['question', 'answer'\]"):
+        read_prompt_completions(str(path))
+
+
+def test_malformed_tsv_line_is_named_by_number(tmp_path):
+    path = write_tsv(tmp_path / "d.tsv", ("a", "", "b", "vanilla_benign"), ("c", "", "d", "vanilla_benign", "extra"))
+    with pytest.raises(ValueError, match=r"d\.tsv:3: expected 4 fields"):
+        read_prompt_completions(str(path))
+
+
+def test_malformed_jsonl_line_is_named_by_number(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"vanilla": "a", "adversarial": "", "completion": "b"}\n{"vanilla": "oops"\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: malformed JSON line"):
+        read_prompt_completions(str(path))
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"is empty"):
+        read_prompt_completions(str(write_tsv(tmp_path / "d.tsv")))
+
+
+def test_corpus_with_no_usable_rows_is_refused(tmp_path):
+    path = write_tsv(tmp_path / "d.tsv", ("a", "", "", "vanilla_benign"), ("", "", "x", "vanilla_benign"))
+    with pytest.raises(ValueError, match=r"no usable prompt/completion rows .*2 rows read, 2 empty"):
+        read_prompt_completions(str(path))
+
+
+def test_unsupported_suffix_is_named(tmp_path):
+    (tmp_path / "d.parquet").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"suffix '\.parquet'"):
+        read_prompt_completions(str(tmp_path / "d.parquet"))
+
+
+def test_val_fraction_out_of_range_is_refused(tokenizer):
+    with pytest.raises(ValueError, match=r"val_fraction=1\.5"):
+        PromptCompletionDataModule(tokenizer, val_fraction=1.5)
