@@ -1,0 +1,226 @@
+"""Stage 1: pretrain the calibration model on non-toxic data (METHOD.md, stage 1).
+
+    python -m calibfuse.pretrain                                   # embedded default, CPU, ~3 min
+    python -m calibfuse.pretrain trainer.max_epochs=1 logger=csv   # any key can be overridden
+    python -m calibfuse.pretrain hydra.run.dir=DIR ckpt_path=last  # resume the run in DIR
+    python -m calibfuse.pretrain experiment=paper_pretrain         # the paper's setting (GPUs, hub)
+
+The run dir receives `calibration_model/` (a save_pretrained folder: config, safetensors, tokenizer)
+with `manifest.json`, Lightning checkpoints in `checkpoints/` and the offline W&B run in `wandb/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from calibfuse.calibration import build_calibration_model, count_parameters
+from calibfuse.data import IGNORE_INDEX
+from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
+from calibfuse.utils import (
+    check_wandb_credentials,
+    instantiate,
+    instantiate_group,
+    resolved_config,
+    task_wrapper,
+    versions,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")  # small CPU datasets: workers cost more than they save
+warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # val metrics are reduced by hand
+
+
+class CalibrationPretrainModule(L.LightningModule):
+    """A causal LM cut to its first `num_layers` layers, trained on completion tokens only."""
+
+    def __init__(
+        self,
+        base_model: ModelSpec | dict | str,
+        num_layers: int = 3,
+        reinit_non_embedding: bool = False,
+        optimizer=None,  # partial(torch.optim.X, lr=...): called with the parameters (works under FSDP)
+        scheduler=None,  # partial(schedule, ...): called with optimizer and num_training_steps
+    ):
+        super().__init__()
+        self.base_spec = as_spec(base_model)
+        self.save_hyperparameters(
+            {"base_model": self.base_spec.to_dict(), "num_layers": num_layers, "reinit_non_embedding": reinit_non_embedding},
+            logger=False,  # the entry point logs the whole resolved config instead
+        )
+        base = load_model(dataclasses.replace(self.base_spec, device="cpu"))  # Lightning places the module
+        self.base_class = type(base).__name__
+        self.base_num_layers = base.config.num_hidden_layers
+        self.model = build_calibration_model(base, num_layers, reinit_non_embedding).train()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self._val_totals = torch.zeros(2)  # (summed token losses, tokens) over the val set
+        self.val_loss_before_training: float | None = None
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss  # HF shifts labels; IGNORE_INDEX masks prompt and padding
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val_totals = torch.zeros(2, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        num_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        self._val_totals += torch.stack([loss.float() * num_tokens, num_tokens.float()])
+
+    def on_validation_epoch_end(self):
+        # Token-weighted mean over the whole val set (not a mean of batch means), summed over processes.
+        loss_sum, num_tokens = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum")
+        loss = loss_sum / num_tokens
+        if self.trainer.sanity_checking:
+            # The full val pass Lightning runs before training (num_sanity_val_steps=-1) measures the
+            # untrained model. A resumed run keeps the value its checkpoint carries.
+            if self.val_loss_before_training is None:
+                self.val_loss_before_training = loss.item()
+            return
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)  # already reduced
+        self.log("val/perplexity", torch.exp(loss))
+
+    def on_train_start(self):
+        if self.val_loss_before_training is not None:
+            self.log("val/loss_before_training", self.val_loss_before_training)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Stopping through should_stop (not only max_steps) makes Lightning validate once more, so the
+        # last val/loss always describes the final weights, also when max_steps ends mid-epoch.
+        if 0 < self.trainer.max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.trainer.model.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["calibfuse"] = {"val_loss_before_training": self.val_loss_before_training}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.val_loss_before_training = checkpoint.get("calibfuse", {}).get("val_loss_before_training")
+
+
+class ExportCalibrationModel(L.Callback):
+    """At the end of training, write `calibration_model/` (save_pretrained: config, safetensors,
+    tokenizer) and its `manifest.json`. Runs inside fit, so it works the same in a single process,
+    in spawned DDP workers and under FSDP (where all ranks gather the shards, rank 0 writes)."""
+
+    def __init__(self, out_dir: str | Path, config: dict):
+        self.out_dir, self.config = Path(out_dir), config
+        self.resumed_from: str | None = None
+        self.started = time.time()
+
+    def on_fit_start(self, trainer, pl_module):
+        self.resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None  # "last" resolved to a file
+        self.started = time.time()
+        for logger in trainer.loggers:  # here, not in the launching process: spawned workers own the loggers
+            logger.log_hyperparams(self.config)
+
+    def on_train_end(self, trainer, pl_module: CalibrationPretrainModule):
+        state_dict = trainer.strategy.lightning_module_state_dict()  # collective under FSDP
+        if not trainer.is_global_zero:
+            return
+        weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        model, datamodule = pl_module.model, trainer.datamodule
+        val_loss = trainer.callback_metrics["val/loss"].item()
+        before = pl_module.val_loss_before_training
+        manifest = {
+            "stage": "pretrain",
+            "artifact": "calibration_model",
+            "base_model": pl_module.base_spec.to_dict(),
+            "base_model_class": pl_module.base_class,
+            "base_num_layers": pl_module.base_num_layers,
+            "num_layers": model.config.num_hidden_layers,
+            "reinit_non_embedding": pl_module.hparams.reinit_non_embedding,
+            "hidden_size": model.config.hidden_size,
+            "vocab_size": model.config.vocab_size,
+            "parameters": count_parameters(model),
+            "data": {**{k: v for k, v in datamodule.source.items() if k != "load_kwargs"}, **datamodule.stats},
+            "training": {
+                "global_step": trainer.global_step,
+                "epochs_completed": trainer.current_epoch,
+                "max_epochs": trainer.max_epochs,
+                "max_steps": trainer.max_steps,
+                "batch_size_per_device": datamodule.batch_size,
+                "effective_batch_size": datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
+                "world_size": trainer.world_size,
+                "precision": str(trainer.precision),
+                "strategy": type(trainer.strategy).__name__,
+                "seconds": round(time.time() - self.started, 1),
+                "resumed_from": self.resumed_from,
+            },
+            "val_loss_before_training": before,
+            "val_loss": val_loss,
+            "val_perplexity_before_training": math.exp(before) if before is not None else None,
+            "val_perplexity": math.exp(val_loss),
+            "versions": versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": self.config,
+        }
+        model.save_pretrained(self.out_dir, state_dict=weights, safe_serialization=True)
+        datamodule.tokenizer.save_pretrained(self.out_dir)
+        write_json(self.out_dir / "manifest.json", manifest)  # last: its presence marks a complete artifact
+        log.info("calibration model: %s (val loss %s -> %.3f)", self.out_dir, before, val_loss)
+
+
+@task_wrapper
+def pretrain(cfg: DictConfig) -> dict:
+    """Build, train and export the calibration model; return the final metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    check_wandb_credentials(cfg.get("logger"))
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    base_spec: ModelSpec = instantiate(cfg.base_model)
+    tokenizer = load_tokenizer(base_spec)
+    log.info("data <%s>", cfg.data._target_)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")  # read and check the data before spending time on the model
+    log.info("calibration model <%s> from %s", cfg.calibration_model._target_, base_spec.name_or_path)
+    module: CalibrationPretrainModule = instantiate(cfg.calibration_model, base_model=base_spec)
+    export = ExportCalibrationModel(output_dir / "calibration_model", resolved_config(cfg))
+    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), export]
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    manifest_path = output_dir / "calibration_model" / "manifest.json"
+    if trainer.is_global_zero and not manifest_path.is_file():
+        raise RuntimeError(
+            f"training ended without exporting {manifest_path.parent}: was ckpt_path={cfg.get('ckpt_path')!r} "
+            "already at max_steps/max_epochs? Raise trainer.max_epochs or trainer.max_steps to train on"
+        )
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    metrics["global_step"] = trainer.global_step
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+def main(cfg: DictConfig) -> float | None:
+    metrics = pretrain(cfg)
+    return metrics.get(cfg.get("optimized_metric"))  # for Hydra sweepers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Plumbing shared by the entry points: instantiating Hydra groups, secrets, W&B runs, manifests."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Keys whose values never reach a logger or a manifest (W&B, Perspective and hub credentials).
+SECRET_KEY = re.compile(r"(api_?key|secret|password|credentials?|(^|_)(hf|auth|access|api)_?token)$", re.IGNORECASE)
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a (nested) config mapping with every secret-looking value replaced by '***'."""
+    if isinstance(value, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else redact_secrets(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The fully resolved config as plain containers, secrets redacted: what gets logged and saved."""
+    return redact_secrets(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+
+
+def instantiate(config, **kwargs):
+    """hydra.utils.instantiate, but a failure inside the target surfaces as the target's own error
+    (e.g. the ValueError that names the bad value), not wrapped in an InstantiationException."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(config, **kwargs)
+    except InstantiationException as e:
+        cause = e
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is e:
+            raise
+        raise cause from None
+
+
+def instantiate_group(group: DictConfig | None, what: str) -> list:
+    """Instantiate every `_target_` entry of a group such as `callbacks` or `logger`; None entries are off."""
+    objects = []
+    for name, conf in (group or {}).items():
+        if conf is None:
+            continue
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            raise ValueError(f"{what} entry {name!r} has no _target_; expected a mapping with a _target_ class path")
+        log.info("instantiating %s <%s>", what, conf._target_)
+        objects.append(instantiate(conf))
+    return objects
+
+
+def check_wandb_credentials(logger_cfg: DictConfig | None) -> None:
+    """Fail before any work when an online W&B logger is configured without credentials."""
+    for conf in (logger_cfg or {}).values():
+        if conf is None or "WandbLogger" not in str(conf.get("_target_", "")):
+            continue
+        if conf.get("offline", False) or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            continue
+        netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+        logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        if not (os.environ.get("WANDB_API_KEY") or logged_in):
+            raise RuntimeError(
+                "logger.wandb.offline=false but no W&B credentials: set WANDB_API_KEY in the environment "
+                "(or run `wandb login`), or keep the default offline mode and `wandb sync` later"
+            )
+
+
+def finish_wandb() -> None:
+    """Close the W&B run of this job, so each job of a Hydra multirun gets its own run."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
+    """Run a task; whatever happens, finish its W&B run."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> dict:
+        try:
+            return task(cfg)
+        finally:
+            finish_wandb()
+
+    return wrapped
+
+
+def versions() -> dict[str, str]:
+    names = ["calibfuse", "torch", "transformers", "lightning", "hydra-core", "datasets", "wandb"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temp file + rename): an interrupted run never leaves half a manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def fsdp_strategy(wrap_layers: list[str], activation_checkpointing: bool = False, **kwargs):
+    """Lightning's FSDPStrategy with decoder-layer classes given by import path (YAML cannot hold classes)."""
+    import importlib
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    classes = set()
+    for path in wrap_layers:
+        module_name, _, class_name = path.rpartition(".")
+        try:
+            classes.add(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            log.warning("FSDP wrap layer %s not found in this transformers version; skipped", path)
+    if not classes:
+        raise ValueError(f"none of the FSDP wrap_layers {list(wrap_layers)} can be imported; expected class import paths")
+    if activation_checkpointing:
+        kwargs["activation_checkpointing_policy"] = classes
+    return FSDPStrategy(auto_wrap_policy=classes, **kwargs)

@@ -1,0 +1,81 @@
+"""End-to-end runs through the real command line: the embedded models, DDP on 2 CPU processes,
+resuming with ckpt_path=last. Slow: `pytest -m "not slow"` skips them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_pretrain(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "calibfuse.pretrain", *overrides], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def tiny_overrides(model_dir, run_dir) -> list[str]:
+    return [f"base_model.name_or_path={model_dir}", "calibration_model.num_layers=2", "calibration_model.optimizer.lr=3e-3",
+            "data.max_examples=48", "data.max_length=384", f"hydra.run.dir={run_dir}"]
+
+
+@pytest.mark.slow
+def test_embedded_default_pretrain(tmp_path):
+    """The README's main job: SmolLM2-135M-Instruct cut to 3 layers, trained on the shipped corpus."""
+    run_pretrain(f"hydra.run.dir={tmp_path}")
+    out = tmp_path / "calibration_model"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 576
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_model"]["name_or_path"] == "smollm2-135m-instruct"
+    assert manifest["val_loss"] < manifest["val_loss_before_training"]
+    assert manifest["data"]["rows"] == 320
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    print(f"\nembedded pretrain: val loss {manifest['val_loss_before_training']:.3f} -> {manifest['val_loss']:.3f}, "
+          f"{manifest['training']['global_step']} steps, {manifest['training']['seconds']} s training")
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_processes(tiny_model_dirs, tmp_path):
+    run_pretrain("trainer=ddp_sim", "logger=many_loggers", *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
+    manifest = json.loads((tmp_path / "calibration_model" / "manifest.json").read_text())
+    assert manifest["training"]["world_size"] == 2 and manifest["training"]["strategy"] == "DDPStrategy"
+    assert manifest["training"]["effective_batch_size"] == 16
+    assert manifest["val_loss"] < manifest["val_loss_before_training"]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per process
+
+
+@pytest.mark.slow
+def test_resume_last_in_the_same_run_dir(tiny_model_dirs, tmp_path):
+    run_pretrain("logger=csv", "trainer.max_steps=3", "trainer.max_epochs=10", *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
+    first = json.loads((tmp_path / "calibration_model" / "manifest.json").read_text())
+    run_pretrain("logger=csv", "trainer.max_steps=5", "trainer.max_epochs=10", "ckpt_path=last",
+                 *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
+    second = json.loads((tmp_path / "calibration_model" / "manifest.json").read_text())
+    assert (first["training"]["global_step"], second["training"]["global_step"]) == (3, 5)
+    assert second["training"]["resumed_from"].endswith("last.ckpt")
+    assert second["val_loss_before_training"] == first["val_loss_before_training"]
+
+
+@pytest.mark.slow
+def test_gemma3_embedded_base_builds_a_calibration_model(tmp_path):
+    from calibfuse.calibration import build_calibration_model
+    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec("gemma3-270m", dtype="float32", cache_dir=str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(spec)
+    calibration = build_calibration_model(load_model(spec), num_layers=3)
+    calibration.save_pretrained(tmp_path / "gemma_calibration")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma_calibration")
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM" and reloaded.config.num_hidden_layers == 3
+    batch = tokenizer(["The weather today is"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, calibration(**batch).logits)

@@ -1,0 +1,130 @@
+"""Stage 1 end to end on tiny models: the artifact, the manifest, resuming, logging and bad input."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from calibfuse.pretrain import pretrain
+from calibfuse.utils import check_wandb_credentials, redact_secrets
+
+
+def read_manifest(run_dir):
+    return json.loads((run_dir / "calibration_model" / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_pretrain_writes_a_loadable_calibration_model(family, tiny_pretrain_cfg, tmp_path):
+    metrics = pretrain(tiny_pretrain_cfg(family=family))
+
+    out = tmp_path / "calibration_model"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    AutoTokenizer.from_pretrained(out)
+    manifest = read_manifest(tmp_path)
+    assert manifest["num_layers"] == 2 and manifest["base_num_layers"] == 4
+    assert manifest["data"]["train_examples"] + manifest["data"]["val_examples"] == 48
+    assert manifest["training"]["global_step"] == 6 == metrics["global_step"]
+    assert manifest["val_loss"] < manifest["val_loss_before_training"]
+    assert manifest["val_loss"] == pytest.approx(metrics["val/loss"])
+    assert manifest["versions"]["torch"] == torch.__version__
+
+
+def test_resume_continues_the_step_count(tiny_pretrain_cfg, tmp_path):
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    pretrain(tiny_pretrain_cfg("trainer.max_steps=3", "trainer.max_epochs=10", output_dir=first_dir))
+    checkpoint = first_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    before = read_manifest(first_dir)["val_loss_before_training"]
+
+    pretrain(tiny_pretrain_cfg("trainer.max_steps=5", "trainer.max_epochs=10", f"ckpt_path={checkpoint}", output_dir=second_dir))
+
+    manifest = read_manifest(second_dir)
+    assert manifest["training"]["global_step"] == 5
+    assert manifest["training"]["resumed_from"] == str(checkpoint)
+    assert manifest["val_loss_before_training"] == before  # carried in the checkpoint, not re-measured
+    with open(next(second_dir.glob("csv/**/metrics.csv"))) as f:
+        trained_steps = {int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")}
+    assert trained_steps == {3, 4}  # only the two new steps ran
+
+
+def test_wandb_offline_run_is_written_and_finished(tiny_pretrain_cfg, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", "secret-from-env-0123456789012345678901234")
+    pretrain(tiny_pretrain_cfg("logger=wandb", "trainer.max_steps=2"))
+    assert wandb.run is None  # finished: the next Hydra job gets its own run
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    written = b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())  # the .wandb record file included
+    assert b"trust_remote_code" in written and b"val/loss" in written  # the resolved config and metrics were logged ...
+    assert b"secret-from-env" not in written  # ... and no secret with them
+
+
+def test_each_job_gets_its_own_wandb_run(tiny_pretrain_cfg, tmp_path):
+    for name in ("a", "b"):
+        pretrain(tiny_pretrain_cfg("logger=wandb", "trainer.max_steps=1", output_dir=tmp_path / name))
+    ids = {next((tmp_path / n / "wandb").glob("offline-run-*")).name for n in ("a", "b")}
+    assert len(ids) == 2
+
+
+def test_secrets_are_redacted():
+    config = {"scorer": {"perspective_api_key": "abc", "qps": 1}, "hub": [{"hf_token": "t"}], "tokenizer": "x",
+              "pad_token": "<pad>", "wandb_api_key": None}
+    assert redact_secrets(config) == {"scorer": {"perspective_api_key": "***", "qps": 1}, "hub": [{"hf_token": "***"}],
+                                      "tokenizer": "x", "pad_token": "<pad>", "wandb_api_key": None}
+
+
+def test_online_wandb_without_a_key_stops_early(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "offline": False}})
+    with pytest.raises(RuntimeError, match="WANDB_API_KEY"):
+        check_wandb_credentials(cfg)
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    check_wandb_credentials(cfg)
+
+
+# Bad input stops before any training, with the value and what was expected.
+
+
+def test_num_layers_larger_than_base(tiny_pretrain_cfg):
+    with pytest.raises(ValueError, match=r"num_layers=9 but .* has 4 decoder layers"):
+        pretrain(tiny_pretrain_cfg("calibration_model.num_layers=9"))
+
+
+def test_unknown_embedded_model(tiny_pretrain_cfg):
+    with pytest.raises(ValueError, match=r"unknown embedded model name 'smollm-9000'"):
+        pretrain(tiny_pretrain_cfg("base_model.name_or_path=smollm-9000"))
+
+
+def test_missing_data_file(tiny_pretrain_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.tsv"):
+        pretrain(tiny_pretrain_cfg(f"data.path={tmp_path}/missing.tsv"))
+
+
+def test_data_file_without_expected_columns(tiny_pretrain_cfg, tmp_path):
+    (tmp_path / "qa.tsv").write_text("question\tanswer\nHi\tHello\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\)"):
+        pretrain(tiny_pretrain_cfg(f"data.path={tmp_path}/qa.tsv"))
+
+
+def test_empty_corpus(tiny_pretrain_cfg, tmp_path):
+    (tmp_path / "empty.tsv").write_text("vanilla\tadversarial\tcompletion\tdata_type\n")
+    with pytest.raises(ValueError, match=r"empty\.tsv.* is empty"):
+        pretrain(tiny_pretrain_cfg(f"data.path={tmp_path}/empty.tsv"))
+
+
+def test_instantiated_module_uses_the_partial_optimizer(tiny_pretrain_cfg):
+    cfg = tiny_pretrain_cfg()
+    module = instantiate(cfg.calibration_model, base_model=instantiate(cfg.base_model))
+    assert module.optimizer_factory.keywords["lr"] == 3e-3
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
