@@ -18,7 +18,10 @@ if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 elif command -v nvidia-smi >/dev/null 2>&1; then
   "${pip[@]}" torch
 else
-  "${pip[@]}" "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  # The CPU build: from a local wheel/index when pip is configured with one (this project's
+  # machines), otherwise from PyTorch's CPU index.
+  "${pip[@]}" "torch==2.13.0+cpu" 2>/dev/null ||
+    "${pip[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
 fi
 
 "${pip[@]}" -e ".[dev]"
