@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -136,12 +138,20 @@ def resolve(spec: ModelSpec) -> tuple[str, str | None]:
     return name, spec.gguf_file  # a hub id
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(spec: ModelSpec | dict | str, padding_side: str = "right"):
     """The model's own tokenizer; a pad token is guaranteed (eos when the model has none)."""
     from transformers import AutoTokenizer
 
     spec = as_spec(spec)
     source, gguf_file = resolve(spec)
+    if gguf_file is None and Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model directory {source!r} has no tokenizer files; expected one of {list(TOKENIZER_FILES)} "
+            "(a calibfuse.pretrain artifact saves its tokenizer beside the weights)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(
         source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
@@ -174,3 +184,44 @@ def load_model(spec: ModelSpec | dict | str):
     if spec.device != "auto":
         model.to(spec.device)
     return model.eval()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
+
+
+def _file_sha256(path: Path, cache_dir: str) -> str:
+    """sha256 of a file, remembered by (path, size, mtime): weights are hashed once, not every run."""
+    stat = path.stat()
+    cache = Path(cache_dir).expanduser() / "sha256.json"
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        known[key] = digest.hexdigest()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, cache)
+    return known[key]
+
+
+def fingerprint(spec: ModelSpec | dict | str, model=None) -> str:
+    """A content identity for a model: sha256 over its weight files when they are local (a GGUF
+    file, a save_pretrained folder), else the hub repo at the commit it was loaded from.
+    Alignment artifacts record it; fusion checks it, so an `A` is never applied to other models."""
+    spec = as_spec(spec)
+    source, gguf_file = resolve(spec)
+    directory = Path(source)
+    if directory.is_dir():
+        files = [directory / gguf_file] if gguf_file else sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no weight files in {source!r}; expected one of {list(WEIGHT_SUFFIXES)}")
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.name}:{_file_sha256(path, spec.cache_dir)}".encode())
+        return "sha256:" + digest.hexdigest()
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None) or spec.revision or "unknown-revision"
+    return f"hub:{source}@{commit}"
