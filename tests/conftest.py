@@ -21,36 +21,49 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 FAMILIES = ["llama", "mistral", "gemma3", "gpt2"]
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    """A 384-token byte-level BPE trained on the shipped corpus in well under a second."""
+def train_tiny_tokenizer(out: Path, style: str = "byte_level", vocab_size: int = 384) -> Path:
+    """A small BPE trained on the shipped corpus in well under a second. `byte_level` marks a leading
+    space as GPT-2/SmolLM2 do (`Ġthe`); `metaspace` as SentencePiece/Llama/Gemma do (`▁the`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from calibfuse.data import embedded_corpus_path
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    if style == "byte_level":
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=alphabet)
     tokenizer.train_from_iterator(embedded_corpus_path().read_text(encoding="utf-8").splitlines(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    out = tmp_path_factory.mktemp("tiny_tokenizer")
     fast.save_pretrained(out)
     return out
 
 
-def tiny_config(family: str, vocab_size: int, num_layers: int = 4):
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer_dir(tmp_path_factory) -> Path:
+    """Another tokenizer family: SentencePiece-style leading-space marks, a different vocabulary."""
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("metaspace_tokenizer"), style="metaspace", vocab_size=512)
+
+
+def tiny_config(family: str, vocab_size: int, num_layers: int = 4, hidden_size: int = 32):
     """A causal-LM config of `family` small enough to train in milliseconds."""
     from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=num_layers, n_head=2, n_positions=512, **common)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        return GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=2, n_positions=512, **common)
+    small = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, **common)
     if family == "llama":
         return LlamaConfig(**small, tie_word_embeddings=True)
@@ -61,13 +74,13 @@ def tiny_config(family: str, vocab_size: int, num_layers: int = 4):
     raise ValueError(family)
 
 
-def make_tiny_model(family: str, tokenizer_dir: Path, out_dir: Path, num_layers: int = 4, seed: int = 0) -> Path:
+def make_tiny_model(family: str, tokenizer_dir: Path, out_dir: Path, num_layers: int = 4, seed: int = 0, hidden_size: int = 32) -> Path:
     """Save a randomly initialised tiny model of `family` with the tiny tokenizer as a local model dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), num_layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), num_layers, hidden_size))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -85,6 +98,12 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path):
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(metaspace_tokenizer_dir, tmp_path_factory) -> Path:
+    """A target of another family and width than the tiny calibration models: Gemma-3, hidden 48, metaspace tokenizer."""
+    return make_tiny_model("gemma3", metaspace_tokenizer_dir, tmp_path_factory.mktemp("tiny_target"), hidden_size=48, seed=1)
 
 
 @pytest.fixture

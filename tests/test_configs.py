@@ -14,8 +14,15 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
+def stage_of(experiment: str) -> str:
+    """Experiment files name the entry point they configure last: paper_pretrain, paper_align."""
+    stage = experiment.rsplit("_", 1)[-1]
+    assert stage in ("pretrain", "align"), f"experiment {experiment!r} should end in _pretrain or _align"
+    return stage
+
+
 def test_every_group_has_options():
-    for group in ["base_model", "data", "calibration_model", "trainer", "logger", "callbacks", "debug", "experiment"]:
+    for group in ["base_model", "target", "data", "calibration_model", "alignment", "trainer", "logger", "callbacks", "debug", "experiment"]:
         assert options(group), group
 
 
@@ -61,7 +68,34 @@ def test_debug_options(debug, tmp_path):
     instantiate(cfg.trainer, logger=False)
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("target", options("target"))
+def test_target_options(target, tmp_path):
+    cfg = compose_config("align", [f"target={target}", "calibration_model.name_or_path=x"], tmp_path)
+    spec = instantiate(cfg.target)
+    assert spec.trust_remote_code is False and spec.device == "cpu"
+
+
+@pytest.mark.parametrize("experiment", [e for e in options("experiment") if stage_of(e) == "align"])
+def test_align_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_dirs, tiny_target_dir, tmp_path):
+    from calibfuse.align import align
+
+    cfg = compose_config("align", [
+        f"experiment={experiment}", f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+        f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv",
+    ], tmp_path)
+    align(cfg)
+    assert (tmp_path / "alignment" / "alignment.safetensors").is_file()
+
+
+def test_paper_align_matches_the_reference(tmp_path):
+    cfg = compose_config("align", ["experiment=paper_align", "calibration_model.name_or_path=x"], tmp_path)
+    assert cfg.target.name_or_path == "meta-llama/Llama-2-7b-chat-hf"
+    a = cfg.alignment
+    assert (a.matching, a.embedding_source, a.num_negatives, a.batch_size, a.optimizer.lr) == ("exact", "input", 10, 32, 1e-3)
+    assert a.optimizer._target_ == "torch.optim.Adam" and cfg.trainer.max_epochs == 5 and cfg.seed == 42
+
+
+@pytest.mark.parametrize("experiment", [e for e in options("experiment") if stage_of(e) == "pretrain"])
 def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_dirs, tmp_path):
     """Paper settings need GPUs and the hub; swap in a tiny local model, a local TSV and the CPU."""
     tsv = tmp_path / "train.tsv"

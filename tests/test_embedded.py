@@ -79,3 +79,39 @@ def test_gemma3_embedded_base_builds_a_calibration_model(tmp_path):
     batch = tokenizer(["The weather today is"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, calibration(**batch).logits)
+
+
+@pytest.fixture(scope="module")
+def embedded_calibration_dir(tmp_path_factory):
+    """A stage-1 artifact of the embedded default (3 layers of SmolLM2), untrained: enough for stage 2."""
+    from calibfuse.calibration import build_calibration_model
+    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("embedded_calibration") / "calibration_model"
+    spec = ModelSpec("smollm2-135m-instruct", dtype="float32")
+    build_calibration_model(load_model(spec), 3).save_pretrained(out)
+    load_tokenizer(spec).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_embedded_align(target, embedded_calibration_dir, tmp_path):
+    """Stage 2 on the embedded models: the same family, and across tokenizer families."""
+    from safetensors.torch import load_file
+
+    env_cache = os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path / "cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "calibfuse.align", f"calibration_model.name_or_path={embedded_calibration_dir}",
+         f"target={target}", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "CALIBFUSE_CACHE_DIR": env_cache},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    meta = json.loads((tmp_path / "alignment" / "alignment.json").read_text())
+    A = load_file(tmp_path / "alignment" / "alignment.safetensors")["A"]
+    assert A.shape == (576, meta["target_dim"]) and meta["target_dim"] == (576 if target.startswith("smollm2") else 640)
+    assert meta["held_out_top1"] > 100 * meta["chance_top1"]
+    if target == "gemma3-270m":
+        assert meta["shared_counts"]["normalized"] > 3 * meta["shared_counts"]["exact"]
+    print(f"\nembedded align -> {target}: shared {meta['shared_counts']}, held-out top-1 {meta['held_out_top1']:.3f}, "
+          f"top-10 {meta['held_out_top10']:.3f}, {meta['training_seconds']} s training")

@@ -1,0 +1,125 @@
+"""Stage 2: negative sampling, InfoNCE, retrieval accuracy, the artifact, and bad input."""
+
+import json
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calibfuse.align import AlignmentModule, SharedVocabularyDataModule, align, sample_negatives, split_vocabulary
+from calibfuse.models import ModelSpec, load_tokenizer
+from conftest import compose_config
+
+
+def test_negatives_never_hit_the_anchor_and_are_uniform():
+    torch.manual_seed(0)
+    anchors = torch.randint(0, 50, (20_000,))
+    negatives = sample_negatives(anchors, pool_size=50, num_negatives=10)
+    assert negatives.shape == (20_000, 10)
+    assert not (negatives == anchors[:, None]).any()
+    assert negatives.min() >= 0 and negatives.max() <= 49
+    counts = torch.bincount(sample_negatives(torch.full((50_000,), 7), 50, 10).flatten(), minlength=50).float()
+    assert counts[7] == 0
+    others = torch.cat([counts[:7], counts[8:]])  # ~10,200 draws each: 1 % standard deviation
+    assert (others / others.mean() - 1).abs().max() < 0.05  # uniform over the other 49
+
+
+def test_info_nce_has_the_positive_at_index_zero():
+    x, y = torch.randn(6, 4), torch.randn(6, 5)
+    module = AlignmentModule(x, y, torch.arange(6), num_negatives=2)
+    tokens, negatives = torch.tensor([0, 3]), torch.tensor([[1, 2], [4, 5]])
+    mapped = x[tokens] @ module.alignment_matrix
+    scores = torch.stack([torch.stack([mapped[b] @ y[c] for c in [tokens[b], *negatives[b]]]) for b in range(2)])
+    expected = torch.nn.functional.cross_entropy(scores, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(module.info_nce(tokens, negatives), expected)
+
+
+def test_learns_a_linear_relation_and_retrieves_held_out_tokens():
+    """When y = x W exactly, A must find W well enough to retrieve held-out tokens."""
+    torch.manual_seed(0)
+    x = torch.randn(600, 16)
+    y = x @ torch.randn(16, 24)
+    train, val = split_vocabulary(600, 0.05, seed=0)
+    module = AlignmentModule(x, y, train, num_negatives=10, optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
+    trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, SharedVocabularyDataModule(train, val, batch_size=32))
+    assert trainer.callback_metrics["val/top1"] > 0.75  # chance: 1/600 (measured: 0.87)
+    assert trainer.callback_metrics["val/top10"] >= trainer.callback_metrics["val/top1"]
+
+
+def test_split_is_seeded_and_disjoint():
+    train, val = split_vocabulary(1000, 0.05, seed=42)
+    assert len(val) == 50 and len(train) == 950
+    assert not set(train.tolist()) & set(val.tolist())
+    assert torch.equal(val, split_vocabulary(1000, 0.05, seed=42)[1])
+
+
+@pytest.fixture
+def align_cfg(tiny_model_dirs, tiny_target_dir, tmp_path):
+    def make(*overrides, output_dir=None):
+        return compose_config("align", [
+            f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+            f"target.name_or_path={tiny_target_dir}",
+            "trainer.max_epochs=2", "logger=csv", *overrides,
+        ], output_dir or tmp_path)
+    return make
+
+
+def test_align_across_families_writes_the_artifact(align_cfg, tmp_path, tiny_model_dirs, tiny_target_dir):
+    metrics = align(align_cfg())
+    tensors = load_file(tmp_path / "alignment" / "alignment.safetensors")
+    assert tensors["A"].shape == (32, 48)  # d_c x d_T: tiny Llama -> tiny Gemma-3
+    meta = json.loads((tmp_path / "alignment" / "alignment.json").read_text())
+    assert meta["calibration_dim"] == 32 and meta["target_dim"] == 48
+    assert meta["shared_counts"]["normalized"] > meta["shared_counts"]["exact"]
+    assert meta["shared_tokens"] == len(tensors["target_ids"]) == meta["train_tokens"] + meta["held_out_tokens"]
+    assert meta["calibration_model"]["fingerprint"].startswith("sha256:")
+    assert meta["target"]["fingerprint"] != meta["calibration_model"]["fingerprint"]
+    assert meta["num_negatives"] == 10 and meta["epochs_completed"] == 2
+    assert meta["held_out_top1"] == pytest.approx(metrics["val/top1"])
+    assert 0 <= meta["held_out_top1"] <= meta["held_out_top10"] <= 1
+    # the matched ids really are the same surface form in both tokenizers
+    calibration_tokenizer = load_tokenizer(ModelSpec(str(tiny_model_dirs["llama"])))
+    target_tokenizer = load_tokenizer(ModelSpec(str(tiny_target_dir)))
+    for i, j in list(zip(tensors["calibration_ids"].tolist(), tensors["target_ids"].tolist()))[:50]:
+        assert calibration_tokenizer.decode([i]).strip() == target_tokenizer.decode([j]).strip()
+
+
+def test_output_embeddings_and_exact_matching_options(align_cfg, tmp_path):
+    align(align_cfg("alignment.embedding_source=output", "alignment.matching=exact", "trainer.max_epochs=1"))
+    meta = json.loads((tmp_path / "alignment" / "alignment.json").read_text())
+    assert meta["embedding_source"] == "output" and meta["matching"] == "exact"
+    assert meta["shared_tokens"] == meta["shared_counts"]["exact"]
+
+
+def test_num_negatives_larger_than_the_vocabulary(align_cfg):
+    with pytest.raises(ValueError, match=r"num_negatives=100000 but the shared vocabulary has \d+ tokens"):
+        align(align_cfg("alignment.num_negatives=100000"))
+
+
+def test_calibration_artifact_without_tokenizer_files(align_cfg, tiny_model_dirs, tmp_path):
+    broken = tmp_path / "calibration_model"
+    shutil.copytree(tiny_model_dirs["llama"], broken)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        (broken / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"calibration_model.* has no tokenizer files"):
+        align(align_cfg(f"calibration_model.name_or_path={broken}"))
+
+
+def test_calibration_model_is_required(tmp_path):
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = compose_config("align", [], tmp_path)
+    with pytest.raises(MissingMandatoryValue, match="calibration_model.name_or_path"):
+        align(cfg)
+
+
+def test_resume_continues_the_step_count(align_cfg, tmp_path):
+    align(align_cfg("trainer.max_epochs=1", output_dir=tmp_path / "first"))
+    first = json.loads((tmp_path / "first" / "alignment" / "alignment.json").read_text())
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    metrics = align(align_cfg(f"ckpt_path={checkpoint}", "trainer.max_epochs=2", output_dir=tmp_path / "second"))
+    assert metrics["global_step"] == 2 * first["global_step"]
