@@ -24,6 +24,25 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX). Elsewhere bf16 is emulated: measured
+    on a 2-core AMD EPYC without them, SmolLM2 batch-16 greedy ran at 42 tok/s in bf16, 125 in fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto`: bf16 on GPUs and on CPUs with native bf16, fp32 on other CPUs."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.startswith("cuda") or device == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 DEFAULT_CACHE_DIR = "~/.cache/calibfuse"
 
 
@@ -57,14 +76,14 @@ class ModelSpec:
     name_or_path: str  # embedded short name, hub id ("org/name"), local directory or .gguf file
     gguf_file: str | None = None  # GGUF file name inside a directory or hub repo
     revision: str | None = None  # hub revision (branch, tag or commit)
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (accelerate's device_map)
     trust_remote_code: bool = False  # runs code from the model repo: only turn on for repos you trust
     cache_dir: str = DEFAULT_CACHE_DIR  # where embedded models are assembled
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; expected 'auto' or one of {sorted(DTYPES)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,7 +191,7 @@ def load_model(spec: ModelSpec | dict | str):
     kwargs = dict(gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.device == "auto":
         kwargs["device_map"] = "auto"  # shard across visible GPUs (accelerate)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(spec.dtype, spec.device), **kwargs)
     if gguf_file is not None:
         # GGUF weights are dequantised to plain tensors on load; a leftover quantization_config would
         # make a saved copy of this model claim to be GGUF-quantised.

@@ -64,3 +64,13 @@ def test_missing_gguf_file_in_directory_is_named(tiny_model_dirs):
 def test_bad_dtype_is_named():
     with pytest.raises(ValueError, match=r"dtype='fp8'.*bfloat16"):
         ModelSpec("org/name", dtype="fp8")
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    from calibfuse import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.resolve_dtype("auto", "cpu") == torch.float32  # emulated bf16 is ~3x slower
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert models.resolve_dtype("float16", "cpu") == torch.float16
