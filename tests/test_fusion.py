@@ -1,0 +1,202 @@
+"""Stage 3: the fused generator against hand computations, plain transformers, and itself uncached."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibfuse.calibration import build_calibration_model
+from calibfuse.fusion import FusedGenerator, GenerationSettings, lm_head_logits
+from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+PROMPTS = ["How do I boil an egg", "Write a kind", "The weather today is rather"]
+
+
+def load(path, dtype="float32"):
+    spec = ModelSpec(str(path), dtype=dtype)
+    return load_model(spec), load_tokenizer(spec)
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_model_dirs):
+    model, tokenizer = load(tiny_model_dirs["llama"])
+    return build_calibration_model(model, 2), tokenizer
+
+
+@pytest.fixture(scope="module", params=["same_tokenizer", "other_tokenizer"])
+def generator(request, calibration, tiny_model_dirs, tiny_target_dir):
+    """Same tokenizer: a tiny Mistral target (width 32). Other tokenizer: a tiny Gemma-3 (width 48, metaspace BPE)."""
+    target, target_tokenizer = load(tiny_model_dirs["mistral"] if request.param == "same_tokenizer" else tiny_target_dir)
+    torch.manual_seed(0)
+    A = torch.randn(32, target.config.hidden_size) / 4
+    generator = FusedGenerator(target, target_tokenizer, calibration[0], calibration[1], A)
+    assert generator.shared_tokenizer == (request.param == "same_tokenizer")
+    return generator
+
+
+def by_hand(generator, prompt_ids, alpha):
+    """Fused next-token logits for one unpadded sequence, computed from scratch with the formula."""
+    target, calibration = generator.target, generator.calibration
+    h_t = target.base_model(torch.tensor([prompt_ids])).last_hidden_state[0, -1]
+    if generator.shared_tokenizer:
+        calibration_ids = prompt_ids
+    else:  # the calibration model reads the consumed text through its own tokenizer
+        text = generator.target_tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        calibration_ids = generator.calibration_tokenizer(text)["input_ids"]
+    h_c = calibration.base_model(torch.tensor([calibration_ids])).last_hidden_state[0, -1]
+    mapped = F.layer_norm(h_c @ generator.A, (generator.A.shape[1],), eps=1e-5)
+    return lm_head_logits(target, alpha * mapped + (1 - alpha) * h_t)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_fused_logits_equal_the_formula_at_every_step(generator, alpha):
+    settings = GenerationSettings(max_new_tokens=6)
+    steps = generator.trace(PROMPTS, alpha, settings)
+    outputs = generator.generate(PROMPTS, alpha, settings)
+    for row, (prompt_ids, out) in enumerate(zip(generator._prompt_ids(PROMPTS), outputs)):
+        for k, step in enumerate(steps[: out.new_tokens]):
+            expected = by_hand(generator, prompt_ids + out.token_ids[:k], alpha)
+            torch.testing.assert_close(step["logits"][row], expected, atol=2e-4, rtol=2e-4)
+
+
+@torch.no_grad()
+def test_cached_and_uncached_give_the_same_logits(generator):
+    settings = GenerationSettings(max_new_tokens=8)
+    cached = generator.trace(PROMPTS, 0.5, settings, use_cache=True)
+    uncached = generator.trace(PROMPTS, 0.5, settings, use_cache=False)
+    assert len(cached) == len(uncached) == 8
+    for a, b in zip(cached, uncached):
+        torch.testing.assert_close(a["logits"], b["logits"], atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(a["h_calibration"], b["h_calibration"], atol=2e-4, rtol=2e-4)
+
+
+@torch.no_grad()
+def test_calibration_state_covers_exactly_the_consumed_text(generator):
+    """Across tokenizers, the cached calibration state equals the calibration model run on the decoded text."""
+    if generator.shared_tokenizer:
+        pytest.skip("same tokenizer: positions map one to one, no re-reading of text")
+    settings = GenerationSettings(max_new_tokens=8)
+    steps = generator.trace(PROMPTS, 0.5, settings)
+    outputs = generator.generate(PROMPTS, 0.5, settings)
+    for k, step in enumerate(steps):
+        sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(PROMPTS), outputs)]
+        texts = generator._consumed_texts(sequences)
+        torch.testing.assert_close(step["h_calibration"], generator.calibration_state_of_texts(texts).float(), atol=2e-4, rtol=2e-4)
+
+
+@torch.no_grad()
+def test_alpha_zero_reproduces_plain_transformers_generation(generator):
+    tokenizer = generator.target_tokenizer
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    expected = generator.target.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    outputs = generator.generate(PROMPTS, 0.0, GenerationSettings(max_new_tokens=12))
+    for row, out in enumerate(outputs):
+        plain = expected[row, batch["input_ids"].shape[1]:].tolist()
+        assert out.token_ids == plain[: len(out.token_ids)]
+        assert all(t == tokenizer.pad_token_id for t in plain[len(out.token_ids):])
+
+
+@torch.no_grad()
+def test_fusion_changes_the_output(generator):
+    plain = generator.generate(PROMPTS, 0.0, GenerationSettings(max_new_tokens=8))
+    fused = generator.generate(PROMPTS, 1.0, GenerationSettings(max_new_tokens=8))
+    assert [o.token_ids for o in plain] != [o.token_ids for o in fused]
+
+
+@torch.no_grad()
+def test_last_token_context_is_the_references_behaviour(calibration, tiny_model_dirs):
+    target, tokenizer = load(tiny_model_dirs["mistral"])
+    A = torch.randn(32, 32) / 4
+    reference = FusedGenerator(target, tokenizer, calibration[0], calibration[1], A, calibration_context="last_token")
+    settings = GenerationSettings(max_new_tokens=5)
+    steps = reference.trace(PROMPTS[:1], 0.5, settings)
+    out = reference.generate(PROMPTS[:1], 0.5, settings)[0]
+    newest = out.token_ids[0]  # step 1: the calibration model sees only this token, at position 0, no cache
+    alone = calibration[0].base_model(torch.tensor([[newest]]), position_ids=torch.tensor([[0]])).last_hidden_state[0, -1]
+    torch.testing.assert_close(steps[1]["h_calibration"][0], alone, atol=1e-5, rtol=1e-5)
+    full = FusedGenerator(target, tokenizer, calibration[0], calibration[1], A).trace(PROMPTS[:1], 0.5, settings)
+    assert not torch.allclose(full[1]["h_calibration"], steps[1]["h_calibration"])
+
+
+@torch.no_grad()
+def test_layer_norm_off_and_identity_alignment(calibration, tiny_model_dirs):
+    target, tokenizer = load(tiny_model_dirs["mistral"])
+    plain = FusedGenerator(target, tokenizer, calibration[0], calibration[1], None, layer_norm="none")
+    torch.testing.assert_close(plain.A, torch.eye(32))
+    h_t, h_c = torch.randn(2, 32), torch.randn(2, 32)
+    torch.testing.assert_close(plain.fuse(h_t, h_c, 0.25), 0.25 * h_c + 0.75 * h_t)
+
+
+@torch.no_grad()
+def test_batched_equals_one_at_a_time(generator):
+    settings = GenerationSettings(max_new_tokens=6, batch_size=3)
+    batched = generator.generate(PROMPTS, 0.5, settings)
+    single = generator.generate(PROMPTS, 0.5, GenerationSettings(max_new_tokens=6, batch_size=1))
+    assert [o.token_ids for o in batched] == [o.token_ids for o in single]
+
+
+@torch.no_grad()
+def test_sampling_is_seeded_and_gives_several_samples(generator):
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, top_p=0.9, temperature=1.0, num_samples=3, seed=7)
+    a = generator.generate(PROMPTS[:2], [0.0, 0.5], settings)
+    b = generator.generate(PROMPTS[:2], [0.0, 0.5], settings)
+    assert len(a) == 2 * 2 * 3 and [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert {(o.alpha, o.sample) for o in a} == {(al, s) for al in (0.0, 0.5) for s in range(3)}
+    samples = [o.token_ids for o in a if o.alpha == 0.0 and o.prompt == PROMPTS[0]]
+    assert len({tuple(s) for s in samples}) > 1
+
+
+def test_top_p_keeps_the_nucleus_only():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    settings = GenerationSettings(do_sample=True, top_p=0.7)
+    draws = {int(FusedGenerator._choose(logits, settings, torch.Generator().manual_seed(i))) for i in range(200)}
+    assert draws == {0, 1}
+
+
+# Bad input: clear errors naming the values.
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_out_of_range(generator, alpha):
+    with pytest.raises(ValueError, match=rf"alpha={alpha}; expected a weight in \[0, 1\]"):
+        generator.generate(PROMPTS, alpha)
+
+
+def test_empty_prompt_list(generator):
+    with pytest.raises(ValueError, match="non-empty list"):
+        generator.generate([], 0.5)
+
+
+def test_alignment_of_the_wrong_shape_names_both_widths(calibration, tiny_target_dir):
+    target, tokenizer = load(tiny_target_dir)
+    with pytest.raises(ValueError, match=r"shape \(32, 32\) but the calibration model is 32 wide and the target 48 wide"):
+        FusedGenerator(target, tokenizer, calibration[0], calibration[1], torch.zeros(32, 32))
+    with pytest.raises(ValueError, match=r"identity alignment needs equal widths"):
+        FusedGenerator(target, tokenizer, calibration[0], calibration[1], None)
+
+
+def test_alignment_made_for_other_models_is_refused(tiny_model_dirs, tiny_target_dir, tmp_path):
+    from conftest import compose_config
+
+    from calibfuse.align import align
+
+    align(compose_config("align", [f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+                                   f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"], tmp_path))
+    alignment = tmp_path / "alignment"
+    generator = FusedGenerator.from_artifacts(str(tiny_target_dir), str(tiny_model_dirs["llama"]), alignment)
+    assert generator.A.shape == (32, 48)
+    other = tmp_path / "other_target"
+    shutil.copytree(tiny_target_dir, other)
+    state = load_model(ModelSpec(str(other))).state_dict()
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() + 1 for k, v in state.items()}, other / "model.safetensors")  # other weights
+    with pytest.raises(ValueError, match=r"was made for target .* not for .*other_target"):
+        FusedGenerator.from_artifacts(str(other), str(tiny_model_dirs["llama"]), alignment)
+
+
+
+def test_missing_alignment_files(tiny_model_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"alignment\.safetensors.* does not exist"):
+        FusedGenerator.from_artifacts(str(tiny_model_dirs["mistral"]), str(tiny_model_dirs["llama"]), tmp_path)
