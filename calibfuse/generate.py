@@ -1,0 +1,87 @@
+"""Fused generation from the command line: prompts in, generations.jsonl out.
+
+    python -m calibfuse.generate calibration_model.name_or_path=<pretrain run>/calibration_model \\
+        alignment_dir=<align run>/alignment fusion.alphas=[0,0.3,0.5]
+    python -m calibfuse.generate ... prompts.path=my_prompts.jsonl generation.do_sample=true generation.num_samples=5
+    python -m calibfuse.generate ... target=gemma3-270m alignment_dir=<align run to gemma>/alignment
+
+Prompts: `prompts.texts` (a list in the config), or `prompts.path`: a .txt file (one prompt per
+line) or a .jsonl file whose `prompt` is a string or, as in RealToxicityPrompts, {"text": ...}.
+The run dir receives generations.jsonl: one row per (alpha, prompt, sample) with the prompt, the
+continuation and token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from calibfuse.data import _read_local_rows
+from calibfuse.fusion import FusedGenerator, GenerationSettings
+from calibfuse.utils import instantiate, resolved_config, task_wrapper, versions, write_json
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(path: str | None = None, texts: list[str] | None = None, limit: int | None = None) -> list[str]:
+    """Prompts from a .txt/.jsonl file or a list; an empty set is an error."""
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"prompt file {path!r} does not exist; expected a .txt or .jsonl file")
+        if file.suffix == ".txt":
+            prompts = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            prompts = []
+            for number, row in enumerate(_read_local_rows(file), start=1):
+                prompt = row.get("prompt")
+                prompt = prompt.get("text") if isinstance(prompt, dict) else prompt
+                if not isinstance(prompt, str):
+                    raise ValueError(f"{path}: row {number} has no 'prompt' string or {{'text': ...}}; expected RealToxicityPrompts' schema")
+                prompts.append(prompt)
+    else:
+        prompts = list(texts or [])
+    prompts = prompts[:limit] if limit is not None else prompts
+    if not prompts:
+        raise ValueError(f"no prompts (path={path!r}, texts={texts!r}); expected at least one")
+    return prompts
+
+
+@task_wrapper
+def generate(cfg: DictConfig) -> dict:
+    output_dir = Path(cfg.paths.output_dir)
+    prompts = read_prompts(cfg.prompts.path, cfg.prompts.texts, cfg.prompts.limit)
+    settings: GenerationSettings = instantiate(cfg.generation)
+    generator = FusedGenerator.from_artifacts(
+        target=instantiate(cfg.target), calibration=instantiate(cfg.calibration_model), alignment=cfg.alignment_dir,
+        check_fingerprints=cfg.fusion.check_fingerprints, calibration_context=cfg.fusion.calibration_context,
+        layer_norm=cfg.fusion.layer_norm, prompt_format=cfg.fusion.prompt_format,
+    )
+    started = time.time()
+    rows = generator.generate(prompts, list(cfg.fusion.alphas), settings)
+    seconds = time.time() - started
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / "generations.jsonl").open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in asdict(row).items() if k != "token_ids"}, ensure_ascii=False) + "\n")
+    new_tokens = sum(r.new_tokens for r in rows)
+    summary = {"rows": len(rows), "new_tokens": new_tokens, "seconds": round(seconds, 1),
+               "tokens_per_second": round(new_tokens / seconds, 1), "versions": versions(), "config": resolved_config(cfg)}
+    write_json(output_dir / "generate.json", summary)
+    log.info("%d generations, %d new tokens in %.1f s -> %s", len(rows), new_tokens, seconds, output_dir / "generations.jsonl")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

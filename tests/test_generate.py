@@ -1,0 +1,46 @@
+"""The generate entry point: prompts in, generations.jsonl out; and its bad input."""
+
+import json
+
+import pytest
+
+from calibfuse.generate import generate, read_prompts
+from conftest import compose_config
+
+
+def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_target_dir, tmp_path):
+    from calibfuse.align import align
+
+    align(compose_config("align", [f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+                                   f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
+                         tmp_path / "align"))
+    cfg = compose_config("generate", [
+        f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}",
+        f"alignment_dir={tmp_path / 'align' / 'alignment'}", "fusion.alphas=[0,0.5]",
+        "generation.max_new_tokens=5", "generation.do_sample=true", "generation.num_samples=2",
+    ], tmp_path / "run")
+    generate(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 * 2  # alphas x default prompts x samples
+    assert set(rows[0]) == {"prompt", "alpha", "sample", "continuation", "prompt_tokens", "new_tokens"}
+    assert {r["alpha"] for r in rows} == {0.0, 0.5} and all(0 < r["new_tokens"] <= 5 for r in rows)
+    summary = json.loads((tmp_path / "run" / "generate.json").read_text())
+    assert summary["rows"] == 12 and summary["tokens_per_second"] > 0
+
+
+def test_prompts_from_txt_and_rtp_jsonl(tmp_path):
+    (tmp_path / "p.txt").write_text("first\n\nsecond\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["first", "second"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": {"text": "So, I"}}\n{"prompt": "plain"}\n')
+    assert read_prompts(str(tmp_path / "p.jsonl"), limit=1) == ["So, I"]
+
+
+def test_empty_and_malformed_prompt_sets(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON line"):
+        read_prompts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        read_prompts(str(tmp_path / "nowhere.txt"))
