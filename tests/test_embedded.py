@@ -115,3 +115,46 @@ def test_embedded_align(target, embedded_calibration_dir, tmp_path):
         assert meta["shared_counts"]["normalized"] > 3 * meta["shared_counts"]["exact"]
     print(f"\nembedded align -> {target}: shared {meta['shared_counts']}, held-out top-1 {meta['held_out_top1']:.3f}, "
           f"top-10 {meta['held_out_top10']:.3f}, {meta['training_seconds']} s training")
+
+
+EMBEDDED_PROMPTS = ["I can't believe you would say something so", "The new neighbours are", "Écoute, ça fait 10 ans que",
+                    "def fibonacci(n):\n    ", "Honestly, people who drive like that are"]
+
+
+@pytest.mark.slow
+def test_fused_alpha_zero_is_plain_generation_on_smollm2(embedded_calibration_dir):
+    from calibfuse.fusion import FusedGenerator, GenerationSettings
+    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec("smollm2-135m-instruct")
+    target, tokenizer = load_model(spec), load_tokenizer(spec)
+    calibration = ModelSpec(str(embedded_calibration_dir), dtype=spec.dtype)
+    generator = FusedGenerator(target, tokenizer, load_model(calibration), load_tokenizer(calibration), None)
+    batch = tokenizer(EMBEDDED_PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        plain = target.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    outputs = generator.generate(EMBEDDED_PROMPTS, 0.0, GenerationSettings(max_new_tokens=16))
+    for row, out in enumerate(outputs):
+        expected = plain[row, batch["input_ids"].shape[1]:].tolist()
+        assert out.token_ids == expected[: len(out.token_ids)]
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir, tmp_path):
+    """Gemma-3 target, SmolLM2-based calibration model: at every step the cached calibration state
+    equals the calibration model run on the text the target has consumed (byte fallback, accents, code)."""
+    from calibfuse.fusion import FusedGenerator, GenerationSettings
+    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec("gemma3-270m", dtype="float32", cache_dir=os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path)))
+    calibration = ModelSpec(str(embedded_calibration_dir), dtype="float32")
+    A = torch.randn(576, 640) / 30
+    generator = FusedGenerator(load_model(spec), load_tokenizer(spec), load_model(calibration), load_tokenizer(calibration), A)
+    assert not generator.shared_tokenizer
+    settings = GenerationSettings(max_new_tokens=12)
+    steps = generator.trace(EMBEDDED_PROMPTS, 0.3, settings)
+    outputs = generator.generate(EMBEDDED_PROMPTS, 0.3, settings)
+    for k, step in enumerate(steps):
+        sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(EMBEDDED_PROMPTS), outputs)]
+        expected = generator.calibration_state_of_texts(generator._consumed_texts(sequences))
+        torch.testing.assert_close(step["h_calibration"], expected.float(), atol=1e-3, rtol=1e-3)

@@ -1,0 +1,81 @@
+"""Cost of fusion at inference, measured in one run on the embedded models (CPU).
+
+    python benchmarks/fusion_overhead.py                       # both targets
+    python benchmarks/fusion_overhead.py --targets smollm2-135m-instruct --dtype bfloat16
+
+Greedy, 16 prompts, 32 new tokens each (no early stop at EOS, so every run does the same work).
+Calibration model: the first 3 layers of SmolLM2-135M-Instruct (weights do not change the cost;
+A is random). For each target it prints the time of plain `transformers` generation of the
+target, of calibfuse's loop at alpha=0 (the target alone), of fused generation at alpha=0.3 with
+batch 16, and of fused generation one prompt at a time, and the ratios:
+  fused / plain target   (goals: <= 1.10 with SmolLM2, same tokenizer; <= 1.25 with Gemma-3, other tokenizer)
+  batch-16 / batch-1 throughput
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from calibfuse.calibration import build_calibration_model  # noqa: E402
+from calibfuse.data import EMBEDDED_CORPUS, read_prompt_completions  # noqa: E402
+from calibfuse.fusion import FusedGenerator, GenerationSettings  # noqa: E402
+from calibfuse.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
+
+NEW_TOKENS, BATCH = 32, 16
+
+
+def timed(fn):
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has native bf16, else fp32")
+    args = parser.parse_args()
+
+    prompts = [p.prompt for p in read_prompt_completions(EMBEDDED_CORPUS, data_types=["vanilla_benign"])][:BATCH]
+    calibration_spec = ModelSpec("smollm2-135m-instruct", dtype=args.dtype)
+    calibration = build_calibration_model(load_model(calibration_spec), 3)
+    calibration_tokenizer = load_tokenizer(calibration_spec)
+    print(f"{BATCH} prompts x {NEW_TOKENS} new tokens, greedy, {next(calibration.parameters()).dtype}, {torch.get_num_threads()} threads")
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, batch_size=BATCH)
+    for name in args.targets:
+        spec = ModelSpec(name, dtype=args.dtype)
+        target, tokenizer = load_model(spec), load_tokenizer(spec)
+        A = torch.randn(calibration.config.hidden_size, target.config.hidden_size) / 30
+        generator = FusedGenerator(target, tokenizer, calibration, calibration_tokenizer, A)
+        generator.eos_ids = generator.eos_ids[:0]  # never stop early: equal work in every run
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+
+        def plain():
+            target.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+
+        with torch.no_grad():
+            generator.generate(prompts[:2], 0.3, GenerationSettings(max_new_tokens=4))  # warm-up
+            plain()
+            times = {
+                "transformers generate (target)": timed(plain),
+                "calibfuse alpha=0 (target)": timed(lambda: generator.generate(prompts, 0.0, settings)),
+                "calibfuse fused alpha=0.3": timed(lambda: generator.generate(prompts, 0.3, settings)),
+                "fused, batch 1": timed(lambda: generator.generate(prompts, 0.3, GenerationSettings(max_new_tokens=NEW_TOKENS, batch_size=1))),
+            }
+        tokens = BATCH * NEW_TOKENS
+        print(f"\ntarget {name} ({'same' if generator.shared_tokenizer else 'other'} tokenizer as the calibration model)")
+        for label, seconds in times.items():
+            print(f"  {label:>32}: {seconds:6.2f} s  {tokens / seconds:6.1f} tok/s")
+        print(f"  {'fused / plain target':>32}: {times['calibfuse fused alpha=0.3'] / times['transformers generate (target)']:6.2f}x"
+              f"   (vs calibfuse alpha=0: {times['calibfuse fused alpha=0.3'] / times['calibfuse alpha=0 (target)']:.2f}x)")
+        print(f"  {'batch-16 / batch-1 throughput':>32}: {times['fused, batch 1'] / times['calibfuse fused alpha=0.3']:6.2f}x")
+        del target, generator
+
+
+if __name__ == "__main__":
+    main()
