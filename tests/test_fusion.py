@@ -200,3 +200,13 @@ def test_alignment_made_for_other_models_is_refused(tiny_model_dirs, tiny_target
 def test_missing_alignment_files(tiny_model_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"alignment\.safetensors.* does not exist"):
         FusedGenerator.from_artifacts(str(tiny_model_dirs["mistral"]), str(tiny_model_dirs["llama"]), tmp_path)
+
+
+def test_chat_prompt_format_uses_the_targets_template(calibration, tiny_model_dirs):
+    target, tokenizer = load(tiny_model_dirs["mistral"])
+    with pytest.raises(ValueError, match="no chat template"):
+        FusedGenerator(target, tokenizer, calibration[0], calibration[1], None, prompt_format="chat")
+    tokenizer.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}assistant:"
+    chat = FusedGenerator(target, tokenizer, calibration[0], calibration[1], None, prompt_format="chat")
+    assert tokenizer.decode(chat._prompt_ids(["Hi there"])[0]) == "<s>user: Hi there\nassistant:"
+    assert len(chat.generate(["Hi there"], 0.5, GenerationSettings(max_new_tokens=3))) == 1
