@@ -74,7 +74,6 @@ def main():
         print(f"  {'fused / plain target':>32}: {times['calibfuse fused alpha=0.3'] / times['transformers generate (target)']:6.2f}x"
               f"   (vs calibfuse alpha=0: {times['calibfuse fused alpha=0.3'] / times['calibfuse alpha=0 (target)']:.2f}x)")
         print(f"  {'batch-16 / batch-1 throughput':>32}: {times['fused, batch 1'] / times['calibfuse fused alpha=0.3']:6.2f}x")
-        del target, generator
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from calibfuse.models import ModelSpec, fingerprint, load_model, load_tokenizer
-from calibfuse.utils import check_wandb_credentials, instantiate, instantiate_group, resolved_config, task_wrapper, versions, write_json
+from calibfuse.utils import check_wandb_credentials, fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
 from calibfuse.vocabulary import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
@@ -259,16 +259,7 @@ def align(cfg: DictConfig) -> dict:
     module = AlignmentModule(x, y, train_tokens, settings.num_negatives, instantiate(settings.optimizer))
     datamodule = SharedVocabularyDataModule(train_tokens, val_tokens, settings.batch_size)
     export = ExportAlignment(output_dir / "alignment", metadata, vocabulary)
-    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), export]
-    loggers = instantiate_group(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-
-    if trainer.is_global_zero and not (output_dir / "alignment" / "alignment.json").is_file():
-        raise RuntimeError(f"training ended without exporting {output_dir / 'alignment'}: was ckpt_path already at max_epochs?")
-    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
-    metrics["global_step"] = trainer.global_step
-    return metrics
+    return fit_and_export(cfg, module, datamodule, export, output_dir / "alignment" / "alignment.json")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="align")

@@ -29,8 +29,8 @@ from calibfuse.data import IGNORE_INDEX
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
 from calibfuse.utils import (
     check_wandb_credentials,
+    fit_and_export,
     instantiate,
-    instantiate_group,
     resolved_config,
     task_wrapper,
     versions,
@@ -199,21 +199,7 @@ def pretrain(cfg: DictConfig) -> dict:
     log.info("calibration model <%s> from %s", cfg.calibration_model._target_, base_spec.name_or_path)
     module: CalibrationPretrainModule = instantiate(cfg.calibration_model, base_model=base_spec)
     export = ExportCalibrationModel(output_dir / "calibration_model", resolved_config(cfg))
-    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), export]
-    loggers = instantiate_group(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-
-    manifest_path = output_dir / "calibration_model" / "manifest.json"
-    if trainer.is_global_zero and not manifest_path.is_file():
-        raise RuntimeError(
-            f"training ended without exporting {manifest_path.parent}: was ckpt_path={cfg.get('ckpt_path')!r} "
-            "already at max_steps/max_epochs? Raise trainer.max_epochs or trainer.max_steps to train on"
-        )
-    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
-    metrics["global_step"] = trainer.global_step
-    return metrics
+    return fit_and_export(cfg, module, datamodule, export, output_dir / "calibration_model" / "manifest.json")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")

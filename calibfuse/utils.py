@@ -63,6 +63,23 @@ def instantiate_group(group: DictConfig | None, what: str) -> list:
     return objects
 
 
+def fit_and_export(cfg: DictConfig, module, datamodule, export, artifact: Path) -> dict:
+    """Train `module` with the trainer, callbacks and loggers of `cfg` (resuming from cfg.ckpt_path);
+    the `export` callback writes `artifact` when training ends. Returns the final metrics."""
+    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), export]
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.is_global_zero and not Path(artifact).is_file():
+        raise RuntimeError(
+            f"training ended without writing {artifact}: was ckpt_path={cfg.get('ckpt_path')!r} already at "
+            "trainer.max_epochs / max_steps? Raise them to train on"
+        )
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    metrics["global_step"] = trainer.global_step
+    return metrics
+
+
 def check_wandb_credentials(logger_cfg: DictConfig | None) -> None:
     """Fail before any work when an online W&B logger is configured without credentials."""
     for conf in (logger_cfg or {}).values():
