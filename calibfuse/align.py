@@ -103,13 +103,12 @@ class AlignmentModule(L.LightningModule):
         return F.cross_entropy(scores, torch.zeros_like(tokens))
 
     def on_train_epoch_start(self):
-        # K negatives for every training token, drawn for the whole epoch in one call on the device.
+        # K negatives (as token indices) for every training token, drawn for the whole epoch in one call on the device.
         pool = len(self.train_tokens)
-        self._epoch_negatives = sample_negatives(torch.arange(pool, device=self.device), pool, self.num_negatives)
+        self._epoch_negatives = self.train_tokens[sample_negatives(torch.arange(pool, device=self.device), pool, self.num_negatives)]
 
     def training_step(self, positions, batch_idx):
-        negatives = self.train_tokens[self._epoch_negatives[positions]]
-        loss = self.info_nce(self.train_tokens[positions], negatives)
+        loss = self.info_nce(self.train_tokens[positions], self._epoch_negatives[positions])
         self.log("train/loss", loss, prog_bar=True, batch_size=positions.shape[0])
         return loss
 
