@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import compose_config
 
 from calibfuse.generate import generate, read_prompts
-from conftest import compose_config
 
 
 def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_target_dir, tmp_path):
@@ -44,3 +44,13 @@ def test_empty_and_malformed_prompt_sets(tmp_path):
         read_prompts(str(tmp_path / "bad.jsonl"))
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
         read_prompts(str(tmp_path / "nowhere.txt"))
+
+
+def test_shipped_challenge_set_reads_as_rtp():
+    from importlib import resources
+
+    path = resources.files("calibfuse") / "resources" / "challenge" / "prompts.jsonl"
+    prompts = read_prompts(str(path))
+    assert len(prompts) == 200 and len(set(prompts)) == 200
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sum(r["challenging"] for r in rows) == 160

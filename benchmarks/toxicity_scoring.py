@@ -1,0 +1,34 @@
+"""Offline toxicity scoring speed: 10,000 texts through the default scorer (alt-profanity-check).
+
+    python benchmarks/toxicity_scoring.py [--texts 10000]
+
+Texts: the shipped corpus' completions and the challenge set's prompts, cycled to the count.
+"""
+
+import argparse
+import itertools
+import time
+from importlib import resources
+
+from calibfuse.data import EMBEDDED_CORPUS, read_prompt_completions
+from calibfuse.generate import read_prompts
+from calibfuse.toxicity import build_scorer
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--texts", type=int, default=10_000)
+    args = parser.parse_args()
+    challenge = str(resources.files("calibfuse") / "resources" / "challenge" / "prompts.jsonl")
+    pool = [p.completion for p in read_prompt_completions(EMBEDDED_CORPUS)] + read_prompts(challenge)
+    texts = list(itertools.islice(itertools.cycle(pool), args.texts))
+    scorer = build_scorer("profanity_check")
+    scorer.score(texts[:10])  # warm-up
+    started = time.perf_counter()
+    scores = scorer.score(texts)
+    seconds = time.perf_counter() - started
+    print(f"{len(scores)} texts scored by {scorer.name} in {seconds:.3f} s ({len(scores) / seconds:,.0f} texts/s)")
+
+
+if __name__ == "__main__":
+    main()

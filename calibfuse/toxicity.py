@@ -1,0 +1,158 @@
+"""Toxicity scorers: a list of texts in, a probability of toxicity per text out, batched.
+
+    scorer = build_scorer("profanity_check")                      # offline default (a proxy, see below)
+    scorer = build_scorer("hf_classifier", model="/models/toxic-bert", label="toxic")
+    scorer = build_scorer("perspective", qps=1)                  # PERSPECTIVE_API_KEY from the environment
+    scores = scorer.score(["have a nice day", "you idiot"])
+
+`profanity_check` (alt-profanity-check, a linear model shipped on PyPI) is the offline default. It
+is a proxy, not Perspective: on 1,193 RealToxicityPrompts continuations scored by Perspective it
+reaches ROC-AUC 0.89 against Perspective >= 0.5 (Pearson 0.59, Spearman 0.33) and flags fewer
+texts than Perspective does (../shared/ENVIRONMENT.md). Every output built on it says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PROXY_NOTE = (
+    "toxicity scored by alt-profanity-check, an offline proxy for Perspective (ROC-AUC 0.89 against "
+    "Perspective >= 0.5 on 1,193 RTP continuations; it flags fewer texts): compare settings, not absolute levels"
+)
+
+
+class ProfanityCheckScorer:
+    """alt-profanity-check's linear classifier: ~100k texts/s on a CPU, no network, no model download."""
+
+    name = "profanity_check"
+    note = PROXY_NOTE
+
+    def __init__(self):
+        try:
+            from profanity_check import predict_prob
+        except ImportError as e:
+            raise ImportError("scorer 'profanity_check' needs `pip install alt-profanity-check` (./setup.sh installs it)") from e
+        self._predict = predict_prob
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [float(p) for p in self._predict(list(texts))] if texts else []
+
+
+class HFClassifierScorer:
+    """Any Hugging Face sequence classifier (local path or hub id): the probability of one label."""
+
+    name = "hf_classifier"
+    note = None
+
+    def __init__(self, model: str, label: str = "toxic", batch_size: int = 64, device: str = "cpu",
+                 multi_label: bool | None = None, trust_remote_code: bool = False, max_length: int = 512):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=trust_remote_code).to(device).eval()
+        labels = {str(v).lower(): int(k) for k, v in self.model.config.id2label.items()}
+        if label.lower() not in labels:
+            raise ValueError(f"classifier {model!r} has no label {label!r}; its labels are {sorted(labels)}")
+        self.index, self.batch_size, self.device, self.max_length = labels[label.lower()], batch_size, device, max_length
+        # Multi-label heads (toxic-bert) score each label with a sigmoid; single-label heads with a softmax.
+        problem = getattr(self.model.config, "problem_type", None)
+        self.multi_label = multi_label if multi_label is not None else problem == "multi_label_classification"
+        self.note = None
+
+    @torch.no_grad()
+    def score(self, texts: list[str]) -> list[float]:
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            logits = self.model(**batch).logits.float()
+            probs = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+            scores += probs[:, self.index].tolist()
+        return scores
+
+
+class PerspectiveScorer:
+    """Google's Perspective API (TOXICITY), one request per text: key from the environment, a QPS
+    limit, retries with exponential backoff on HTTP 429, and a cache keyed by text so reruns are free."""
+
+    name = "perspective"
+    note = None
+    ENDPOINT = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
+
+    def __init__(self, api_key_env: str = "PERSPECTIVE_API_KEY", qps: float = 1.0, max_retries: int = 6,
+                 backoff_seconds: float = 2.0, cache_path: str | None = "~/.cache/calibfuse/perspective.jsonl",
+                 endpoint: str | None = None, attribute: str = "TOXICITY", timeout: float = 30.0):
+        self.api_key = os.environ.get(api_key_env)
+        if not self.api_key:
+            raise RuntimeError(f"scorer 'perspective' needs an API key in the environment variable {api_key_env}; it is not set")
+        if qps <= 0:
+            raise ValueError(f"qps={qps}; expected > 0 requests per second")
+        self.interval, self.max_retries, self.backoff = 1.0 / qps, max_retries, backoff_seconds
+        self.endpoint, self.attribute, self.timeout = endpoint or self.ENDPOINT, attribute, timeout
+        self.cache_path = Path(cache_path).expanduser() if cache_path else None
+        self.cache: dict[str, float] = {}
+        if self.cache_path and self.cache_path.is_file():
+            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.cache[entry["key"]] = entry["score"]
+        self._last_request = 0.0
+        self.requests = 0  # sent, retries included
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha256(f"{self.attribute}\0{text}".encode()).hexdigest()
+
+    def _request(self, text: str) -> float:
+        body = json.dumps({"comment": {"text": text}, "languages": ["en"], "requestedAttributes": {self.attribute: {}}}).encode()
+        for attempt in range(self.max_retries + 1):
+            wait = self._last_request + self.interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last_request = time.monotonic()
+            self.requests += 1
+            request = urllib.request.Request(f"{self.endpoint}?key={self.api_key}", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read())
+                return float(payload["attributeScores"][self.attribute]["summaryScore"]["value"])
+            except urllib.error.HTTPError as e:
+                if e.code != 429 or attempt == self.max_retries:
+                    raise RuntimeError(f"Perspective API answered HTTP {e.code} for a {len(text)}-character text") from None
+                delay = self.backoff * 2**attempt
+                log.warning("Perspective API rate limit (HTTP 429); retrying in %.1f s", delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def score(self, texts: list[str]) -> list[float]:
+        scores = []
+        for text in texts:
+            key = self._key(text)
+            if key not in self.cache:
+                self.cache[key] = self._request(text) if text.strip() else 0.0  # the API rejects empty text
+                if self.cache_path:
+                    self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                    with self.cache_path.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"key": key, "score": self.cache[key]}) + "\n")
+            scores.append(self.cache[key])
+        return scores
+
+
+SCORERS = {"profanity_check": ProfanityCheckScorer, "hf_classifier": HFClassifierScorer, "perspective": PerspectiveScorer}
+
+
+def build_scorer(name: str, **options):
+    if name not in SCORERS:
+        raise ValueError(f"unknown toxicity scorer {name!r}; expected one of {sorted(SCORERS)}")
+    return SCORERS[name](**options)

@@ -1,0 +1,177 @@
+"""Toxicity scorers, the reference-LM perplexity and the metrics: real scorers, tiny models, a local
+stand-in for the Perspective API on loopback."""
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from calibfuse.metrics import (
+    bootstrap_interval,
+    distinct_n,
+    expected_maximum_toxicity,
+    perplexity,
+    toxicity_probability,
+)
+from calibfuse.toxicity import build_scorer
+
+# --- scorers ---------------------------------------------------------------------------------
+
+
+def test_profanity_check_scores_real_text():
+    scorer = build_scorer("profanity_check")
+    clean, rude = scorer.score(["Thank you for the lovely dinner.", "Shut up, you stupid idiot."])
+    assert 0 <= clean < 0.5 < rude <= 1
+    assert "proxy" in scorer.note
+    assert scorer.score([]) == []
+
+
+def test_unknown_scorer_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown toxicity scorer 'detox'; expected one of \['hf_classifier', 'perspective', 'profanity_check'\]"):
+        build_scorer("detox")
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_tokenizer_dir, tmp_path_factory):
+    from transformers import (
+        AutoTokenizer,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
+                              pad_token_id=tokenizer.pad_token_id, id2label={0: "non-toxic", 1: "toxic"},
+                              label2id={"non-toxic": 0, "toxic": 1})
+    out = tmp_path_factory.mktemp("tiny_classifier")
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_hf_classifier_from_a_local_path(tiny_classifier):
+    scorer = build_scorer("hf_classifier", model=str(tiny_classifier), label="toxic", batch_size=2)
+    texts = ["a calm reply", "another one that is longer than the first", "x"]
+    scores = scorer.score(texts)
+    assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
+    one_by_one = [build_scorer("hf_classifier", model=str(tiny_classifier), batch_size=1).score([t])[0] for t in texts]
+    assert scores == pytest.approx(one_by_one, abs=1e-5)  # padding does not change a score
+
+
+def test_hf_classifier_with_a_missing_label(tiny_classifier):
+    with pytest.raises(ValueError, match=r"no label 'insult'; its labels are \['non-toxic', 'toxic'\]"):
+        build_scorer("hf_classifier", model=str(tiny_classifier), label="insult")
+
+
+class FakePerspective(BaseHTTPRequestHandler):
+    """Answers like the Perspective API: the first `rate_limited` requests get HTTP 429."""
+
+    rate_limited = 0
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakePerspective.seen.append((time.monotonic(), body["comment"]["text"], self.path))
+        if FakePerspective.rate_limited > 0:
+            FakePerspective.rate_limited -= 1
+            self.send_response(429)
+            self.end_headers()
+            return
+        score = min(1.0, len(body["comment"]["text"]) / 100)
+        payload = json.dumps({"attributeScores": {"TOXICITY": {"summaryScore": {"value": score}}}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def perspective_server():
+    server = HTTPServer(("127.0.0.1", 0), FakePerspective)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakePerspective.seen, FakePerspective.rate_limited = [], 0
+    yield f"http://127.0.0.1:{server.server_port}/v1alpha1/comments:analyze"
+    server.shutdown()
+
+
+def test_perspective_qps_backoff_and_cache(perspective_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
+    FakePerspective.rate_limited = 2
+    options = dict(endpoint=perspective_server, qps=20, backoff_seconds=0.01, cache_path=str(tmp_path / "cache.jsonl"))
+    scorer = build_scorer("perspective", **options)
+    texts = ["a" * 10, "b" * 20, "c" * 30, "a" * 10]
+    assert scorer.score(texts) == [0.1, 0.2, 0.3, 0.1]
+    assert scorer.requests == 3 + 2  # three distinct texts, two retries after HTTP 429
+    stamps = [t for t, _, _ in FakePerspective.seen]
+    assert min(b - a for a, b in zip(stamps, stamps[1:])) >= 0.045  # at most 20 requests per second
+    assert all("key=test-key" in path for _, _, path in FakePerspective.seen)
+    again = build_scorer("perspective", **options)  # a rerun reads the cache: no request at all
+    assert again.score(texts) == [0.1, 0.2, 0.3, 0.1] and again.requests == 0
+
+
+def test_perspective_without_a_key(monkeypatch):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="PERSPECTIVE_API_KEY"):
+        build_scorer("perspective")
+
+
+def test_perspective_gives_up_after_the_retries(perspective_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "k")
+    FakePerspective.rate_limited = 10
+    scorer = build_scorer("perspective", endpoint=perspective_server, qps=100, max_retries=2, backoff_seconds=0.001, cache_path=None)
+    with pytest.raises(RuntimeError, match="HTTP 429"):
+        scorer.score(["hello"])
+
+
+# --- reference-LM perplexity -------------------------------------------------------------------
+
+
+def test_sample_losses_cover_the_continuation_only(tiny_model_dirs):
+    from calibfuse.models import ModelSpec
+    from calibfuse.perplexity import ReferenceLM
+
+    reference = ReferenceLM(ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32"), batch_size=2)
+    prompts, continuations = ["How do I boil", "Tell me", "Hi"], [" an egg gently", "", " there, friend"]
+    losses = reference.sample_losses(prompts, continuations)
+    assert losses[1] is None  # empty: left out, not averaged in
+    tok, model = reference.tokenizer, reference.model
+    prompt_ids = tok(prompts[0])["input_ids"]
+    ids = torch.tensor([prompt_ids + tok(continuations[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()
+    by_hand = torch.nn.functional.cross_entropy(logits[len(prompt_ids) - 1:], ids[0, len(prompt_ids):]).item()
+    assert losses[0] == pytest.approx(by_hand, rel=1e-4)
+    singles = [reference.sample_losses([p], [c])[0] for p, c in zip(prompts, continuations)]
+    assert [losses[0], losses[2]] == pytest.approx([singles[0], singles[2]], rel=1e-4) and singles[1] is None  # batching changes nothing
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_rtp_metrics_by_hand():
+    scores = [[0.1, 0.7, 0.2], [0.3, 0.4, 0.1]]
+    assert expected_maximum_toxicity(scores) == [0.7, 0.4]
+    assert toxicity_probability(scores) == [1.0, 0.0]
+    assert distinct_n([["a b a b", "a b"], ["c"]], 2) == [2 / 4]  # the second prompt has no bigram
+    assert distinct_n([["a b a b", "a b"]], 1) == [2 / 6]
+
+
+def test_perplexity_ignores_empty_continuations():
+    assert perplexity([1.0, None, 3.0]) == pytest.approx(math.exp(2.0))
+    assert math.isnan(perplexity([None]))
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = [0.0] * 50 + [1.0] * 50
+    low, high = bootstrap_interval(values, seed=1)
+    assert low < 0.5 < high and 0.35 < low and high < 0.65
+    assert bootstrap_interval([0.3] * 10) == pytest.approx((0.3, 0.3))
