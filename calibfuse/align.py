@@ -32,7 +32,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from calibfuse.models import ModelSpec, fingerprint, load_model, load_tokenizer
-from calibfuse.utils import check_wandb_credentials, fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
+from calibfuse.utils import (
+    check_wandb_credentials,
+    fit_and_export,
+    instantiate,
+    resolved_config,
+    task_wrapper,
+    versions,
+    write_json,
+)
 from calibfuse.vocabulary import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,13 @@ from omegaconf import DictConfig
 
 from calibfuse.data import _read_local_rows
 from calibfuse.fusion import FusedGenerator, GenerationSettings
-from calibfuse.utils import instantiate, resolved_config, task_wrapper, versions, write_json
+from calibfuse.utils import (
+    instantiate,
+    resolved_config,
+    task_wrapper,
+    versions,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 

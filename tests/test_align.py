@@ -6,11 +6,17 @@ import shutil
 import lightning as L
 import pytest
 import torch
+from conftest import compose_config
 from safetensors.torch import load_file
 
-from calibfuse.align import AlignmentModule, SharedVocabularyDataModule, align, sample_negatives, split_vocabulary
+from calibfuse.align import (
+    AlignmentModule,
+    SharedVocabularyDataModule,
+    align,
+    sample_negatives,
+    split_vocabulary,
+)
 from calibfuse.models import ModelSpec, load_tokenizer
-from conftest import compose_config
 
 
 def test_negatives_never_hit_the_anchor_and_are_uniform():

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from calibfuse.calibration import build_calibration_model, find_decoder_layers
 from calibfuse.models import ModelSpec, load_model
-
-from conftest import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
 from calibfuse.utils import instantiate
-from conftest import CONF_DIR, compose_config
 
 
 def options(group: str) -> list[str]:

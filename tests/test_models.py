@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from calibfuse.models import EMBEDDED_MODELS, ModelSpec, _assemble_gemma, load_model, load_tokenizer, resolve
+from calibfuse.models import (
+    EMBEDDED_MODELS,
+    ModelSpec,
+    _assemble_gemma,
+    load_model,
+    load_tokenizer,
+    resolve,
+)
 
 
 def test_local_directory_loads_with_configured_dtype(tiny_model_dirs):
