@@ -39,7 +39,7 @@ def embedded_corpus_path() -> Path:
     return Path(str(resources.files("calibfuse") / "resources" / "nontoxic" / "corpus.tsv"))
 
 
-def _read_local_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     """Rows of a local .tsv/.csv/.jsonl/.json file as dicts; malformed lines are named by number."""
     if path.suffix in (".jsonl", ".json"):
         rows = []
@@ -86,7 +86,7 @@ def read_prompt_completions(
         path = str(embedded_corpus_path())
     local = Path(path).expanduser()
     if local.is_file():
-        rows, columns = _read_local_rows(local), None
+        rows, columns = read_rows(local), None
     elif local.suffix in (".tsv", ".csv", ".jsonl", ".json") or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"data file {path!r} does not exist; expected a .tsv/.csv/.jsonl file or a dataset id")
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.data import _read_local_rows
+from calibfuse.data import read_rows
 from calibfuse.fusion import FusedGenerator, GenerationSettings
 from calibfuse.utils import (
     instantiate,
@@ -45,7 +45,7 @@ def read_prompts(path: str | None = None, texts: list[str] | None = None, limit:
             prompts = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
             prompts = []
-            for number, row in enumerate(_read_local_rows(file), start=1):
+            for number, row in enumerate(read_rows(file), start=1):
                 prompt = row.get("prompt")
                 prompt = prompt.get("text") if isinstance(prompt, dict) else prompt
                 if not isinstance(prompt, str):
