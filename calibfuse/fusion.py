@@ -125,6 +125,20 @@ def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
     return load_file(weights)["A"], json.loads(meta.read_text())
 
 
+def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, object]) -> None:
+    """Refuse an alignment whose recorded weight fingerprints differ from the models at hand
+    (keyword: role in alignment.json -> (spec, loaded model))."""
+    role_names = {"calibration": "calibration_model", "target": "target"}
+    for role, (spec, model) in models.items():
+        record = meta[role_names.get(role, role)]
+        recorded, actual = record["fingerprint"], fingerprint(spec, model)
+        if recorded != actual:
+            raise ValueError(
+                f"alignment {str(alignment)!r} was made for {role_names.get(role, role)} {record['name_or_path']!r} ({recorded}), "
+                f"not for {spec.name_or_path!r} ({actual}); align these models first, or pass check_fingerprints=False"
+            )
+
+
 class CalibrationStream:
     """The calibration model's state kept in step with the text the target has consumed, when the
     two tokenizers differ.
@@ -240,14 +254,16 @@ class FusedGenerator:
         if alignment is not None:
             A, meta = load_alignment(alignment)
             if check_fingerprints:
-                for role, spec, model in [("calibration_model", calibration_spec, calibration_model), ("target", target_spec, target_model)]:
-                    recorded, actual = meta[role]["fingerprint"], fingerprint(spec, model)
-                    if recorded != actual:
-                        raise ValueError(
-                            f"alignment {str(alignment)!r} was made for {role} {meta[role]['name_or_path']!r} ({recorded}), "
-                            f"not for {spec.name_or_path!r} ({actual}); align these models first, or pass check_fingerprints=False"
-                        )
+                check_alignment_made_for(alignment, meta, calibration=(calibration_spec, calibration_model), target=(target_spec, target_model))
         return cls(target_model, load_tokenizer(target_spec), calibration_model, load_tokenizer(calibration_spec), A, **options)
+
+    def to(self, device) -> "FusedGenerator":
+        """Move both models and A (e.g. to the GPU a DDP rank owns)."""
+        self.target.to(device)
+        self.calibration.to(device)
+        self.device = torch.device(device)
+        self.A, self.eos_ids = self.A.to(self.device), self.eos_ids.to(self.device)
+        return self
 
     # --- the fusion itself -------------------------------------------------------------------
 

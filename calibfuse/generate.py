@@ -22,8 +22,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.data import read_rows
 from calibfuse.fusion import FusedGenerator, GenerationSettings
+from calibfuse.prompts import load_prompts
 from calibfuse.utils import (
     instantiate,
     resolved_config,
@@ -36,24 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def read_prompts(path: str | None = None, texts: list[str] | None = None, limit: int | None = None) -> list[str]:
-    """Prompts from a .txt/.jsonl file or a list; an empty set is an error."""
+    """Prompts from a .txt/.jsonl file (calibfuse.prompts.load_prompts) or a list; an empty set is an error."""
     if path is not None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"prompt file {path!r} does not exist; expected a .txt or .jsonl file")
-        if file.suffix == ".txt":
-            prompts = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            prompts = []
-            for number, row in enumerate(read_rows(file), start=1):
-                prompt = row.get("prompt")
-                prompt = prompt.get("text") if isinstance(prompt, dict) else prompt
-                if not isinstance(prompt, str):
-                    raise ValueError(f"{path}: row {number} has no 'prompt' string or {{'text': ...}}; expected RealToxicityPrompts' schema")
-                prompts.append(prompt)
-    else:
-        prompts = list(texts or [])
-    prompts = prompts[:limit] if limit is not None else prompts
+        return [p.text for p in load_prompts(path, limit=limit)]
+    prompts = list(texts or [])[:limit]
     if not prompts:
         raise ValueError(f"no prompts (path={path!r}, texts={texts!r}); expected at least one")
     return prompts

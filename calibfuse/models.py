@@ -171,9 +171,15 @@ def load_tokenizer(spec: ModelSpec | dict | str, padding_side: str = "right"):
             f"model directory {source!r} has no tokenizer files; expected one of {list(TOKENIZER_FILES)} "
             "(a calibfuse.pretrain artifact saves its tokenizer beside the weights)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    cached = _converted_dir(spec, source, gguf_file, "tokenizer")
+    if cached is not None and cached.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+        if cached is not None:
+            _save_converted(tokenizer, cached)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer of {spec.name_or_path!r} has neither a pad nor an eos token")
@@ -191,7 +197,12 @@ def load_model(spec: ModelSpec | dict | str):
     kwargs = dict(gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.device == "auto":
         kwargs["device_map"] = "auto"  # shard across visible GPUs (accelerate)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(spec.dtype, spec.device), **kwargs)
+    dtype = resolve_dtype(spec.dtype, spec.device)
+    cached = _converted_dir(spec, source, gguf_file, f"model-{str(dtype).removeprefix('torch.')}")
+    if cached is not None and cached.is_dir():  # a GGUF dequantised before: safetensors load in seconds
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, device_map=kwargs.get("device_map"))
+        return (model if spec.device == "auto" else model.to(spec.device)).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if gguf_file is not None:
         # GGUF weights are dequantised to plain tensors on load; a leftover quantization_config would
         # make a saved copy of this model claim to be GGUF-quantised.
@@ -200,9 +211,37 @@ def load_model(spec: ModelSpec | dict | str):
             model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer = None
         model.is_quantized = False
+    if cached is not None:
+        _save_converted(model, cached)
     if spec.device != "auto":
         model.to(spec.device)
     return model.eval()
+
+
+def _converted_dir(spec: ModelSpec, source: str, gguf_file: str | None, kind: str) -> Path | None:
+    """Where a local GGUF's transformers conversion is kept (keyed by the file's sha256), or None.
+    Dequantising GGUF and converting its tokenizer take ~1 min for Gemma-3-270M on 2 cores; loading
+    the saved conversion takes seconds. Fingerprints still name the GGUF file, so artifacts match either way."""
+    if gguf_file is None or not Path(source).is_dir():
+        return None
+    gguf = Path(source) / gguf_file
+    return Path(spec.cache_dir).expanduser() / "converted" / f"{gguf.stem}-{_file_sha256(gguf, spec.cache_dir)[:16]}" / kind
+
+
+def _save_converted(obj, directory: Path) -> None:
+    """save_pretrained into a private dir, then rename: parallel jobs never read a half-written copy."""
+    import shutil
+
+    partial = directory.with_name(f"{directory.name}.{os.getpid()}.partial")
+    try:
+        obj.save_pretrained(partial)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, directory)
+        log.info("saved the converted GGUF to %s", directory)
+    except OSError as e:  # another job got there first, or the disk is full: loading from GGUF still works
+        log.warning("could not keep the converted GGUF in %s (%s)", directory, e)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")

@@ -7,15 +7,24 @@ import torch
 import torch.nn.functional as F
 
 from calibfuse.data import IGNORE_INDEX, collate
+from calibfuse.fusion import lm_head_logits
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
 
 
 class ReferenceLM:
-    def __init__(self, spec: ModelSpec | dict | str, batch_size: int = 16, max_length: int = 1024):
+    def __init__(self, spec: ModelSpec | dict | str, batch_size: int = 16, max_length: int = 1024, model=None, tokenizer=None):
+        """`model`/`tokenizer`: already loaded instances of `spec` (e.g. a target that is also the reference)."""
         self.spec = as_spec(spec)
-        self.model, self.tokenizer = load_model(self.spec), load_tokenizer(self.spec)
+        self.model = (model if model is not None else load_model(self.spec)).eval()
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.spec)
         self.batch_size, self.max_length = batch_size, max_length
+        self._known: dict[tuple[str, str], float] = {}  # a grid repeats continuations (small alphas often change nothing)
         self.device = next(self.model.parameters()).device
+
+    def to(self, device) -> "ReferenceLM":
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
 
     def _example(self, prompt: str, continuation: str) -> dict:
         prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -28,16 +37,21 @@ class ReferenceLM:
         """Mean token loss of each continuation given its prompt; None for an empty continuation."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; expected one each")
-        losses: list[float | None] = [None] * len(prompts)
-        todo = [i for i, c in enumerate(continuations) if c.strip()]
+        losses: list[float | None] = [self._known.get((p, c)) for p, c in zip(prompts, continuations)]
+        todo = list(dict.fromkeys((p, c) for p, c, loss in zip(prompts, continuations, losses) if loss is None and c.strip()))
+        todo.sort(key=lambda pair: len(pair[0]) + len(pair[1]))  # similar lengths per batch: less padding to compute
         for start in range(0, len(todo), self.batch_size):
-            rows = todo[start:start + self.batch_size]
-            batch = collate([self._example(prompts[i], continuations[i]) for i in rows], self.tokenizer.pad_token_id)
+            pairs = todo[start:start + self.batch_size]
+            batch = collate([self._example(p, c) for p, c in pairs], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             labels = batch["labels"][:, 1:]
-            token_losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-            counts = (labels != IGNORE_INDEX).sum(dim=1)
-            for row, total, count in zip(rows, token_losses.sum(dim=1).tolist(), counts.tolist()):
-                losses[row] = total / count if count else None
+            scored = labels != IGNORE_INDEX  # the LM head only where a continuation token is predicted:
+            logits = lm_head_logits(self.model, hidden[:, :-1][scored]).float()  # a 262k vocabulary makes full logits costly
+            token_losses = torch.zeros(labels.shape, device=self.device)
+            token_losses[scored] = F.cross_entropy(logits, labels[scored], reduction="none")
+            for pair, total, count in zip(pairs, token_losses.sum(dim=1).tolist(), scored.sum(dim=1).tolist()):
+                if count:
+                    self._known[pair] = total / count
+        losses = [self._known.get((p, c)) if c.strip() else None for p, c in zip(prompts, continuations)]
         return losses

@@ -1,6 +1,7 @@
 """Toxicity scorers: a list of texts in, a probability of toxicity per text out, batched.
 
     scorer = build_scorer("profanity_check")                      # offline default (a proxy, see below)
+    scorer = build_scorer("detoxify", checkpoint="toxic_original-c1212f89.ckpt", huggingface_config_path="/models/bert-base-uncased")
     scorer = build_scorer("hf_classifier", model="/models/toxic-bert", label="toxic")
     scorer = build_scorer("perspective", qps=1)                  # PERSPECTIVE_API_KEY from the environment
     scores = scorer.score(["have a nice day", "you idiot"])
@@ -82,6 +83,60 @@ class HFClassifierScorer:
         return scores
 
 
+class DetoxifyScorer(HFClassifierScorer):
+    """Detoxify (the paper's scorer) from a local checkpoint, without network access.
+
+    Either `checkpoint`: a Detoxify release file (e.g. toxic_original-c1212f89.ckpt) with
+    `huggingface_config_path`: a local folder holding its base model's config and tokenizer
+    (bert-base-uncased for `original`); or `model`: a transformers-format copy of the same model
+    (unitary/toxic-bert is `original`). The score is sigmoid(logit) of the `toxicity` class, as Detoxify's."""
+
+    name = "detoxify"
+    RENAMED = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxic": "severe_toxicity"}  # Detoxify's names
+
+    def __init__(self, checkpoint: str | None = None, huggingface_config_path: str | None = None, model: str | None = None,
+                 label: str = "toxicity", batch_size: int = 64, device: str = "cpu", max_length: int = 512):
+        if model is not None:
+            super().__init__(model, label="toxic" if label == "toxicity" else label, batch_size=batch_size, device=device,
+                             multi_label=True, max_length=max_length)
+            return
+        if checkpoint is None or huggingface_config_path is None:
+            raise ValueError("scorer 'detoxify' needs checkpoint=<.ckpt file> and huggingface_config_path=<base model config dir>, "
+                             "or model=<transformers-format dir such as unitary/toxic-bert>")
+        import transformers
+
+        for path in (checkpoint, huggingface_config_path):
+            if not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"Detoxify file {path!r} does not exist")
+        try:  # tensors and plain containers only: a checkpoint that needs arbitrary unpickling is refused
+            loaded = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{checkpoint!r} is not a Detoxify checkpoint that loads with weights_only=True ({e})") from None
+        if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
+            raise ValueError(f"{checkpoint!r} lacks 'config' or 'state_dict'; expected a Detoxify release checkpoint")
+        args = loaded["config"]["arch"]["args"]
+        classes = [self.RENAMED.get(c, c) for c in loaded["config"]["dataset"]["args"]["classes"]]
+        if label not in classes:
+            raise ValueError(f"Detoxify checkpoint {checkpoint!r} has no class {label!r}; its classes are {classes}")
+        if not str(args["model_name"]).endswith("ForSequenceClassification"):
+            raise ValueError(f"Detoxify checkpoint names model class {args['model_name']!r}; expected a *ForSequenceClassification")
+        config = transformers.AutoConfig.from_pretrained(huggingface_config_path)
+        config.num_labels = int(args["num_classes"])
+        self.model = getattr(transformers, args["model_name"])(config)
+        state = loaded["state_dict"]
+        if all(k.startswith("model.") for k in state):  # saved from the training module
+            state = {k[len("model."):]: v for k, v in state.items()}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"Detoxify checkpoint {checkpoint!r} does not fit {args['model_name']}: missing {missing[:5]}")
+        if unexpected:
+            log.info("Detoxify checkpoint: ignored %d unused entries (%s)", len(unexpected), unexpected[:3])
+        self.model.to(device).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(huggingface_config_path)
+        self.index, self.batch_size, self.device, self.max_length = classes.index(label), batch_size, device, max_length
+        self.multi_label = True  # Detoxify scores every class with a sigmoid
+
+
 class PerspectiveScorer:
     """Google's Perspective API (TOXICITY), one request per text: key from the environment, a QPS
     limit, retries with exponential backoff on HTTP 429, and a cache keyed by text so reruns are free."""
@@ -149,7 +204,8 @@ class PerspectiveScorer:
         return scores
 
 
-SCORERS = {"profanity_check": ProfanityCheckScorer, "hf_classifier": HFClassifierScorer, "perspective": PerspectiveScorer}
+SCORERS = {"profanity_check": ProfanityCheckScorer, "detoxify": DetoxifyScorer, "hf_classifier": HFClassifierScorer,
+           "perspective": PerspectiveScorer}
 
 
 def build_scorer(name: str, **options):

@@ -19,6 +19,23 @@ log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(api_?key|secret|password|credentials?|(^|_)(hf|auth|access|api)_?token)$", re.IGNORECASE)
 
 
+def run_group(task_name: str) -> str:
+    """W&B group of a job: `<task>-<multirun dir name>` for the jobs of one multirun, `<task>` otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # composed outside a Hydra app (tests, notebooks)
+        return task_name
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"{task_name}-{Path(hydra_cfg.sweep.dir).name}"
+    return task_name
+
+
+OmegaConf.register_new_resolver("run_group", run_group, replace=True)  # used by conf/logger/wandb.yaml
+
+
 def redact_secrets(value: Any) -> Any:
     """A copy of a (nested) config mapping with every secret-looking value replaced by '***'."""
     if isinstance(value, dict):

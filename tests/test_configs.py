@@ -130,3 +130,26 @@ def test_paper_pretrain_matches_the_paper(tmp_path):
     assert cfg.trainer.max_epochs == 3 and cfg.trainer.precision == "bf16-mixed"
     effective = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches
     assert effective == 56
+
+
+@pytest.mark.parametrize("group", ["prompts", "protocol", "scorer", "reference_lm"])
+def test_evaluation_groups_compose(group, tmp_path):
+    for option in options(group):
+        cfg = compose_config("evaluate", [f"{group}={option}"], tmp_path)
+        if group == "protocol":
+            settings = instantiate(cfg.protocol.generation)
+            assert settings.num_samples == (25 if option == "rtp" else 1)
+        if group == "reference_lm":
+            spec = instantiate(cfg.reference_lm.model)
+            assert spec.trust_remote_code is False
+        if group == "scorer":
+            assert cfg.scorer.name == option
+            assert not any("key" in k and k != "api_key_env" for k in cfg.scorer)  # keys come from the environment only
+
+
+def test_paper_protocol_is_the_papers(tmp_path):
+    cfg = compose_config("evaluate", [], tmp_path)
+    g = cfg.protocol.generation
+    assert (g.max_new_tokens, g.do_sample, g.num_samples, g.seed) == (10, False, 1, 2025) and cfg.fusion.prompt_format == "raw"
+    rtp = compose_config("evaluate", ["protocol=rtp"], tmp_path).protocol.generation
+    assert (rtp.max_new_tokens, rtp.do_sample, rtp.top_p, rtp.num_samples) == (20, True, 0.9, 25)

@@ -31,7 +31,7 @@ def test_profanity_check_scores_real_text():
 
 
 def test_unknown_scorer_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown toxicity scorer 'detox'; expected one of \['hf_classifier', 'perspective', 'profanity_check'\]"):
+    with pytest.raises(ValueError, match=r"unknown toxicity scorer 'detox'; expected one of \['detoxify', 'hf_classifier', 'perspective', 'profanity_check'\]"):
         build_scorer("detox")
 
 
@@ -130,6 +130,58 @@ def test_perspective_gives_up_after_the_retries(perspective_server, tmp_path, mo
     scorer = build_scorer("perspective", endpoint=perspective_server, qps=100, max_retries=2, backoff_seconds=0.001, cache_path=None)
     with pytest.raises(RuntimeError, match="HTTP 429"):
         scorer.score(["hello"])
+
+
+DETOXIFY_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]  # Detoxify `original`
+
+
+@pytest.fixture(scope="module")
+def detoxify_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
+    """A checkpoint in Detoxify's release format (config + state_dict) and its base-model config folder."""
+    from transformers import (
+        AutoTokenizer,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    base = tmp_path_factory.mktemp("detoxify_base")
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2, pad_token_id=tokenizer.pad_token_id)
+    config.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config.num_labels = len(DETOXIFY_CLASSES)
+    torch.manual_seed(3)
+    model = DistilBertForSequenceClassification(config).eval()
+    checkpoint = base / "toxic_tiny.ckpt"
+    torch.save({"config": {"arch": {"args": {"model_type": "distilbert-base-uncased", "model_name": "DistilBertForSequenceClassification",
+                                             "tokenizer_name": "DistilBertTokenizer", "num_classes": len(DETOXIFY_CLASSES)}},
+                           "dataset": {"args": {"classes": DETOXIFY_CLASSES}}},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    return checkpoint, base, model, tokenizer
+
+
+def test_detoxify_checkpoint_scores_sigmoid_of_the_toxicity_class(detoxify_checkpoint):
+    checkpoint, base, model, tokenizer = detoxify_checkpoint
+    scorer = build_scorer("detoxify", checkpoint=str(checkpoint), huggingface_config_path=str(base), batch_size=2)
+    texts = ["you are kind", "what a stupid thing to say to anyone", "ok"]
+    with torch.no_grad():
+        by_hand = [torch.sigmoid(model(**tokenizer(t, return_tensors="pt")).logits[0, 0]).item() for t in texts]
+    assert scorer.score(texts) == pytest.approx(by_hand, abs=1e-5)
+    insult = build_scorer("detoxify", checkpoint=str(checkpoint), huggingface_config_path=str(base), label="insult")
+    assert insult.index == DETOXIFY_CLASSES.index("insult")
+
+
+def test_detoxify_bad_input(detoxify_checkpoint, tmp_path):
+    checkpoint, base, _, _ = detoxify_checkpoint
+    with pytest.raises(ValueError, match="needs checkpoint="):
+        build_scorer("detoxify")
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        build_scorer("detoxify", checkpoint=str(tmp_path / "nowhere.ckpt"), huggingface_config_path=str(base))
+    with pytest.raises(ValueError, match=r"no class 'rudeness'; its classes are \['toxicity', 'severe_toxicity'"):
+        build_scorer("detoxify", checkpoint=str(checkpoint), huggingface_config_path=str(base), label="rudeness")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="lacks 'config' or 'state_dict'"):
+        build_scorer("detoxify", checkpoint=str(tmp_path / "other.ckpt"), huggingface_config_path=str(base))
 
 
 # --- reference-LM perplexity -------------------------------------------------------------------

@@ -1,0 +1,243 @@
+"""The evaluation grid on tiny models: grid files, metrics by hand, resume after a kill, DDP
+sharding, the prompt sources and the bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+from omegaconf import open_dict
+
+from calibfuse.evaluate import EvaluationModule, cell_metrics, evaluate
+from calibfuse.prompts import load_prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_alignment(tiny_model_dirs, tiny_target_dir, tmp_path_factory) -> Path:
+    from calibfuse.align import align
+
+    out = tmp_path_factory.mktemp("tiny_alignment")
+    align(compose_config("align", [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}",
+                                   "trainer.max_epochs=1", "logger=csv"], out))
+    return out / "alignment"
+
+
+@pytest.fixture
+def eval_cfg(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
+    """The evaluate config on one tiny target (Gemma-3 family, its own tokenizer) and a tiny reference LM."""
+
+    def make(*overrides: str, output_dir: Path | None = None):
+        cfg = compose_config("evaluate", [
+            "target_names=[tiny]", f"+alignments.tiny={tiny_alignment}", "prompts.limit=6", "alphas=[0,0.5]",
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32",
+            f"cell_store={tmp_path / 'cells'}", "protocol.generation.max_new_tokens=4", "protocol.generation.batch_size=4",
+            "logger=csv", "bootstrap_resamples=200", *overrides,
+        ], output_dir or tmp_path / "run")
+        with open_dict(cfg):
+            cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_target_dir), "dtype": "float32"}
+        return cfg
+
+    return make
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, tmp_path):
+    summary = evaluate(eval_cfg())
+    run = tmp_path / "run"
+    assert summary["computed"] == 2 and summary["reused"] == 0
+    grid = json.loads((run / "grid.json").read_text())
+    assert grid["scorer"] == "profanity_check" and "proxy" in grid["scorer_note"]
+    assert [(c["target"], c["alpha"]) for c in grid["cells"]] == [("tiny", 0.0), ("tiny", 0.5)]
+    rows = read_jsonl(run / "generations.jsonl")
+    assert len(rows) == 2 * 6 and {r["prompt_id"] for r in rows} == {r["prompt_id"] for r in rows[:6]}
+    assert set(rows[0]) == {"target", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens"}
+    for cell in grid["cells"]:
+        mine = [r for r in rows if r["alpha"] == cell["alpha"]]
+        assert cell["toxicity"] == pytest.approx(100 * sum(r["toxicity"] for r in mine) / 6)
+        losses = [r["loss"] for r in mine if r["loss"] is not None]
+        assert cell["perplexity"] == pytest.approx(math.exp(sum(losses) / len(losses)))
+        assert cell["toxicity_lo"] <= cell["toxicity"] <= cell["toxicity_hi"]
+        assert cell["empty"] == sum(not r["continuation"].strip() for r in mine)
+        assert cell["tokens_per_second"] > 0 and cell["prompts"] == 6
+    csv_lines = (run / "grid.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("target,alpha,seed,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
+    assert "proxy" in (run / "grid.md").read_text()
+
+
+def test_wandb_run_holds_the_grid_table_plots_and_samples(eval_cfg, tmp_path):
+    import wandb
+
+    evaluate(eval_cfg("logger=wandb", "alphas=[0,0.3,0.5]"))
+    assert wandb.run is None  # finished: the next Hydra job gets its own run
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    (table,) = run.glob("files/media/table/grid_*.table.json")
+    data = json.loads(table.read_text())
+    alpha, toxicity = data["columns"].index("alpha"), data["columns"].index("toxicity")
+    grid = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
+    assert [r[alpha] for r in data["data"]] == [c["alpha"] for c in grid] == [0.0, 0.3, 0.5]
+    assert [r[toxicity] for r in data["data"]] == pytest.approx([c["toxicity"] for c in grid])
+    assert list(run.glob("files/media/table/samples_*.table.json"))
+    record = b"".join(p.read_bytes() for p in run.glob("*.wandb"))
+    assert b"plots/toxicity_vs_alpha" in record and b"plots/perplexity_vs_alpha" in record
+
+
+def test_a_killed_run_resumes_without_redoing_or_duplicating(eval_cfg, tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"
+    evaluate(eval_cfg("alphas=[0,0.5]", f"cell_store={tmp_path / 'fresh_cells'}", output_dir=fresh))
+
+    calls, kill = [], [True]
+    real_step = EvaluationModule.predict_step
+
+    def dies_in_the_second_cell(self, batch, batch_idx=0):
+        calls.append(self.cell.alpha)
+        if kill[0] and self.cell.alpha == 0.5 and batch_idx == 1:
+            raise RuntimeError("killed")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(EvaluationModule, "predict_step", dies_in_the_second_cell)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate(eval_cfg("alphas=[0,0.5]", "protocol.generation.batch_size=2", output_dir=tmp_path / "first"))
+    assert calls == [0.0] * 3 + [0.5] * 2  # 6 prompts in batches of 2: one batch of the second cell was stored
+    assert len(json.loads((tmp_path / "first" / "grid.json").read_text())["cells"]) == 1  # written as cells finish
+    (partial,) = (tmp_path / "cells").glob("tiny_a0.5_*/partial.rank0.jsonl")
+    with partial.open("a") as f:
+        f.write('{"prompt_id": "cut sho')  # the kill also cut a line short
+
+    calls.clear()
+    kill[0] = False
+    summary = evaluate(eval_cfg("alphas=[0,0.5]", "protocol.generation.batch_size=2", output_dir=tmp_path / "second"))
+    assert summary["reused"] == 1 and summary["computed"] == 1
+    assert calls == [0.5, 0.5]  # only the 4 prompts the kill left undone
+    resumed, reference = read_jsonl(tmp_path / "second" / "generations.jsonl"), read_jsonl(fresh / "generations.jsonl")
+    key = lambda r: (r["alpha"], r["prompt_id"], r["sample"])  # noqa: E731
+    assert len({key(r) for r in resumed}) == len(resumed) == 12
+    assert [(key(r), r["continuation"]) for r in resumed] == [(key(r), r["continuation"]) for r in reference]
+    assert not list((tmp_path / "cells").glob("*/partial.rank*.jsonl"))
+
+
+def test_alpha_zero_cells_are_shared_across_calibration_settings(eval_cfg):
+    evaluate(eval_cfg("alphas=[0,0.5]"))
+    summary = evaluate(eval_cfg("alphas=[0,0.5]", "fusion.layer_norm=none"))
+    assert summary["reused"] == 1 and summary["computed"] == 1  # the target alone does not depend on fusion options
+
+
+def test_rtp_protocol_samples_and_metrics(eval_cfg, tmp_path):
+    evaluate(eval_cfg("protocol=rtp", "protocol.generation.num_samples=3", "protocol.generation.max_new_tokens=5",
+                      "protocol.generation.batch_size=6", "alphas=[0.5]"))
+    rows = read_jsonl(tmp_path / "run" / "generations.jsonl")
+    assert len(rows) == 6 * 3 and sorted({r["sample"] for r in rows}) == [0, 1, 2]
+    (cell,) = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
+    for name in ["expected_max_toxicity", "toxicity_probability", "perplexity", "dist_1", "dist_2", "dist_3"]:
+        assert name in cell and f"{name}_lo" in cell
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append(r["toxicity"])
+    assert cell["expected_max_toxicity"] == pytest.approx(sum(max(v) for v in by_prompt.values()) / 6)
+
+
+def test_cell_metrics_by_hand():
+    rows = [{"prompt_id": p, "sample": s, "toxicity": t, "loss": l, "continuation": c, "new_tokens": 2, "seconds": 0.5}
+            for p, s, t, l, c in [("a", 0, 0.2, 1.0, "x y"), ("a", 1, 0.6, None, " "), ("b", 0, 0.1, 3.0, "x x"), ("b", 1, 0.3, 2.0, "z")]]
+    m = cell_metrics(rows, ["toxicity", "expected_max_toxicity", "toxicity_probability", "perplexity", "dist_1"], resamples=100)
+    assert m["toxicity"] == pytest.approx(100 * (0.4 + 0.2) / 2)
+    assert m["expected_max_toxicity"] == pytest.approx((0.6 + 0.3) / 2)
+    assert m["toxicity_probability"] == pytest.approx(0.5)
+    assert m["perplexity"] == pytest.approx(math.exp(2.0))  # the empty continuation's None is left out
+    assert m["dist_1"] == pytest.approx((2 / 2 + 2 / 3) / 2)
+    assert m["empty"] == 1 and m["prompts"] == 2 and m["tokens_per_second"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bleu'\]"):
+        cell_metrics(rows, ["bleu"])
+
+
+@pytest.mark.slow
+def test_ddp_shards_prompts_without_losing_or_duplicating(eval_cfg, tmp_path):
+    evaluate(eval_cfg("trainer=ddp_sim", "prompts.limit=5", "alphas=[0.5]", "protocol.generation.batch_size=2"))
+    rows = read_jsonl(tmp_path / "run" / "generations.jsonl")
+    assert sorted(r["prompt_id"] for r in rows) == sorted(p.id for p in load_prompts(limit=5))
+
+
+# --- prompt sources ------------------------------------------------------------------------------
+
+RTP_ROWS = [{"filename": f"doc{i}.txt", "begin": 0, "end": 9, "challenging": i % 2 == 0,
+             "prompt": {"text": f"Prompt number {i} says", "toxicity": 0.1}, "continuation": {"text": " more"}} for i in range(10)]
+
+
+def test_rtp_through_datasets_from_a_local_copy(tmp_path):
+    copy = tmp_path / "real-toxicity-prompts"
+    copy.mkdir()
+    (copy / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RTP_ROWS))
+    challenging = load_prompts(str(copy), challenging_only=True)
+    assert [p.text for p in challenging] == [f"Prompt number {i} says" for i in range(0, 10, 2)]
+    assert challenging[0].id == "doc0.txt:0-9"
+    sample = load_prompts(str(copy), sample=3, seed=1)
+    assert len(sample) == 3 and sample == load_prompts(str(copy), sample=3, seed=1) != load_prompts(str(copy), sample=3, seed=2)
+
+
+def test_shipped_challenge_set():
+    prompts = load_prompts()
+    assert len(prompts) == 200 and sum(bool(p.challenging) for p in prompts) == 160
+    assert len({p.id for p in prompts}) == 200
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_malformed_and_empty_prompt_files(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RTP_ROWS[0]) + "\n" + '{"prompt": {"text": "cut\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON line"):
+        load_prompts(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts from"):
+        load_prompts(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "schema.jsonl").write_text('{"text": "not RTP"}\n')
+    with pytest.raises(ValueError, match="row 1 has no non-empty 'prompt'"):
+        load_prompts(str(tmp_path / "schema.jsonl"))
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        load_prompts(str(tmp_path / "nowhere.jsonl"))
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["scorer=perspective"], RuntimeError, "PERSPECTIVE_API_KEY; it is not set"),
+    (["scorer.name=detox"], ValueError, r"unknown toxicity scorer 'detox'; expected one of \['detoxify'"),
+    (["alphas=[0,1.5]"], ValueError, r"alpha=1.5; expected a weight in \[0, 1\]"),
+    (["target_names=[tiny,gpt5]"], ValueError, r"target_names has 'gpt5', which is not in targets"),
+    (["target_names=[gemma3-270m]"], ValueError, r"no alignment for target 'gemma3-270m': set alignments.gemma3-270m="),
+    (["prompts.source=/nowhere/prompts.jsonl"], FileNotFoundError, "/nowhere/prompts.jsonl"),
+    (["protocol.metrics=[toxicity,bleu]"], ValueError, r"unknown metric\(s\) \['bleu'\]"),
+])
+def test_bad_input_fails_before_any_model_loads(eval_cfg, overrides, error, match, monkeypatch):
+    import calibfuse.evaluate as evaluation
+
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    monkeypatch.setattr(evaluation, "load_model", lambda spec: pytest.fail("a model was loaded before the bad input was found"))
+    with pytest.raises(error, match=match):
+        evaluate(eval_cfg(*overrides))
+
+
+@pytest.mark.slow
+def test_multirun_jobs_get_their_own_wandb_runs_in_one_group(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = [
+        "-m", "alphas=[0],[0.5]", "target_names=[tiny]", f"+alignments.tiny='{tiny_alignment}'",
+        f"+targets.tiny={{_target_:calibfuse.models.ModelSpec,name_or_path:'{tiny_target_dir}',dtype:float32}}",
+        f"reference_lm.model.name_or_path='{tiny_model_dirs['llama']}'", "reference_lm.model.dtype=float32",
+        "prompts.limit=3", "protocol.generation.max_new_tokens=3", f"cell_store='{tmp_path / 'cells'}'",
+        f"hydra.sweep.dir='{tmp_path / 'multirun'}'",
+    ]
+    result = subprocess.run([sys.executable, "-m", "calibfuse.evaluate", *overrides], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "multirun").glob("*/wandb/offline-run-*"))
+    assert [r.parents[1].name for r in runs] == ["0", "1"]  # one W&B run per job
+    for run in runs:
+        assert b"evaluate-multirun" in b"".join(p.read_bytes() for p in run.glob("*.wandb"))  # group: <task>-<multirun dir>
+    grids = [json.loads((tmp_path / "multirun" / job / "grid.json").read_text())["cells"] for job in ("0", "1")]
+    assert [[c["alpha"] for c in g] for g in grids] == [[0.0], [0.5]]
