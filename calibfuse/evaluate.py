@@ -312,6 +312,12 @@ def target_plan(cfg: DictConfig) -> list[dict]:
         if name not in cfg.targets:
             raise ValueError(f"target_names has {name!r}, which is not in targets; expected some of {sorted(cfg.targets)}")
         spec: ModelSpec = instantiate(cfg.targets[name])
+        if cfg.fusion.get("alignment", "learned") == "identity":  # the ablation: no learned map (equal widths only)
+            if cfg.get("calibration_model") is None:
+                raise ValueError("fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
+            plans.append({"name": name, "spec": spec, "alignment": None, "A": None, "meta": None,
+                          "calibration": as_spec(OmegaConf.to_container(cfg.calibration_model, resolve=True)), "alignment_sha256": "identity"})
+            continue
         alignment = (cfg.get("alignments") or {}).get(name)
         if alignment in (None, "???"):
             raise ValueError(f"no alignment for target {name!r}: set alignments.{name}=<align run dir>/alignment")
@@ -319,7 +325,7 @@ def target_plan(cfg: DictConfig) -> list[dict]:
         alignment_dir = Path(alignment).expanduser()
         alignment_dir = alignment_dir.parent if alignment_dir.is_file() else alignment_dir
         if cfg.get("calibration_model") is not None:
-            calibration: ModelSpec = instantiate(cfg.calibration_model)
+            calibration = as_spec(OmegaConf.to_container(cfg.calibration_model, resolve=True))
         else:  # the calibration model this alignment was made with, loaded like the target
             record = meta["calibration_model"]
             calibration = ModelSpec(record["name_or_path"], gguf_file=record.get("gguf_file"), revision=record.get("revision"),
@@ -419,6 +425,8 @@ def evaluate(cfg: DictConfig) -> dict:
     scorer_cfg = OmegaConf.to_container(cfg.scorer, resolve=True)
     scorer = build_scorer(**scorer_cfg)  # a missing Perspective key or an unknown name fails here, before any work
     fusion = {k: cfg.fusion[k] for k in ("calibration_context", "layer_norm", "prompt_format")}
+    if cfg.fusion.get("alignment", "learned") not in ("learned", "identity"):
+        raise ValueError(f"fusion.alignment={cfg.fusion.alignment!r}; expected 'learned' or 'identity'")
     reference_spec = as_spec(instantiate(cfg.reference_lm.model)) if cfg.get("reference_lm") else None
     reference_id = None
     if reference_spec is not None:
@@ -452,7 +460,7 @@ def evaluate(cfg: DictConfig) -> dict:
                     log.info("cell %s: reused from %s", cell.name, cell_dir)
             if not rank_zero:  # rank 0 stores the cell and writes the grid
                 continue
-            row = {"target": cell.target, "alpha": cell.alpha, "seed": cell.seed, "protocol": protocol.name,
+            row = {"target": cell.target, "alpha": cell.alpha, "seed": cell.seed, "setting": cfg.get("setting") or "", "protocol": protocol.name,
                    "scorer": scorer_cfg["name"], **cell_metrics(rows, names, protocol.toxicity_threshold, cfg.bootstrap_resamples),
                    "cell": cell.name}
             grid.append(row)
@@ -477,7 +485,7 @@ def evaluate(cfg: DictConfig) -> dict:
 def build_generator(plan: dict, cfg: DictConfig, models: Models) -> FusedGenerator:
     target_model, target_tokenizer = models.get(plan["spec"])
     calibration_model, calibration_tokenizer = models.get(plan["calibration"])
-    if cfg.fusion.check_fingerprints:
+    if cfg.fusion.check_fingerprints and plan["meta"] is not None:
         check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], calibration_model),
                                  target=(plan["spec"], target_model))
     return FusedGenerator(target_model, target_tokenizer, calibration_model, calibration_tokenizer, plan["A"],

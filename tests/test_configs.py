@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 from conftest import CONF_DIR, compose_config
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from calibfuse.utils import instantiate
 
@@ -15,10 +15,10 @@ def options(group: str) -> list[str]:
 
 
 def stage_of(experiment: str) -> str:
-    """Experiment files name the entry point they configure last: paper_pretrain, paper_align."""
+    """Stage experiments end in the entry point they configure (paper_pretrain, paper_align); the
+    others configure the pipeline."""
     stage = experiment.rsplit("_", 1)[-1]
-    assert stage in ("pretrain", "align"), f"experiment {experiment!r} should end in _pretrain or _align"
-    return stage
+    return stage if stage in ("pretrain", "align", "evaluate") else "pipeline"
 
 
 def test_every_group_has_options():
@@ -153,3 +153,84 @@ def test_paper_protocol_is_the_papers(tmp_path):
     assert (g.max_new_tokens, g.do_sample, g.num_samples, g.seed) == (10, False, 1, 2025) and cfg.fusion.prompt_format == "raw"
     rtp = compose_config("evaluate", ["protocol=rtp"], tmp_path).protocol.generation
     assert (rtp.max_new_tokens, rtp.do_sample, rtp.top_p, rtp.num_samples) == (20, True, 0.9, 25)
+
+
+@pytest.mark.parametrize("experiment", [e for e in options("experiment") if stage_of(e) == "pipeline"])
+def test_pipeline_experiments_compose_down_to_every_stage(experiment, tmp_path):
+    """Each pipeline experiment, and every stage config it leads to (one per sweep setting), composes."""
+    from hydra import compose, initialize_config_dir
+
+    from calibfuse.pipeline import evaluate_overrides, stage_overrides
+
+    cfg = compose_config("pipeline", [f"experiment={experiment}"], tmp_path)
+    sweep = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    settings = [[]] + [[f"{knob}={value}"] for knob, values in sweep.items() for value in str(values).split(",")]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for setting in settings:
+            job = compose("pipeline", overrides=[f"experiment={experiment}", *setting])
+            overrides = stage_overrides(job)
+            compose("pretrain", overrides=overrides["pretrain"])
+            targets = list(job.targets)
+            for target in targets:
+                assert compose("align", overrides=[f"target={target}", "calibration_model.name_or_path=x", *overrides["align"]]).target
+            alignments = {t: "/x/alignment" for t in targets} if job.alignment == "learned" else {}
+            evaluation = compose("evaluate", overrides=evaluate_overrides(targets, alignments, Path("/x"), job, overrides["evaluate"]))
+            assert set(evaluation.target_names) == set(targets) and set(targets) <= set(evaluation.targets)
+            assert list(evaluation.alphas) == list(job.alphas)
+
+
+def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_target_dir, tmp_path):
+    """The paper's setting needs GPUs and the hub: its stage configs, with tiny local models, a local
+    RTP copy and the CPU swapped in, instantiate to real objects."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from calibfuse.models import load_tokenizer
+    from calibfuse.pipeline import evaluate_overrides, stage_overrides
+    from calibfuse.prompts import load_prompts
+
+    cfg = compose_config("pipeline", ["experiment=paper_table"], tmp_path)
+    assert list(cfg.targets) == ["llama2-7b-chat-uncensored", "llama2-7b-chat", "medicine-chat", "finance-chat"]
+    assert list(cfg.alphas) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    rtp = tmp_path / "rtp"
+    rtp.mkdir()
+    (rtp / "data.jsonl").write_text("".join(json.dumps({"filename": f"f{i}", "begin": 0, "end": 5, "challenging": i < 3,
+                                                        "prompt": {"text": f"Prompt {i}"}}) + "\n" for i in range(6)))
+    overrides = stage_overrides(cfg)
+    cpu = ["trainer=cpu"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        pre = compose("pretrain", overrides=overrides["pretrain"])
+        assert (pre.base_model.name_or_path, pre.data.path, pre.calibration_model.num_layers) == ("meta-llama/Llama-2-7b-chat-hf", "allenai/wildjailbreak", 3)
+        aligned = compose("align", overrides=["target=finance-chat", "calibration_model.name_or_path=x", *overrides["align"]])
+        assert aligned.target.name_or_path == "AdaptLLM/finance-chat" and aligned.alignment.matching == "exact"
+        targets = list(cfg.targets)
+        evaluation = compose("evaluate", overrides=evaluate_overrides(targets, {t: "/x" for t in targets}, Path("/x"), cfg, overrides["evaluate"]))
+        assert (evaluation.prompts.source, evaluation.prompts.challenging_only) == ("allenai/real-toxicity-prompts", True)
+        assert (evaluation.scorer.name, evaluation.reference_lm.model.name_or_path) == ("detoxify", "meta-llama/Llama-2-13b-hf")
+        assert {n: evaluation.targets[n].name_or_path for n in targets}["llama2-7b-chat-uncensored"] == "georgesung/llama2_7b_chat_uncensored"
+        stand_ins = compose("evaluate", overrides=[
+            *evaluate_overrides(targets, {t: "/x" for t in targets}, Path("/x"), cfg, overrides["evaluate"]),
+            f"prompts.source={rtp}", f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.device=cpu",
+            *[f"targets.{t}.name_or_path={tiny_target_dir}" for t in targets], *[f"targets.{t}.device=cpu" for t in targets], *cpu])
+    with open_dict(stand_ins):
+        stand_ins.paths.output_dir = str(tmp_path)
+    prompts = load_prompts(**OmegaConf.to_container(stand_ins.prompts))
+    assert [p.text for p in prompts] == ["Prompt 0", "Prompt 1", "Prompt 2"]  # the challenging subset
+    for target in targets:
+        spec = instantiate(stand_ins.targets[target])
+        assert load_tokenizer(spec) is not None and spec.trust_remote_code is False
+    assert instantiate(stand_ins.reference_lm.model).dtype == "float16"
+    assert isinstance(instantiate(stand_ins.trainer, logger=False), L.Trainer)
+    assert isinstance(instantiate(stand_ins.protocol.generation).max_new_tokens, int)
+
+
+@pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher"), ("local_parallel", "JoblibLauncher")])
+def test_launcher_presets_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("pipeline", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1

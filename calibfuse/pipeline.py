@@ -1,0 +1,208 @@
+"""The whole method in one command: pretrain -> align (once per target) -> evaluate -> report.
+
+    python -m calibfuse.pipeline                                   # the embedded demo (README main job)
+    python -m calibfuse.pipeline "alphas=[0,0.1,0.3,0.5,0.7]"       # reuses stages 1-2, computes the new cells
+    python -m calibfuse.pipeline -m calibration_layers=1,3,6        # an ablation: one job per setting
+    python -m calibfuse.pipeline experiment=paper_table             # the paper's table (GPUs, the hub)
+
+Each stage composes its own entry point's config (conf/pretrain.yaml, align.yaml, evaluate.yaml)
+from the pipeline's knobs plus any extra overrides (`pretrain_overrides`, ...). A stage's artifact
+lives in `stage_store/<stage>-<hash>/`, keyed by its resolved config and its inputs' keys, so a
+rerun after a crash or with a new alpha grid skips finished stages; an interrupted training stage
+resumes from its last checkpoint; an artifact found incomplete or corrupted is set aside (renamed,
+not deleted) and rebuilt, with a message saying so. Evaluation cells are reused the same way
+(calibfuse.evaluate's cell store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from calibfuse.align import align
+from calibfuse.evaluate import evaluate
+from calibfuse.pretrain import pretrain
+from calibfuse.report import build_report
+from calibfuse.utils import write_json
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "align", "evaluate", "report")
+# Keys that never change a stage's artifact: where it is written, how it is logged.
+VOLATILE_KEYS = ("paths", "logger", "callbacks", "tags", "ckpt_path", "task_name")
+
+
+def stage_key(cfg: DictConfig, inputs: dict | None = None) -> str:
+    """sha256 of the resolved stage config (without volatile keys) and its inputs' keys."""
+    content = OmegaConf.to_container(cfg, resolve=False)  # unresolved: output paths must not change the key
+    for key in VOLATILE_KEYS:
+        content.pop(key, None)
+    trainer = content.get("trainer") or {}
+    trainer.pop("default_root_dir", None)
+    blob = json.dumps({"config": content, "inputs": inputs or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def artifact_problem(stage: str, directory: Path) -> str | None:
+    """Why a stage dir does not hold a usable artifact, or None if it does."""
+    from safetensors import safe_open
+
+    if stage == "pretrain":
+        required = ["calibration_model/manifest.json", "calibration_model/config.json", "calibration_model/model.safetensors"]
+        weights, tensor = directory / "calibration_model" / "model.safetensors", None
+    else:
+        required = ["alignment/alignment.json", "alignment/alignment.safetensors"]
+        weights, tensor = directory / "alignment" / "alignment.safetensors", "A"
+    missing = [r for r in required if not (directory / r).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+            if tensor is not None and tensor not in names:
+                return f"{weights.name} has no tensor {tensor!r}"
+            for name in names:
+                f.get_tensor(name)  # reads every tensor: a truncated file fails here
+    except Exception as e:  # noqa: BLE001 - any failure to read the weights means: rebuild
+        return f"{weights.name} cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def run_stage(stage: str, cfg: DictConfig, store: Path, inputs: dict | None, task) -> tuple[Path, str, bool]:
+    """Reuse the stage's artifact if it is there and sound; else (re)build it. Returns (dir, key, reused).
+    Parallel jobs that need the same stage wait for the one building it (a lock file beside it)."""
+    key = stage_key(cfg, inputs)
+    directory = store / f"{stage}-{key[:12]}"
+    store.mkdir(parents=True, exist_ok=True)
+    with locked(store / f".{directory.name}.lock"):
+        return _run_stage(stage, cfg, directory, key, inputs, task)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: dict | None, task) -> tuple[Path, str, bool]:
+    if (directory / "stage.json").is_file():
+        problem = artifact_problem(stage, directory)
+        if problem is None:
+            log.info("stage %s: reusing %s", stage, directory)
+            return directory, key, True
+        aside = directory.with_name(f"{directory.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        directory.rename(aside)
+        log.warning("stage %s: the artifact in %s is unusable (%s); moved it to %s and rebuilding the stage", stage, directory, problem, aside)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(directory)
+        last = directory / "checkpoints" / "last.ckpt"
+        if last.is_file():  # a crash mid-training: continue from the last checkpoint
+            log.info("stage %s: resuming from %s", stage, last)
+            cfg.ckpt_path = str(last)
+    log.info("stage %s: building in %s", stage, directory)
+    started = time.time()
+    metrics = task(cfg)
+    write_json(directory / "stage.json", {"stage": stage, "key": key, "inputs": inputs or {}, "seconds": round(time.time() - started, 1),
+                                          "metrics": metrics})
+    return directory, key, False
+
+
+def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
+    """The pipeline's knobs as overrides of each entry point's config, then the extra overrides."""
+    knobs = {
+        "pretrain": [f"calibration_model.num_layers={cfg.calibration_layers}", f"seed={cfg.train_seed}"],
+        "align": [f"seed={cfg.train_seed}", f"alignment.num_negatives={cfg.num_negatives}", f"alignment.matching={cfg.matching}",
+                  f"alignment.embedding_source={cfg.embedding_source}"],
+        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"fusion.layer_norm={cfg.layer_norm}",
+                     f"fusion.calibration_context={cfg.calibration_context}", f"fusion.alignment={cfg.alignment}"],
+    }
+    if cfg.get("seeds"):
+        knobs["evaluate"].append(f"seeds=[{','.join(str(s) for s in cfg.seeds)}]")
+    return {stage: knobs[stage] + list(cfg.get(f"{stage}_overrides") or []) for stage in knobs}
+
+
+def compose_stage(name: str, overrides: list[str]) -> DictConfig:
+    cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "<stage dir>"  # set per stage; never part of a key
+    return cfg
+
+
+def pipeline(cfg: DictConfig) -> dict:
+    output_dir, store = Path(cfg.paths.output_dir), Path(cfg.stage_store)
+    overrides = stage_overrides(cfg)
+    targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
+    started = time.time()
+
+    if cfg.until not in STAGES:
+        raise ValueError(f"until={cfg.until!r}; expected one of {list(STAGES)}")
+    pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)
+    calibration = pretrain_dir / "calibration_model"
+    result = {"pretrain": str(pretrain_dir)}
+    alignments = {}
+    if cfg.alignment == "learned" and cfg.until != "pretrain":
+        for target in targets:
+            align_cfg = compose_stage("align", [f"target={target}", f"calibration_model.name_or_path={calibration}", *overrides["align"]])
+            directory, _, _ = run_stage("align", align_cfg, store, {"pretrain": pretrain_key}, align)
+            alignments[target] = directory / "alignment"
+    result["alignments"] = {k: str(v) for k, v in alignments.items()}
+    if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
+        evaluate_cfg = compose_stage("evaluate", evaluate_overrides(targets, alignments, calibration, cfg, overrides["evaluate"]))
+        with open_dict(evaluate_cfg):
+            evaluate_cfg.paths.output_dir = str(output_dir / "evaluate")
+            evaluate_cfg.setting = cfg.get("setting") or sweep_setting()
+        result["evaluate"] = evaluate(evaluate_cfg)
+    if cfg.until == "report":
+        report = build_report([output_dir / "evaluate"], output_dir / "report", alpha=cfg.report.alpha)
+        print(f"\n{report['markdown']}\n\nplots and LaTeX: {output_dir / 'report'}")
+        result["report"] = str(output_dir / "report")
+    result["seconds"] = round(time.time() - started, 1)
+    write_json(output_dir / "pipeline.json", result)
+    return result
+
+
+def sweep_setting() -> str:
+    """In a multirun, the job's own overrides (e.g. `calibration_layers=1`): the label reports group by."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return ""
+    return hydra_cfg.job.override_dirname if hydra_cfg.mode == RunMode.MULTIRUN else ""
+
+
+def evaluate_overrides(targets: list[str], alignments: dict, calibration: Path, cfg: DictConfig, extra: list[str]) -> list[str]:
+    """Evaluate every pipeline target: the embedded ones are in evaluate.yaml's targets already,
+    others are added from conf/target/ under targets.<name>."""
+    built_in = set(compose(config_name="evaluate").targets)
+    result = [f"+target@targets.{t}={t}" for t in targets if t not in built_in]
+    result.append(f"target_names=[{','.join(targets)}]")
+    for target, path in alignments.items():
+        result.append(f"{'' if target in built_in else '+'}alignments.{target}={path}")
+    if cfg.alignment == "identity":
+        result.append(f"calibration_model={{name_or_path:'{calibration}'}}")
+    return result + extra
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    pipeline(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Paper-style tables and plots from evaluation runs.
+
+    python -m calibfuse.report "runs=[outputs/evaluate/multiruns/<date_time>]"
+    python -m calibfuse.report "runs=[outputs/pipeline/runs/<a>,outputs/pipeline/runs/<b>]" alpha=0.5
+
+Reads every grid.json under the given run, multirun or pipeline dirs and writes, in the run dir:
+table.md and table.tex (per target: toxicity and perplexity, base = alpha 0 vs fused at `alpha`,
+with 95 % intervals), grid.md (every cell), and PNG plots: toxicity vs alpha, perplexity vs alpha
+(a line per target, intervals shaded) and the toxicity-perplexity trade-off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+TOXICITY_METRICS = ("toxicity", "expected_max_toxicity", "toxicity_probability")
+
+
+def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
+    """Every cell of every grid.json under `paths` (a cell reused by several runs counts once)."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"report input {str(path)!r} does not exist; expected a run, multirun or pipeline dir")
+        files += [path] if path.is_file() else sorted(path.rglob("grid.json"))
+    if not files:
+        raise FileNotFoundError(f"no grid.json under {[str(p) for p in paths]}; expected dirs written by calibfuse.evaluate or calibfuse.pipeline")
+    cells, meta, seen = [], {}, set()
+    for file in files:
+        grid = json.loads(file.read_text())
+        meta = meta or {k: grid.get(k) for k in ("protocol", "metrics", "scorer", "scorer_note", "reference_lm", "prompts")}
+        if grid.get("metrics") != meta["metrics"]:
+            raise ValueError(f"{file} reports {grid.get('metrics')} but {meta['metrics']} came first; report one protocol at a time")
+        for cell in grid["cells"]:
+            key = (cell.get("cell") or (cell["target"], cell["alpha"], cell["seed"]), cell.get("setting", ""))
+            if key not in seen:
+                seen.add(key)
+                cells.append({"method": "fusion", "setting": "", **cell})
+    return cells, meta
+
+
+def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
+    """(line, alpha) -> metrics averaged over seeds (points and interval ends alike), where a line
+    names the target and, when they vary, the method and the setting (e.g. an ablation's value)."""
+    groups: dict[tuple, list[dict]] = {}
+    methods = {c["method"] for c in cells}
+    for cell in cells:
+        parts = [cell["target"]] + ([cell["method"]] if len(methods) > 1 else []) + ([cell["setting"]] if cell["setting"] else [])
+        line = parts[0] + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
+        groups.setdefault((line, cell["alpha"]), []).append(cell)
+    merged = {}
+    for key, group in sorted(groups.items()):
+        row = {"seeds": len(group)}
+        for name in metrics:
+            for suffix in ("", "_lo", "_hi"):
+                values = [c[name + suffix] for c in group if c.get(name + suffix) is not None]
+                row[name + suffix] = sum(values) / len(values) if values else math.nan
+        merged[key] = row
+    return merged
+
+
+def fmt(row: dict, name: str, latex: bool = False) -> str:
+    value, lo, hi = row[name], row[f"{name}_lo"], row[f"{name}_hi"]
+    if math.isnan(value):
+        return "–"
+    return f"{value:.2f} [{lo:.2f}, {hi:.2f}]" if not latex else f"{value:.2f} \\scriptsize{{[{lo:.2f}, {hi:.2f}]}}"
+
+
+def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: str | None) -> tuple[str, str]:
+    """Per target: toxicity and perplexity of the target alone (alpha 0) and fused at `alpha`."""
+    alphas = sorted({a for (_, a) in settings})
+    if alpha not in alphas or 0.0 not in alphas:
+        raise ValueError(f"alpha={alpha} (and the base, alpha 0) must be in the grid; its alphas are {alphas}")
+    header = ["target", f"{toxicity} base", f"{toxicity} fused (α={alpha:g})", "perplexity base", f"perplexity fused (α={alpha:g})"]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tex = ["\\begin{tabular}{lcccc}", "\\toprule",
+           " & ".join(["Target", "Tox. base", f"Tox. fused ($\\alpha={alpha:g}$)", "PPL base", f"PPL fused ($\\alpha={alpha:g}$)"]) + " \\\\",
+           "\\midrule"]
+    for target in sorted({line for (line, _) in settings}):
+        base, fused = settings.get((target, 0.0)), settings.get((target, alpha))
+        if base is None or fused is None:
+            continue
+        md.append(f"| {target} | {fmt(base, toxicity)} | {fmt(fused, toxicity)} | {fmt(base, 'perplexity')} | {fmt(fused, 'perplexity')} |")
+        name = target.replace("_", "\\_")
+        tex.append(f"{name} & {fmt(base, toxicity, True)} & {fmt(fused, toxicity, True)} & {fmt(base, 'perplexity', True)} & "
+                   f"{fmt(fused, 'perplexity', True)} \\\\")
+    tex += ["\\bottomrule", "\\end{tabular}"]
+    if note:
+        md += ["", f"Note: {note}."]
+        tex.append(f"% {note}")
+    return "\n".join(md), "\n".join(tex)
+
+
+def plot(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list] = {}
+    for (line, alpha), row in settings.items():
+        lines.setdefault(line, []).append((alpha, row))
+    written = []
+    for name in (toxicity, "perplexity"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, points in sorted(lines.items()):
+            points.sort(key=lambda p: p[0])
+            xs = [a for a, _ in points]
+            ax.plot(xs, [r[name] for _, r in points], marker="o", label=label)
+            ax.fill_between(xs, [r[f"{name}_lo"] for _, r in points], [r[f"{name}_hi"] for _, r in points], alpha=0.2)
+        ax.set_xlabel("α (weight of the calibration state)")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / f"{name}_vs_alpha.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, points in sorted(lines.items()):
+        points.sort(key=lambda p: p[0])
+        ax.plot([r["perplexity"] for _, r in points], [r[toxicity] for _, r in points], marker="o", label=label)
+        for alpha, r in points:
+            ax.annotate(f"{alpha:g}", (r["perplexity"], r[toxicity]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("perplexity (lower is more fluent)")
+    ax.set_ylabel(f"{toxicity} (lower is safer)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "tradeoff.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.3) -> dict:
+    cells, meta = load_cells(paths)
+    metrics = list(meta["metrics"])
+    toxicity = next((m for m in TOXICITY_METRICS if m in metrics), None)
+    if toxicity is None or "perplexity" not in metrics:
+        raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
+    settings = by_setting(cells, metrics)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"))
+    (out_dir / "table.md").write_text(markdown + "\n", encoding="utf-8")
+    (out_dir / "table.tex").write_text(latex + "\n", encoding="utf-8")
+    header = ["target", "alpha", "seeds", *metrics]
+    full = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    full += [f"| {t} | {a:g} | {r['seeds']} | " + " | ".join(fmt(r, n) for n in metrics) + " |" for (t, a), r in settings.items()]
+    (out_dir / "grid.md").write_text("\n".join(full) + "\n", encoding="utf-8")
+    plots = plot(settings, toxicity, out_dir)
+    log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
+    return {"markdown": markdown, "latex": latex, "plots": [str(p) for p in plots], "cells": len(cells), "out_dir": str(out_dir)}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha)
+    print(f"\n{report['markdown']}\n\nplots and LaTeX: {report['out_dir']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The one-command pipeline and the report, on tiny models: stage reuse, a corrupted artifact,
+numbers that match the grid files, plots that open as images, and the bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import CONF_DIR, compose_config
+from hydra import initialize_config_dir
+
+from calibfuse.pipeline import pipeline
+from calibfuse.report import build_report
+
+
+@pytest.fixture
+def pipeline_cfg(tiny_model_dirs, tiny_target_dir, tmp_path):
+    """The pipeline with the embedded models swapped for tiny local ones (the target keeps its config name)."""
+    tiny = ["logger=csv", "trainer.max_epochs=1"]
+
+    def listed(*items: str) -> str:  # a list of overrides as one override's value
+        return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+    def make(*overrides: str, output_dir: Path | None = None):
+        return compose_config("pipeline", [
+            "targets=[smollm2-135m-instruct]", "alphas=[0,0.5]", "calibration_layers=2", f"stage_store={tmp_path / 'stages'}",
+            "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data.max_examples=48",
+                                           "data.batch_size=8", "trainer.max_steps=3", *tiny),
+            "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", *tiny),
+            "evaluate_overrides=" + listed(
+                f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}", "targets.smollm2-135m-instruct.dtype=float32",
+                f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "prompts.limit=4",
+                "protocol.generation.max_new_tokens=3", "logger=csv", f"cell_store={tmp_path / 'cells'}", "bootstrap_resamples=100"),
+            "report.alpha=0.5", *overrides,
+        ], output_dir or tmp_path / "run")
+
+    return make
+
+
+def run(cfg):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the stages compose their own configs
+        return pipeline(cfg)
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(pipeline_cfg, tmp_path, capsys):
+    first = run(pipeline_cfg())
+    assert (Path(first["pretrain"]) / "calibration_model" / "model.safetensors").is_file()
+    assert set(first["alignments"]) == {"smollm2-135m-instruct"}
+    assert first["evaluate"]["computed"] == 2
+    report = tmp_path / "run" / "report"
+    assert {p.name for p in report.iterdir()} >= {"table.md", "table.tex", "toxicity_vs_alpha.png", "perplexity_vs_alpha.png", "tradeoff.png"}
+    assert "| smollm2-135m-instruct |" in capsys.readouterr().out  # the table is printed
+
+    stages = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    again = run(pipeline_cfg("alphas=[0,0.3,0.5]", output_dir=tmp_path / "again"))
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == stages  # stages 1-2 reused, nothing new built
+    assert (again["evaluate"]["computed"], again["evaluate"]["reused"]) == (1, 2)  # only the new alpha is generated
+
+
+def test_a_corrupted_stage_artifact_is_set_aside_and_rebuilt(pipeline_cfg, tmp_path, caplog):
+    first = run(pipeline_cfg())
+    weights = Path(first["pretrain"]) / "calibration_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
+    second = run(pipeline_cfg(output_dir=tmp_path / "second"))
+    assert "unusable" in caplog.text and "rebuilding the stage" in caplog.text
+    assert second["pretrain"] == first["pretrain"] and weights.stat().st_size > 1000
+    assert list((tmp_path / "stages").glob("pretrain-*.broken-*"))  # the old dir is kept, not deleted
+
+
+def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
+    import matplotlib.image
+
+    run(pipeline_cfg())
+    grid = json.loads((tmp_path / "run" / "evaluate" / "grid.json").read_text())["cells"]
+    report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.5)
+    base, fused = (next(c for c in grid if c["alpha"] == a) for a in (0.0, 0.5))
+    row = next(line for line in report["markdown"].splitlines() if line.startswith("| smollm2"))
+    for cell in (base, fused):
+        assert f"{cell['toxicity']:.2f} [{cell['toxicity_lo']:.2f}, {cell['toxicity_hi']:.2f}]" in row
+        assert f"{cell['perplexity']:.2f}" in row
+    assert "\\begin{tabular}" in (tmp_path / "report" / "table.tex").read_text()
+    for png in report["plots"]:
+        assert matplotlib.image.imread(png).shape[0] > 100
+
+
+def test_report_bad_input(pipeline_cfg, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no grid.json under"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_report([tmp_path / "nowhere"], tmp_path / "out")
+    run(pipeline_cfg())
+    with pytest.raises(ValueError, match=r"alpha=0.7 \(and the base, alpha 0\) must be in the grid; its alphas are \[0.0, 0.5\]"):
+        build_report([tmp_path / "run"], tmp_path / "out", alpha=0.7)
+
+
+def test_unknown_experiment_lists_the_available_ones(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"(?s)experiment/paper_tabel.*Available options.*paper_table"):
+        compose_config("pipeline", ["experiment=paper_tabel"], tmp_path)
