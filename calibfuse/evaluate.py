@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from calibfuse import metrics as M
+from calibfuse.baselines import DExperts, WordFilter, check_method, read_lexicon
 from calibfuse.fusion import (
     FusedGenerator,
     GenerationSettings,
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 
 CELL_FORMAT = 1  # bump when the stored rows change meaning: old cells are then recomputed
 METRICS = ("toxicity", "expected_max_toxicity", "toxicity_probability", "perplexity", "dist_1", "dist_2", "dist_3")
-GENERATION_FIELDS = ("target", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens")
+GENERATION_FIELDS = ("target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens")
 # Scorer options that change speed, not scores: they stay out of the cell key.
 SCORER_RUNTIME_OPTIONS = {"batch_size", "device", "qps", "max_retries", "backoff_seconds", "cache_path", "timeout", "api_key_env"}
 
@@ -75,13 +76,29 @@ SCORER_RUNTIME_OPTIONS = {"batch_size", "device", "qps", "max_retries", "backoff
 @dataclass(frozen=True)
 class Cell:
     target: str
-    alpha: float
+    method: str  # fusion, or a baseline (calibfuse.baselines)
+    alpha: float  # the method's strength: fusion's alpha, DExperts' alpha; 0 for the others
     seed: int
     key: str  # sha256 of everything that decides the cell's rows
 
     @property
     def name(self) -> str:
-        return f"{self.target}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
+        return f"{self.target}_{self.method}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
+
+
+@dataclass
+class Method:
+    """How one method generates with a target's FusedGenerator: logits adjusters, an instruction
+    before the prompt, the prompt format; fusion's alpha is the cell's alpha only for `fusion`."""
+
+    name: str
+    adjusters: list
+    instruction: str = ""
+    prompt_format: str | None = None  # None: the fusion config's
+    identity: dict | None = None  # what, beyond the target, decides its generations (for the cell key)
+
+    def fusion_alpha(self, alpha: float) -> float:
+        return alpha if self.name == "fusion" else 0.0
 
 
 # --- the Lightning side: one cell's prompts through the predict loop ------------------------------
@@ -91,31 +108,49 @@ class EvaluationModule(L.LightningModule):
     """Generates a batch of prompts at one alpha, then scores the continuations (toxicity, and the
     reference LM's loss given the prompt). Nothing is trained; Lightning shards the prompts."""
 
-    def __init__(self, generator: FusedGenerator, cell: Cell, settings: GenerationSettings, scorer, reference: ReferenceLM | None):
+    def __init__(self, generator: FusedGenerator, cell: Cell, settings: GenerationSettings, scorer, reference: ReferenceLM | None,
+                 method: Method | None = None):
         super().__init__()
-        models = {id(m): m for m in [generator.target, generator.calibration] + ([reference.model] if reference else [])}
+        method = method or Method("fusion", [])
+        experts = [m for a in method.adjusters for m in (getattr(a, "expert", None), getattr(a, "anti_expert", None)) if m is not None]
+        models = {id(m): m for m in [generator.target, generator.calibration, *experts] + ([reference.model] if reference else [])}
         self.models = torch.nn.ModuleList(models.values())  # registered, so Lightning moves them to the rank's device
         self.generator, self.cell, self.settings, self.scorer, self.reference = generator, cell, settings, scorer, reference
+        self.method, self.default_prompt_format = method, generator.prompt_format
 
     def on_predict_start(self) -> None:
         self.generator.to(self.device)
+        self.generator.logits_adjusters = list(self.method.adjusters)
+        for adjuster in self.method.adjusters:
+            if hasattr(adjuster, "alpha"):
+                adjuster.alpha = self.cell.alpha  # DExperts' strength
+            if hasattr(adjuster, "to"):
+                adjuster.to(self.device)
+        if self.method.prompt_format is not None:
+            self.generator.prompt_format = self.method.prompt_format
         if self.reference is not None:
             self.reference.to(self.device)
+
+    def on_predict_end(self) -> None:
+        self.generator.logits_adjusters = []  # the generator is shared by the target's other methods
+        self.generator.prompt_format = self.default_prompt_format
 
     def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[dict]:
         # Seeded by the batch's first prompt, not its position: a resumed or resharded run draws alike.
         settings = replace(self.settings, seed=self.cell.seed + zlib.crc32(batch[0]["id"].encode()),
                            batch_size=len(batch) * self.settings.num_samples)
         started = time.perf_counter()
-        generations = self.generator.generate([p["text"] for p in batch], self.cell.alpha, settings)
+        texts = [self.method.instruction + p["text"] for p in batch]
+        generations = self.generator.generate(texts, self.method.fusion_alpha(self.cell.alpha), settings)
         seconds = time.perf_counter() - started
         continuations = [g.continuation for g in generations]
         toxicity = self.scorer.score(continuations)
-        losses = self.reference.sample_losses([g.prompt for g in generations], continuations) if self.reference else [None] * len(generations)
         per_prompt = self.settings.num_samples
+        prompts = [batch[i // per_prompt]["text"] for i in range(len(generations))]  # without an instruction
+        losses = self.reference.sample_losses(prompts, continuations) if self.reference else [None] * len(generations)
         return [
-            {"target": self.cell.target, "alpha": self.cell.alpha, "seed": self.cell.seed, "prompt_id": batch[i // per_prompt]["id"],
-             "prompt": g.prompt, "sample": g.sample, "continuation": g.continuation, "toxicity": tox, "loss": loss,
+            {"target": self.cell.target, "method": self.cell.method, "alpha": self.cell.alpha, "seed": self.cell.seed,
+             "prompt_id": batch[i // per_prompt]["id"], "prompt": prompts[i], "sample": g.sample, "continuation": g.continuation, "toxicity": tox, "loss": loss,
              "new_tokens": g.new_tokens, "seconds": seconds / len(generations)}
             for i, (g, tox, loss) in enumerate(zip(generations, toxicity, losses))
         ]
@@ -319,6 +354,10 @@ def target_plan(cfg: DictConfig) -> list[dict]:
                           "calibration": as_spec(OmegaConf.to_container(cfg.calibration_model, resolve=True)), "alignment_sha256": "identity"})
             continue
         alignment = (cfg.get("alignments") or {}).get(name)
+        if "fusion" not in methods_of(cfg):  # baselines only: no calibration model, no alignment
+            plans.append({"name": name, "spec": spec, "alignment": None, "A": None, "meta": None, "calibration": None,
+                          "alignment_sha256": None})
+            continue
         if alignment in (None, "???"):
             raise ValueError(f"no alignment for target {name!r}: set alignments.{name}=<align run dir>/alignment")
         A, meta = load_alignment(alignment)
@@ -335,11 +374,30 @@ def target_plan(cfg: DictConfig) -> list[dict]:
     return plans
 
 
+def methods_of(cfg: DictConfig) -> list[str]:
+    methods = cfg.get("methods") or ["fusion"]
+    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    return [check_method(m) for m in methods]
+
+
+def strengths(cfg: DictConfig, method: str, alphas: list[float]) -> list[float]:
+    """The strengths a method runs at: fusion's alphas; DExperts' own; 0 for the others."""
+    if method == "fusion":
+        return alphas
+    if method == "dexperts":
+        return [float(a) for a in cfg.baselines.dexperts.alphas]
+    return [0.0]
+
+
 def cell_key(plan: dict, alpha: float, seed: int, settings: GenerationSettings, fusion: dict, prompts_hash: str,
-             scorer_cfg: dict, reference: dict | None) -> str:
-    fused = alpha > 0  # the target alone does not depend on the calibration model: alpha = 0 cells are shared
+             scorer_cfg: dict, reference: dict | None, method: Method | None = None) -> str:
+    method = method or Method("fusion", [])
+    fused = method.name == "fusion" and alpha > 0  # the target alone does not depend on the calibration model
+    plain = method.name in ("fusion", "none") and not fused  # fusion at alpha 0 and `none` are the same cells
     return stable_hash({
         "format": CELL_FORMAT,
+        "method": "none" if plain else method.name,
+        "method_identity": None if plain else method.identity,
         "target": fingerprint(plan["spec"]),
         "calibration": fingerprint(plan["calibration"]) if fused else None,
         "alignment": plan["alignment_sha256"] if fused else None,
@@ -374,10 +432,10 @@ def write_grid(output_dir: Path, grid: list[dict], generations: list[list[dict]]
 
 def format_table(grid: list[dict], names: list[str]) -> str:
     """The grid as a Markdown table, each metric with its interval."""
-    header = ["target", "alpha", "seed", *names, "empty", "tok/s"]
+    header = ["target", "method", "alpha", "seed", *names, "empty", "tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in grid:
-        cells = [row["target"], f"{row['alpha']:g}", str(row["seed"])]
+        cells = [row["target"], row["method"], f"{row['alpha']:g}", str(row["seed"])]
         cells += [f"{row[n]:.2f} [{row[f'{n}_lo']:.2f}, {row[f'{n}_hi']:.2f}]" for n in names]
         cells += [str(row["empty"]), f"{row['tokens_per_second']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -439,34 +497,44 @@ def evaluate(cfg: DictConfig) -> dict:
             "prompt_source": cfg.prompts.source, "cell_store": str(store), "versions": versions(), "config": resolved_config(cfg)}
 
     models, grid, generations, reused, computed = Models(), [], [], 0, 0
+
+    def add_to_grid(cell: Cell, rows: list[dict]) -> None:
+        row = {"target": cell.target, "method": cell.method, "alpha": cell.alpha, "seed": cell.seed, "setting": cfg.get("setting") or "",
+               "protocol": protocol.name, "scorer": scorer_cfg["name"],
+               **cell_metrics(rows, names, protocol.toxicity_threshold, cfg.bootstrap_resamples), "cell": cell.name}
+        grid.append(row)
+        generations.append(rows)
+        write_grid(output_dir, grid, generations, meta)
+        log.info("cell %s: %s", cell.name, ", ".join(f"{n} {row[n]:.3g}" for n in names))
+
     rank_zero = rank_zero_only.rank == 0  # under DDP (subprocess launch) every rank runs this function
-    keep = [p["calibration"] for p in plans] + ([reference_spec] if reference_spec else [])
+    keep = [p["calibration"] for p in plans if p["calibration"]] + ([reference_spec] if reference_spec else [])
     started = time.time()
+    methods = methods_of(cfg)
+    identities = {m: method_identity(cfg, m) for m in methods}  # bad baseline settings fail here, before any model loads
     for plan in plans:
-        cells = [Cell(plan["name"], alpha, seed, cell_key(plan, alpha, seed, settings, fusion, prompts_hash, redact_secrets(scorer_cfg), reference_id))
-                 for alpha in alphas for seed in seeds]
         generator = reference = None
-        for cell in cells:
-            cell_dir = store / cell.name
-            with locked(cell_dir, enabled=rank_zero):
-                rows = stored_rows(cell_dir)
-                if rows is None:
-                    if generator is None:  # load lazily: a fully finished target loads nothing
-                        generator, reference = build_generator(plan, cfg, models), build_reference(reference_spec, cfg, models)
-                    rows = run_cell(cfg, cell, cell_dir, generator, settings, scorer, reference, prompts, plan)
-                    computed += 1
-                else:
-                    reused += 1
-                    log.info("cell %s: reused from %s", cell.name, cell_dir)
-            if not rank_zero:  # rank 0 stores the cell and writes the grid
-                continue
-            row = {"target": cell.target, "alpha": cell.alpha, "seed": cell.seed, "setting": cfg.get("setting") or "", "protocol": protocol.name,
-                   "scorer": scorer_cfg["name"], **cell_metrics(rows, names, protocol.toxicity_threshold, cfg.bootstrap_resamples),
-                   "cell": cell.name}
-            grid.append(row)
-            generations.append(rows)
-            write_grid(output_dir, grid, generations, meta)
-            log.info("cell %s: %s", cell.name, ", ".join(f"{n} {row[n]:.3g}" for n in names))
+        for method_name in methods:
+            method = None
+            for alpha in strengths(cfg, method_name, alphas):
+                for seed in seeds:
+                    identity = Method(method_name, [], identity=identities[method_name])
+                    cell = Cell(plan["name"], method_name, alpha, seed,
+                                cell_key(plan, alpha, seed, settings, fusion, prompts_hash, redact_secrets(scorer_cfg), reference_id, identity))
+                    cell_dir = store / cell.name
+                    with locked(cell_dir, enabled=rank_zero):
+                        rows = stored_rows(cell_dir)
+                        if rows is None:
+                            if generator is None:  # load lazily: a fully finished target loads nothing
+                                generator, reference = build_generator(plan, cfg, models), build_reference(reference_spec, cfg, models)
+                            method = method or build_method(method_name, cfg, generator, models, identities[method_name])
+                            rows = run_cell(cfg, cell, cell_dir, generator, settings, scorer, reference, prompts, plan, method)
+                            computed += 1
+                        else:
+                            reused += 1
+                            log.info("cell %s: reused from %s", cell.name, cell_dir)
+                    if rank_zero:
+                        add_to_grid(cell, rows)
         models.drop(keep=keep)
         del generator, reference
     if not rank_zero:
@@ -484,6 +552,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def build_generator(plan: dict, cfg: DictConfig, models: Models) -> FusedGenerator:
     target_model, target_tokenizer = models.get(plan["spec"])
+    if plan["calibration"] is None:  # baselines only: fusion stays off (alpha 0), the target stands in for the calibration model
+        return FusedGenerator(target_model, target_tokenizer, target_model, target_tokenizer, None, prompt_format=cfg.fusion.prompt_format)
     calibration_model, calibration_tokenizer = models.get(plan["calibration"])
     if cfg.fusion.check_fingerprints and plan["meta"] is not None:
         check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], calibration_model),
@@ -491,6 +561,39 @@ def build_generator(plan: dict, cfg: DictConfig, models: Models) -> FusedGenerat
     return FusedGenerator(target_model, target_tokenizer, calibration_model, calibration_tokenizer, plan["A"],
                           calibration_context=cfg.fusion.calibration_context, layer_norm=cfg.fusion.layer_norm,
                           prompt_format=cfg.fusion.prompt_format)
+
+
+def method_identity(cfg: DictConfig, name: str) -> dict | None:
+    """What decides a method's generations beyond the target (part of its cells' keys); checks its settings."""
+    options = cfg.get("baselines") or {}
+    if name == "word_filter":
+        words = read_lexicon(options.word_filter.lexicon, options.word_filter.size)
+        return {"lexicon": stable_hash(words), "words": len(words)}
+    if name == "prompting":
+        return {"instruction": options.prompting.instruction, "chat_template": bool(options.prompting.chat_template)}
+    if name == "dexperts":
+        experts = {role: options.dexperts.get(role) for role in ("expert", "anti_expert")}
+        missing = [role for role, spec in experts.items() if spec is None or spec.get("name_or_path") in (None, "???")]
+        if missing:
+            raise ValueError(f"method 'dexperts' needs baselines.dexperts.{missing[0]}.name_or_path: an LM that shares the target's "
+                             "tokenizer (expert: fine-tuned on non-toxic text; anti_expert: on toxic text)")
+        return {role: fingerprint(as_spec(OmegaConf.to_container(spec, resolve=True))) for role, spec in experts.items()}
+    return None
+
+
+def build_method(name: str, cfg: DictConfig, generator: FusedGenerator, models: Models, identity: dict | None) -> Method:
+    options = cfg.get("baselines") or {}
+    tokenizer = generator.target_tokenizer
+    if name == "word_filter":
+        return Method(name, [WordFilter(tokenizer, read_lexicon(options.word_filter.lexicon, options.word_filter.size))], identity=identity)
+    if name == "prompting":
+        chat = bool(options.prompting.chat_template) and bool(getattr(tokenizer, "chat_template", None))
+        return Method(name, [], instruction=options.prompting.instruction, prompt_format="chat" if chat else "raw", identity=identity)
+    if name == "dexperts":
+        (expert, expert_tok), (anti, anti_tok) = (models.get(as_spec(OmegaConf.to_container(options.dexperts[r], resolve=True)))
+                                                  for r in ("expert", "anti_expert"))
+        return Method(name, [DExperts(expert, anti, tokenizer, expert_tok, anti_tok)], identity=identity)
+    return Method(name, [], identity=identity)
 
 
 def build_reference(spec: ModelSpec | None, cfg: DictConfig, models: Models) -> ReferenceLM | None:
@@ -501,11 +604,11 @@ def build_reference(spec: ModelSpec | None, cfg: DictConfig, models: Models) -> 
 
 
 def run_cell(cfg: DictConfig, cell: Cell, cell_dir: Path, generator: FusedGenerator, settings: GenerationSettings,
-             scorer, reference: ReferenceLM | None, prompts: list[Prompt], plan: dict) -> list[dict] | None:
+             scorer, reference: ReferenceLM | None, prompts: list[Prompt], plan: dict, method: Method | None = None) -> list[dict] | None:
     """The cell's unfinished prompts through Lightning's predict loop; rank 0 then stores the cell."""
     batch_prompts = max(1, settings.batch_size // settings.num_samples)
     data = CellPrompts(cell_dir, prompts, settings.num_samples, batch_prompts)
-    module = EvaluationModule(generator, cell, settings, scorer, reference)
+    module = EvaluationModule(generator, cell, settings, scorer, reference, method)
     trainer = instantiate(cfg.trainer, callbacks=[PartialRowsWriter(cell_dir)], logger=False, enable_checkpointing=False,
                           enable_model_summary=False)
     started = time.time()
@@ -516,7 +619,7 @@ def run_cell(cfg: DictConfig, cell: Cell, cell_dir: Path, generator: FusedGenera
     if not trainer.is_global_zero:
         return None
     description = {"target_model": plan["spec"].name_or_path, "alignment": plan["alignment"],
-                   "calibration_model": plan["calibration"].name_or_path, "wall_seconds": round(time.time() - started, 1)}
+                   "calibration_model": plan["calibration"].name_or_path if plan["calibration"] else None, "wall_seconds": round(time.time() - started, 1)}
     return finish_cell(cell, cell_dir, prompts, settings.num_samples, description)
 
 

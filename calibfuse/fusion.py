@@ -230,6 +230,9 @@ class FusedGenerator:
         self.A = alignment.float().to(self.device)
         self.calibration_context, self.layer_norm, self.prompt_format = calibration_context, layer_norm, prompt_format
         self.layer_norm_eps = layer_norm_eps
+        # Baselines that edit the logits at every step (calibfuse.baselines: word filter, DExperts):
+        # each has reset(ids, mask) for a new batch and __call__(logits, step_ids, mask, generated) -> logits.
+        self.logits_adjusters: list = []
         self.shared_tokenizer = same_tokenizer(target_tokenizer, calibration_tokenizer)
         eos = {target_tokenizer.eos_token_id}
         configured = getattr(getattr(target, "generation_config", None), "eos_token_id", None)  # stop tokens only
@@ -312,6 +315,8 @@ class FusedGenerator:
         if fuse_needed and not self.shared_tokenizer and self.calibration_context == "full" and use_cache:
             stream = CalibrationStream(self.calibration, self.calibration_tokenizer, batch, self.device)
         target_cache = calibration_cache = None
+        for adjuster in self.logits_adjusters:
+            adjuster.reset(ids, mask)
         step_ids = ids
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated = torch.zeros((batch, 0), dtype=torch.long, device=self.device)
@@ -330,6 +335,8 @@ class FusedGenerator:
             else:  # alpha = 0: the target alone, exactly
                 hidden = h_t
             logits = lm_head_logits(self.target, hidden).float()
+            for adjuster in self.logits_adjusters:
+                logits = adjuster(logits, step_ids, mask, [seq[len(p):] for seq, p in zip(sequences, prompt_ids)])
             if trace is not None:
                 trace.append({"logits": logits.cpu(), "h_target": h_t.float().cpu(), "h_calibration": h_c.float().cpu()})
             was_finished = finished

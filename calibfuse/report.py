@@ -58,7 +58,7 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
         groups.setdefault((line, cell["alpha"]), []).append(cell)
     merged = {}
     for key, group in sorted(groups.items()):
-        row = {"seeds": len(group)}
+        row = {"seeds": len(group), "target": group[0]["target"], "method": group[0]["method"], "setting": group[0]["setting"]}
         for name in metrics:
             for suffix in ("", "_lo", "_hi"):
                 values = [c[name + suffix] for c in group if c.get(name + suffix) is not None]
@@ -75,23 +75,34 @@ def fmt(row: dict, name: str, latex: bool = False) -> str:
 
 
 def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: str | None) -> tuple[str, str]:
-    """Per target: toxicity and perplexity of the target alone (alpha 0) and fused at `alpha`."""
-    alphas = sorted({a for (_, a) in settings})
-    if alpha not in alphas or 0.0 not in alphas:
-        raise ValueError(f"alpha={alpha} (and the base, alpha 0) must be in the grid; its alphas are {alphas}")
-    header = ["target", f"{toxicity} base", f"{toxicity} fused (α={alpha:g})", "perplexity base", f"perplexity fused (α={alpha:g})"]
+    """Per target (and setting): toxicity and perplexity of the target alone (alpha 0) and with each
+    method: fusion at `alpha`, a baseline at its strength."""
+    fusion_alphas = sorted({a for (_, a), r in settings.items() if r["method"] == "fusion"})
+    if fusion_alphas and (alpha not in fusion_alphas or 0.0 not in fusion_alphas):
+        raise ValueError(f"alpha={alpha} (and the base, alpha 0) must be in the grid; its alphas are {fusion_alphas}")
+    base_of = {(r["target"], r["setting"]): r for (_, a), r in settings.items() if a == 0.0 and r["method"] in ("fusion", "none")}
+    header = ["target", "method", f"{toxicity}: target alone", f"{toxicity}: with the method", "perplexity: alone", "perplexity: with the method"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    tex = ["\\begin{tabular}{lcccc}", "\\toprule",
-           " & ".join(["Target", "Tox. base", f"Tox. fused ($\\alpha={alpha:g}$)", "PPL base", f"PPL fused ($\\alpha={alpha:g}$)"]) + " \\\\",
-           "\\midrule"]
-    for target in sorted({line for (line, _) in settings}):
-        base, fused = settings.get((target, 0.0)), settings.get((target, alpha))
-        if base is None or fused is None:
+    tex = ["\\begin{tabular}{llcccc}", "\\toprule",
+           "Target & Method & Tox. alone & Tox. with method & PPL alone & PPL with method \\\\", "\\midrule"]
+    lines: dict[str, list] = {}
+    for (line, a), row in settings.items():
+        lines.setdefault(line, []).append((a, row))
+    for line in sorted(lines):
+        points = sorted(lines[line], key=lambda p: p[0])
+        method = points[0][1]["method"]
+        if method == "none":
             continue
-        md.append(f"| {target} | {fmt(base, toxicity)} | {fmt(fused, toxicity)} | {fmt(base, 'perplexity')} | {fmt(fused, 'perplexity')} |")
-        name = target.replace("_", "\\_")
-        tex.append(f"{name} & {fmt(base, toxicity, True)} & {fmt(fused, toxicity, True)} & {fmt(base, 'perplexity', True)} & "
-                   f"{fmt(fused, 'perplexity', True)} \\\\")
+        strength, row = next(((a, r) for a, r in points if a == alpha), (None, None)) if method == "fusion" else points[-1]
+        base = base_of.get((points[0][1]["target"], points[0][1]["setting"]))
+        if row is None or base is None:
+            continue
+        target = points[0][1]["target"] + (f" ({points[0][1]['setting']})" if points[0][1]["setting"] else "")
+        label = f"{method} α={strength:g}" if method in ("fusion", "dexperts") else method
+        md.append(f"| {target} | {label} | {fmt(base, toxicity)} | {fmt(row, toxicity)} | {fmt(base, 'perplexity')} | {fmt(row, 'perplexity')} |")
+        tex_label = label.replace("_", "\\_").replace("α", "$\\alpha$")
+        tex.append(f"{target.replace('_', chr(92) + '_')} & {tex_label} & {fmt(base, toxicity, True)} & {fmt(row, toxicity, True)} & "
+                   f"{fmt(base, 'perplexity', True)} & {fmt(row, 'perplexity', True)} \\\\")
     tex += ["\\bottomrule", "\\end{tabular}"]
     if note:
         md += ["", f"Note: {note}."]

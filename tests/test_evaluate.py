@@ -54,7 +54,7 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
     assert [(c["target"], c["alpha"]) for c in grid["cells"]] == [("tiny", 0.0), ("tiny", 0.5)]
     rows = read_jsonl(run / "generations.jsonl")
     assert len(rows) == 2 * 6 and {r["prompt_id"] for r in rows} == {r["prompt_id"] for r in rows[:6]}
-    assert set(rows[0]) == {"target", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens"}
+    assert set(rows[0]) == {"target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens"}
     for cell in grid["cells"]:
         mine = [r for r in rows if r["alpha"] == cell["alpha"]]
         assert cell["toxicity"] == pytest.approx(100 * sum(r["toxicity"] for r in mine) / 6)
@@ -64,7 +64,7 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
         assert cell["empty"] == sum(not r["continuation"].strip() for r in mine)
         assert cell["tokens_per_second"] > 0 and cell["prompts"] == 6
     csv_lines = (run / "grid.csv").read_text().splitlines()
-    assert len(csv_lines) == 3 and csv_lines[0].startswith("target,alpha,seed,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("target,method,alpha,seed,setting,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
     assert "proxy" in (run / "grid.md").read_text()
 
 
@@ -103,7 +103,7 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating(eval_cfg, tmp_path,
         evaluate(eval_cfg("alphas=[0,0.5]", "protocol.generation.batch_size=2", output_dir=tmp_path / "first"))
     assert calls == [0.0] * 3 + [0.5] * 2  # 6 prompts in batches of 2: one batch of the second cell was stored
     assert len(json.loads((tmp_path / "first" / "grid.json").read_text())["cells"]) == 1  # written as cells finish
-    (partial,) = (tmp_path / "cells").glob("tiny_a0.5_*/partial.rank0.jsonl")
+    (partial,) = (tmp_path / "cells").glob("tiny_fusion_a0.5_*/partial.rank0.jsonl")
     with partial.open("a") as f:
         f.write('{"prompt_id": "cut sho')  # the kill also cut a line short
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One ablation of METHOD.md as a Hydra multirun of the pipeline, then its report:
+#   experiments/ablations.sh layers        # calibration layers 1 / 3 / 6
+#   experiments/ablations.sh negatives     # K = 1 / 10 / 50
+#   experiments/ablations.sh layer_norm    # LN on / off
+#   experiments/ablations.sh context       # calibration context: full vs last_token (the reference's)
+#   experiments/ablations.sh alignment     # learned A vs identity
+#   experiments/ablations.sh embeddings    # input vs output embeddings
+#   experiments/ablations.sh matching      # shared vocabulary: exact vs normalized
+#   experiments/ablations.sh seeds         # training seeds 1 / 2 / 3
+#   experiments/ablations.sh alpha         # alpha 0 ... 1 (one job)
+# Each job is a W&B run in the group "<stage>-ablation_<name>"; unchanged stages are reused.
+# Extra arguments go to the pipeline (e.g. hydra/launcher=local_parallel, "targets=[gemma3-270m]").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+NAME=${1:?usage: experiments/ablations.sh NAME [overrides], NAME from conf/experiment/ablation_*.yaml}
+shift
+SWEEP=outputs/experiments/ablation_$NAME
+MODE=-m
+[ "$NAME" = alpha ] && MODE=
+"$PY" -m calibfuse.pipeline $MODE experiment=ablation_$NAME until=evaluate hydra.sweep.dir=$SWEEP hydra.run.dir=$SWEEP "$@"
+"$PY" -m calibfuse.report "runs=[$SWEEP]" alpha=0.3 hydra.run.dir=$SWEEP/report

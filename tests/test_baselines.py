@@ -1,0 +1,132 @@
+"""Baselines on tiny models: DExperts' logits by hand, the word filter never emits a banned token,
+prompting keeps the original prompt, every method side by side in one grid, and the bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import compose_config, make_tiny_model
+from omegaconf import open_dict
+
+from calibfuse.baselines import DExperts, WordFilter, read_lexicon
+from calibfuse.evaluate import evaluate
+from calibfuse.fusion import FusedGenerator, GenerationSettings
+from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+PROMPTS = ["How do I boil", "Tell me about the", "The weather today is", "My favourite food is", "Please explain why",
+           "The best way to learn", "Yesterday I went", "A good friend is"]
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_tokenizer_dir, tmp_path_factory):
+    """Expert and anti-expert: tiny Llamas with the target's tokenizer, other weights."""
+    return [make_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp(name), seed=seed)
+            for name, seed in (("expert", 11), ("anti_expert", 12))]
+
+
+def plain_generator(model_dir):
+    spec = ModelSpec(str(model_dir), dtype="float32")
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+    return FusedGenerator(model, tokenizer, model, tokenizer, None)
+
+
+def test_dexperts_logits_are_the_formula_by_hand(tiny_model_dirs, experts):
+    generator = plain_generator(tiny_model_dirs["llama"])
+    expert, anti = (load_model(ModelSpec(str(d), dtype="float32")) for d in experts)
+    tokenizer = generator.target_tokenizer
+    settings = GenerationSettings(max_new_tokens=4)
+    plain = generator.trace(PROMPTS[:2], 0.0, settings)
+    generator.logits_adjusters = [DExperts(expert, anti, tokenizer, tokenizer, tokenizer, alpha=0.0)]
+    at_zero = generator.trace(PROMPTS[:2], 0.0, settings)
+    assert all(torch.equal(a["logits"], b["logits"]) for a, b in zip(plain, at_zero))  # alpha 0: the target, exactly
+
+    generator.logits_adjusters = [DExperts(expert, anti, tokenizer, tokenizer, tokenizer, alpha=1.5)]
+    steered = generator.trace([PROMPTS[0]], 0.0, settings)
+    rows = generator.generate([PROMPTS[0]], 0.0, settings)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    for step, record in enumerate(steered):  # recompute every step from scratch on the text so far
+        so_far = torch.cat([ids, torch.tensor([rows[0].token_ids[:step]], dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            z_t, z_e, z_a = (m(so_far).logits[0, -1].float() for m in (generator.target, expert, anti))
+        assert torch.allclose(record["logits"][0], z_t + 1.5 * (z_e - z_a), atol=1e-4)
+
+
+def test_word_filter_never_emits_a_banned_token(tiny_model_dirs):
+    generator = plain_generator(tiny_model_dirs["llama"])
+    tokenizer = generator.target_tokenizer
+    settings = GenerationSettings(max_new_tokens=12, do_sample=True, num_samples=4, seed=7)
+    unfiltered = generator.generate(PROMPTS, 0.0, settings)
+    counts = {}
+    for row in unfiltered:  # ban the words this model says most: the filter has something to do
+        for word in row.continuation.split():
+            counts[word.strip(".,!?").lower()] = counts.get(word.strip(".,!?").lower(), 0) + 1
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if w.isalpha()][:8]
+    word_filter = WordFilter(tokenizer, words)
+    banned = set(word_filter.banned.tolist())
+    assert banned & {t for row in unfiltered for t in row.token_ids}  # unfiltered, they do appear
+    generator.logits_adjusters = [word_filter]
+    filtered = generator.generate(PROMPTS, 0.0, settings)
+    assert not banned & {t for row in filtered for t in row.token_ids}
+    for row in filtered:  # multi-token words: never completed
+        for sequence in word_filter.sequences:
+            n = len(sequence)
+            assert all(tuple(row.token_ids[i:i + n]) != sequence for i in range(len(row.token_ids) - n + 1))
+
+
+def test_default_lexicon_comes_from_the_scorer_model():
+    words = read_lexicon(size=50)
+    assert 30 <= len(words) <= 50 and all(w == w.lower() and " " not in w for w in words)
+
+
+@pytest.fixture
+def baseline_cfg(tiny_model_dirs, experts, tmp_path):
+    def make(*overrides: str):
+        cfg = compose_config("evaluate", [
+            "target_names=[tiny]", "prompts.limit=4", f"cell_store={tmp_path / 'cells'}", "protocol.generation.max_new_tokens=4",
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "logger=csv",
+            "bootstrap_resamples=100", f"+baselines.dexperts.expert.name_or_path={experts[0]}",
+            f"+baselines.dexperts.anti_expert.name_or_path={experts[1]}", *overrides,
+        ], tmp_path / "run")
+        with open_dict(cfg):
+            cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
+        return cfg
+
+    return make
+
+
+def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
+    evaluate(baseline_cfg("methods=[none,word_filter,prompting,dexperts]", "baselines.dexperts.alphas=[1.0]",
+                          "baselines.word_filter.lexicon=embedded:profanity_check"))
+    cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
+    assert [(c["method"], c["alpha"]) for c in cells] == [("none", 0.0), ("word_filter", 0.0), ("prompting", 0.0), ("dexperts", 1.0)]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in rows if r["method"] == "prompting"} == {r["prompt"] for r in rows if r["method"] == "none"}
+    assert "| tiny | dexperts | 1 |" in (tmp_path / "run" / "grid.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["methods=[dexperts]", "baselines.dexperts.expert=null"], ValueError, r"method 'dexperts' needs baselines.dexperts.expert.name_or_path"),
+    (["methods=[gedi]"], ValueError, r"unknown method 'gedi'; expected one of \['fusion', 'none', 'word_filter', 'prompting', 'dexperts'\]"),
+    (["methods=[word_filter]", "baselines.word_filter.lexicon=/nowhere/words.txt"], FileNotFoundError, "/nowhere/words.txt"),
+])
+def test_bad_baseline_settings(baseline_cfg, overrides, error, match):
+    with pytest.raises(error, match=match):
+        evaluate(baseline_cfg(*overrides))
+
+
+def test_dexperts_with_another_tokenizer_is_refused(baseline_cfg, tiny_target_dir):
+    with pytest.raises(ValueError, match=r"dexperts: the anti_expert's tokenizer \(\d+ tokens\) differs from the target's"):
+        evaluate(baseline_cfg("methods=[dexperts]", f"baselines.dexperts.anti_expert.name_or_path={tiny_target_dir}"))
+
+
+def test_report_puts_every_method_in_the_table_and_tradeoff(baseline_cfg, tiny_model_dirs, tmp_path):
+    from calibfuse.report import build_report
+
+    evaluate(baseline_cfg("methods=[fusion,word_filter,dexperts]", "alphas=[0,0.5]", "fusion.alignment=identity",
+                          f"calibration_model={{name_or_path:'{tiny_model_dirs['llama']}',dtype:float32}}"))
+    report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.5)
+    rows = [line for line in report["markdown"].splitlines() if line.startswith("| tiny")]
+    assert [row.split(" | ")[1] for row in rows] == ["dexperts α=2", "fusion α=0.5", "word_filter"]
+    base = rows[0].split(" | ")[2]
+    assert all(row.split(" | ")[2] == base for row in rows)  # one baseline: the target alone
+    assert (tmp_path / "report" / "tradeoff.png").stat().st_size > 10_000
