@@ -54,6 +54,7 @@ from calibfuse.perplexity import ReferenceLM
 from calibfuse.prompts import Prompt, load_prompts
 from calibfuse.toxicity import build_scorer
 from calibfuse.utils import (
+    PeakMemory,
     check_wandb_credentials,
     instantiate,
     instantiate_group,
@@ -501,7 +502,8 @@ def evaluate(cfg: DictConfig) -> dict:
     def add_to_grid(cell: Cell, rows: list[dict]) -> None:
         row = {"target": cell.target, "method": cell.method, "alpha": cell.alpha, "seed": cell.seed, "setting": cfg.get("setting") or "",
                "protocol": protocol.name, "scorer": scorer_cfg["name"],
-               **cell_metrics(rows, names, protocol.toxicity_threshold, cfg.bootstrap_resamples), "cell": cell.name}
+               **cell_metrics(rows, names, protocol.toxicity_threshold, cfg.bootstrap_resamples),
+               "peak_memory_mb": json.loads((store / cell.name / "cell.json").read_text()).get("peak_memory_mb"), "cell": cell.name}
         grid.append(row)
         generations.append(rows)
         write_grid(output_dir, grid, generations, meta)
@@ -613,13 +615,15 @@ def run_cell(cfg: DictConfig, cell: Cell, cell_dir: Path, generator: FusedGenera
                           enable_model_summary=False)
     started = time.time()
     log.info("cell %s: generating", cell.name)
-    trainer.predict(module, datamodule=data, return_predictions=False)
+    with PeakMemory(str(generator.device)) as memory:
+        trainer.predict(module, datamodule=data, return_predictions=False)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # all ranks' rows are on disk
     if not trainer.is_global_zero:
         return None
     description = {"target_model": plan["spec"].name_or_path, "alignment": plan["alignment"],
-                   "calibration_model": plan["calibration"].name_or_path if plan["calibration"] else None, "wall_seconds": round(time.time() - started, 1)}
+                   "calibration_model": plan["calibration"].name_or_path if plan["calibration"] else None, "wall_seconds": round(time.time() - started, 1),
+                   "peak_memory_mb": round(memory.peak_mb)}  # this process (or GPU) while the cell ran
     return finish_cell(cell, cell_dir, prompts, settings.num_samples, description)
 
 

@@ -126,7 +126,7 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
         "pretrain": [f"calibration_model.num_layers={cfg.calibration_layers}", f"seed={cfg.train_seed}"],
         "align": [f"seed={cfg.train_seed}", f"alignment.num_negatives={cfg.num_negatives}", f"alignment.matching={cfg.matching}",
                   f"alignment.embedding_source={cfg.embedding_source}"],
-        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"fusion.layer_norm={cfg.layer_norm}",
+        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]", f"fusion.layer_norm={cfg.layer_norm}",
                      f"fusion.calibration_context={cfg.calibration_context}", f"fusion.alignment={cfg.alignment}"],
     }
     if cfg.get("seeds"):

@@ -135,6 +135,45 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
     return wrapped
 
 
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's allocator peak on a GPU, else the process's resident
+    set sampled every 20 ms (in MB)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.cuda = str(device).startswith("cuda")
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        import psutil
+
+        process, self._stop = psutil.Process(), threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+                self._stop.wait(0.02)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
 def versions() -> dict[str, str]:
     names = ["calibfuse", "torch", "transformers", "lightning", "hydra-core", "datasets", "wandb"]
     found = {}

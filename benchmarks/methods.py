@@ -1,0 +1,76 @@
+"""Every method side by side on the embedded models, measured in one run: generation time relative
+to the target alone, peak memory, and toxicity and perplexity at each method's default strength.
+
+    python benchmarks/methods.py                          # SmolLM2 target, shipped challenge set, paper protocol
+    python benchmarks/methods.py --target gemma3-270m --alpha 0.3
+
+Runs calibfuse.pipeline (stages 1-2 are built once and reused from outputs/pipeline/stages/; the
+grid's cells are all generated afresh, in this run) with
+methods none, fusion (alpha = --alpha), word_filter and prompting; DExperts needs an expert and an
+anti-expert LM that share the target's tokenizer, which the embedded default does not have (pass
+--expert and --anti-expert to include it). Prints a Markdown table (the README quotes it).
+Peak memory is the process's resident set while the method's cell ran (all loaded models included),
+so differences between rows are what a method adds.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2-135m-instruct")
+    parser.add_argument("--alpha", type=float, default=0.3, help="fusion's alpha")
+    parser.add_argument("--expert", default=None, help="DExperts expert (a model sharing the target's tokenizer)")
+    parser.add_argument("--anti-expert", default=None)
+    parser.add_argument("--out", default="outputs/benchmarks/methods")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+
+    from calibfuse.pipeline import pipeline
+
+    methods = ["none", "fusion", "word_filter", "prompting"]
+    evaluate_overrides = [f"methods=[{','.join(methods + (['dexperts'] if args.expert else []))}]"]
+    if args.expert:
+        evaluate_overrides += [f"+baselines.dexperts.expert.name_or_path={args.expert}",
+                               f"+baselines.dexperts.anti_expert.name_or_path={args.anti_expert}"]
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)  # every method's cell is generated in this run, none reused from earlier ones
+    evaluate_overrides.append(f"cell_store={out / 'cells'}")
+    started = time.time()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("pipeline", overrides=[f"targets=[{args.target}]", f"alphas=[0,{args.alpha}]", f"report.alpha={args.alpha}",
+                                             "evaluate_overrides=[" + ",".join(f"'{o}'" for o in evaluate_overrides) + "]"])
+        cfg.paths.output_dir = str(out)
+        pipeline(cfg)
+    grid = json.loads((out / "evaluate" / "grid.json").read_text())
+    cells = [c for c in grid["cells"] if not (c["method"] == "fusion" and c["alpha"] == 0)]
+    base = next(c for c in cells if c["method"] == "none")
+    metrics = [m for m in grid["metrics"] if m != "perplexity"][:1] + ["perplexity"]
+    print(f"\n{args.target}, {grid['prompts']} prompts, {grid['protocol']} protocol, scorer {grid['scorer']} "
+          f"(whole run {time.time() - started:.0f} s)\n")
+    print(f"| method | strength | generation time vs target alone | tok/s | peak memory (MB) | {' | '.join(metrics)} |")
+    print("|---|---|---|---|---|" + "---|" * len(metrics))
+    for c in cells:
+        strength = f"α={c['alpha']:g}" if c["method"] in ("fusion", "dexperts") else "–"
+        values = " | ".join(f"{c[m]:.2f} [{c[m + '_lo']:.2f}, {c[m + '_hi']:.2f}]" for m in metrics)
+        print(f"| {c['method']} | {strength} | {c['generation_seconds'] / base['generation_seconds']:.2f}× | {c['tokens_per_second']:.1f} | "
+              f"{c['peak_memory_mb']} | {values} |")
+    if not args.expert:
+        print("| dexperts | – | not run: needs --expert and --anti-expert sharing the target's tokenizer (none ships offline) | | | |")
+    if grid.get("scorer_note"):
+        print(f"\nNote: {grid['scorer_note']}. word_filter bans the words that this scorer's model weighs most, which flatters it under this scorer.")
+
+
+if __name__ == "__main__":
+    main()
