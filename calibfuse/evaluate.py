@@ -84,7 +84,9 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.target}_{self.method}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
+        """Its dir in the cell store: fusion at alpha 0 and `none` are one cell (the target alone)."""
+        plain = self.method in ("fusion", "none") and self.alpha == 0
+        return f"{self.target}_{'none' if plain else self.method}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
 
 
 @dataclass

@@ -98,3 +98,38 @@ def test_unknown_experiment_lists_the_available_ones(tmp_path):
 
     with pytest.raises(MissingConfigException, match=r"(?s)experiment/paper_tabel.*Available options.*paper_table"):
         compose_config("pipeline", ["experiment=paper_tabel"], tmp_path)
+
+
+@pytest.mark.slow
+def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_dirs, tiny_target_dir, tmp_path):
+    """`-m` over a knob and alpha: a W&B run per job in one group; the report keeps the settings apart."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = tmp_path / "ablation_negatives"
+
+    def listed(*items: str) -> str:
+        return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+    overrides = [
+        "-m", "num_negatives=2,5", "alphas=[0],[0.5]", "targets=[smollm2-135m-instruct]", "calibration_layers=2", "until=evaluate",
+        f"stage_store={tmp_path / 'stages'}", f"hydra.sweep.dir={sweep}",
+        "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data.max_examples=32", "trainer.max_steps=2", "logger=csv"),
+        "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"),
+        "evaluate_overrides=" + listed(
+            f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}", "targets.smollm2-135m-instruct.dtype=float32",
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "prompts.limit=3",
+            "protocol.generation.max_new_tokens=3", f"cell_store={tmp_path / 'cells'}", "bootstrap_resamples=50"),
+    ]
+    result = subprocess.run([sys.executable, "-m", "calibfuse.pipeline", *overrides], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(sweep.glob("*/evaluate/wandb/offline-run-*"))
+    assert len(runs) == 4  # one W&B run per job
+    for run in runs:
+        assert b"evaluate-ablation_negatives" in b"".join(p.read_bytes() for p in run.glob("*.wandb"))
+    report = build_report([sweep], tmp_path / "report", alpha=0.5)
+    rows = [line for line in report["markdown"].splitlines() if line.startswith("| smollm2")]
+    assert [row.split(" | ")[0] for row in rows] == ["| smollm2-135m-instruct (num_negatives=2)", "| smollm2-135m-instruct (num_negatives=5)"]
