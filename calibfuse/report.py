@@ -40,7 +40,7 @@ def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
         if grid.get("metrics") != meta["metrics"]:
             raise ValueError(f"{file} reports {grid.get('metrics')} but {meta['metrics']} came first; report one protocol at a time")
         for cell in grid["cells"]:
-            key = (cell.get("cell") or (cell["target"], cell["alpha"], cell["seed"]), cell.get("setting", ""))
+            key = (cell.get("cell") or (cell["target"], cell["alpha"], cell["seed"]), cell.get("setting", ""), cell.get("method"))
             if key not in seen:
                 seen.add(key)
                 cells.append({"method": "fusion", "setting": "", **cell})
