@@ -19,9 +19,7 @@ seed, every metric with its 95 % bootstrap interval over prompts), rewritten as 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import gc
 import hashlib
 import json
@@ -56,6 +54,7 @@ from calibfuse.toxicity import build_scorer
 from calibfuse.utils import (
     PeakMemory,
     check_wandb_credentials,
+    file_lock,
     instantiate,
     instantiate_group,
     redact_secrets,
@@ -230,22 +229,6 @@ def file_sha256(path: Path) -> str:
 
 def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def locked(cell_dir: Path, enabled: bool = True):
-    """One job per cell at a time (parallel multirun jobs may share a cell, e.g. alpha = 0). Only
-    rank 0 of a DDP job takes the lock; the other ranks follow it through the predict loop's barriers."""
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    if not enabled:
-        yield
-        return
-    with (cell_dir / ".lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def finish_cell(cell: Cell, cell_dir: Path, prompts: list[Prompt], num_samples: int, description: dict) -> list[dict]:
@@ -526,7 +509,10 @@ def evaluate(cfg: DictConfig) -> dict:
                     cell = Cell(plan["name"], method_name, alpha, seed,
                                 cell_key(plan, alpha, seed, settings, fusion, prompts_hash, redact_secrets(scorer_cfg), reference_id, identity))
                     cell_dir = store / cell.name
-                    with locked(cell_dir, enabled=rank_zero):
+                    cell_dir.mkdir(parents=True, exist_ok=True)
+                    # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
+                    # locks, the other ranks follow it through the predict loop's barriers.
+                    with file_lock(cell_dir / ".lock", enabled=rank_zero):
                         rows = stored_rows(cell_dir)
                         if rows is None:
                             if generator is None:  # load lazily: a fully finished target loads nothing

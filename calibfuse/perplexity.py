@@ -37,8 +37,7 @@ class ReferenceLM:
         """Mean token loss of each continuation given its prompt; None for an empty continuation."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; expected one each")
-        losses: list[float | None] = [self._known.get((p, c)) for p, c in zip(prompts, continuations)]
-        todo = list(dict.fromkeys((p, c) for p, c, loss in zip(prompts, continuations, losses) if loss is None and c.strip()))
+        todo = list(dict.fromkeys((p, c) for p, c in zip(prompts, continuations) if c.strip() and (p, c) not in self._known))
         todo.sort(key=lambda pair: len(pair[0]) + len(pair[1]))  # similar lengths per batch: less padding to compute
         for start in range(0, len(todo), self.batch_size):
             pairs = todo[start:start + self.batch_size]
@@ -53,5 +52,4 @@ class ReferenceLM:
             for pair, total, count in zip(pairs, token_losses.sum(dim=1).tolist(), scored.sum(dim=1).tolist()):
                 if count:
                     self._known[pair] = total / count
-        losses = [self._known.get((p, c)) if c.strip() else None for p, c in zip(prompts, continuations)]
-        return losses
+        return [self._known.get((p, c)) if c.strip() else None for p, c in zip(prompts, continuations)]

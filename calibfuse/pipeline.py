@@ -16,8 +16,6 @@ not deleted) and rebuilt, with a message saying so. Evaluation cells are reused 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,7 +30,7 @@ from calibfuse.align import align
 from calibfuse.evaluate import evaluate
 from calibfuse.pretrain import pretrain
 from calibfuse.report import build_report
-from calibfuse.utils import write_json
+from calibfuse.utils import file_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +81,8 @@ def run_stage(stage: str, cfg: DictConfig, store: Path, inputs: dict | None, tas
     key = stage_key(cfg, inputs)
     directory = store / f"{stage}-{key[:12]}"
     store.mkdir(parents=True, exist_ok=True)
-    with locked(store / f".{directory.name}.lock"):
+    with file_lock(store / f".{directory.name}.lock"):
         return _run_stage(stage, cfg, directory, key, inputs, task)
-
-
-@contextlib.contextmanager
-def locked(path: Path):
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: dict | None, task) -> tuple[Path, str, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -172,6 +173,24 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, enabled: bool = True):
+    """An exclusive lock on `path` (created if missing) while the block runs: parallel jobs that
+    need the same artifact wait for the one building it instead of building it twice."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with Path(path).open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def versions() -> dict[str, str]:

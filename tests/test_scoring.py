@@ -35,18 +35,21 @@ def test_unknown_scorer_lists_the_known_ones():
         build_scorer("detox")
 
 
+def tiny_classifier_config(tokenizer_dir, **labels):
+    """A 2-layer DistilBERT classifier config over the tiny tokenizer, and that tokenizer."""
+    from transformers import AutoTokenizer, DistilBertConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
+                            pad_token_id=tokenizer.pad_token_id, **labels), tokenizer
+
+
 @pytest.fixture(scope="module")
 def tiny_classifier(tiny_tokenizer_dir, tmp_path_factory):
-    from transformers import (
-        AutoTokenizer,
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-    )
+    from transformers import DistilBertForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
-                              pad_token_id=tokenizer.pad_token_id, id2label={0: "non-toxic", 1: "toxic"},
-                              label2id={"non-toxic": 0, "toxic": 1})
+    config, tokenizer = tiny_classifier_config(tiny_tokenizer_dir, id2label={0: "non-toxic", 1: "toxic"},
+                                               label2id={"non-toxic": 0, "toxic": 1})
     out = tmp_path_factory.mktemp("tiny_classifier")
     torch.manual_seed(0)
     DistilBertForSequenceClassification(config).save_pretrained(out)
@@ -138,15 +141,10 @@ DETOXIFY_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "ide
 @pytest.fixture(scope="module")
 def detoxify_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
     """A checkpoint in Detoxify's release format (config + state_dict) and its base-model config folder."""
-    from transformers import (
-        AutoTokenizer,
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-    )
+    from transformers import DistilBertForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config, tokenizer = tiny_classifier_config(tiny_tokenizer_dir)
     base = tmp_path_factory.mktemp("detoxify_base")
-    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2, pad_token_id=tokenizer.pad_token_id)
     config.save_pretrained(base)
     tokenizer.save_pretrained(base)
     config.num_labels = len(DETOXIFY_CLASSES)
