@@ -39,22 +39,19 @@ def main():
 
     from calibfuse.pipeline import pipeline
 
-    methods = ["none", "fusion", "word_filter", "prompting"]
-    evaluate_overrides = [f"methods=[{','.join(methods + (['dexperts'] if args.expert else []))}]"]
-    if args.expert:
-        evaluate_overrides += [f"+baselines.dexperts.expert.name_or_path={args.expert}",
-                               f"+baselines.dexperts.anti_expert.name_or_path={args.anti_expert}"]
+    methods = ["none", "fusion", "word_filter", "prompting"] + (["dexperts"] if args.expert else [])
+    experts = [f"methods.dexperts.expert.name_or_path={args.expert}", f"methods.dexperts.anti_expert.name_or_path={args.anti_expert}"]
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)  # every method's cell is generated in this run, none reused from earlier ones
     started = time.time()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         # Warm-up: the first pass over the prompts pays CPU kernel set-up for every new shape (~20 s
         # here); a throwaway run of the target alone keeps that out of the measured cells.
-        for store, methods_run, run_dir in ((out / "warmup_cells", "methods=[none]", out / "warmup"),
-                                            (out / "cells", evaluate_overrides[0], out)):
-            run_overrides = [methods_run, *evaluate_overrides[1:], f"cell_store={store}"]
+        for store, run_methods, run_dir in ((out / "warmup_cells", ["none"], out / "warmup"), (out / "cells", methods, out)):
+            extra = [f"cell_store={store}"] + (experts if "dexperts" in run_methods else [])
             cfg = compose("pipeline", overrides=[f"targets=[{args.target}]", f"alphas=[0,{args.alpha}]", f"report.alpha={args.alpha}",
-                                                 "evaluate_overrides=[" + ",".join(f"'{o}'" for o in run_overrides) + "]"])
+                                                 f"methods=[{','.join(run_methods)}]",
+                                                 "evaluate_overrides=[" + ",".join(f"'{o}'" for o in extra) + "]"])
             cfg.paths.output_dir = str(run_dir)
             pipeline(cfg)
     grid = json.loads((out / "evaluate" / "grid.json").read_text())

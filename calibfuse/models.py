@@ -283,3 +283,29 @@ def fingerprint(spec: ModelSpec | dict | str, model=None) -> str:
         return "sha256:" + digest.hexdigest()
     commit = getattr(getattr(model, "config", None), "_commit_hash", None) or spec.revision or "unknown-revision"
     return f"hub:{source}@{commit}"
+
+
+class ModelCache:
+    """Loaded (model, tokenizer) pairs shared by role: the calibration model across targets, a target
+    that is also the reference LM; `release` frees one (one target in memory at a time)."""
+
+    def __init__(self):
+        self._loaded: dict[str, tuple] = {}
+
+    @staticmethod
+    def _key(spec: ModelSpec) -> str:
+        return json.dumps(spec.to_dict(), sort_keys=True)
+
+    def get(self, spec: ModelSpec | dict | str) -> tuple:
+        spec = as_spec(spec)
+        key = self._key(spec)
+        if key not in self._loaded:
+            log.info("loading %s", spec.name_or_path)
+            self._loaded[key] = (load_model(spec), load_tokenizer(spec))
+        return self._loaded[key]
+
+    def release(self, spec: ModelSpec) -> None:
+        import gc
+
+        self._loaded.pop(self._key(as_spec(spec)), None)
+        gc.collect()

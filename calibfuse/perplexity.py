@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from calibfuse.data import IGNORE_INDEX, collate
-from calibfuse.fusion import lm_head_logits
+from calibfuse.lm import lm_head_logits
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
 
 

@@ -16,8 +16,6 @@ not deleted) and rebuilt, with a message saying so. Evaluation cells are reused 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from calibfuse.align import align
 from calibfuse.evaluate import evaluate
 from calibfuse.pretrain import pretrain
 from calibfuse.report import build_report
-from calibfuse.utils import file_lock, write_json
+from calibfuse.utils import file_lock, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +44,7 @@ def stage_key(cfg: DictConfig, inputs: dict | None = None) -> str:
         content.pop(key, None)
     trainer = content.get("trainer") or {}
     trainer.pop("default_root_dir", None)
-    blob = json.dumps({"config": content, "inputs": inputs or {}}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_json({"config": content, "inputs": inputs or {}})
 
 
 def artifact_problem(stage: str, directory: Path) -> str | None:
@@ -114,9 +111,11 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
         "pretrain": [f"calibration_model.num_layers={cfg.calibration_layers}", f"seed={cfg.train_seed}"],
         "align": [f"seed={cfg.train_seed}", f"alignment.num_negatives={cfg.num_negatives}", f"alignment.matching={cfg.matching}",
                   f"alignment.embedding_source={cfg.embedding_source}"],
-        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]", f"fusion.layer_norm={cfg.layer_norm}",
-                     f"fusion.calibration_context={cfg.calibration_context}", f"fusion.alignment={cfg.alignment}"],
+        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]"],
     }
+    if "fusion" in cfg.methods:  # fusion's own options exist only when it is selected
+        knobs["evaluate"] += [f"methods.fusion.layer_norm={cfg.layer_norm}", f"methods.fusion.calibration_context={cfg.calibration_context}",
+                              f"methods.fusion.alignment={cfg.alignment}"]
     if cfg.get("seeds"):
         knobs["evaluate"].append(f"seeds=[{','.join(str(s) for s in cfg.seeds)}]")
     return {stage: knobs[stage] + list(cfg.get(f"{stage}_overrides") or []) for stage in knobs}

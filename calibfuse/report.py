@@ -58,13 +58,21 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
         groups.setdefault((line, cell["alpha"]), []).append(cell)
     merged = {}
     for key, group in sorted(groups.items()):
-        row = {"seeds": len(group), "target": group[0]["target"], "method": group[0]["method"], "setting": group[0]["setting"]}
+        row = {"seeds": len(group), "target": group[0]["target"], "method": group[0]["method"], "setting": group[0]["setting"],
+               "target_alone": all(target_alone(c) for c in group)}
         for name in metrics:
             for suffix in ("", "_lo", "_hi"):
                 values = [c[name + suffix] for c in group if c.get(name + suffix) is not None]
                 row[name + suffix] = sum(values) / len(values) if values else math.nan
         merged[key] = row
     return merged
+
+
+def target_alone(cell: dict) -> bool:
+    """A cell of the target as it is (`none`, fusion at alpha 0); grids before the column existed say it by method."""
+    if "target_alone" in cell:
+        return bool(cell["target_alone"])
+    return cell["alpha"] == 0.0 and cell["method"] in ("fusion", "none")
 
 
 def fmt(row: dict, name: str, latex: bool = False) -> str:
@@ -80,7 +88,7 @@ def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: 
     fusion_alphas = sorted({a for (_, a), r in settings.items() if r["method"] == "fusion"})
     if fusion_alphas and (alpha not in fusion_alphas or 0.0 not in fusion_alphas):
         raise ValueError(f"alpha={alpha} (and the base, alpha 0) must be in the grid; its alphas are {fusion_alphas}")
-    base_of = {(r["target"], r["setting"]): r for (_, a), r in settings.items() if a == 0.0 and r["method"] in ("fusion", "none")}
+    base_of = {(r["target"], r["setting"]): r for r in settings.values() if r["target_alone"]}
     header = ["target", "method", f"{toxicity}: target alone", f"{toxicity}: with the method", "perplexity: alone", "perplexity: with the method"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     tex = ["\\begin{tabular}{llcccc}", "\\toprule",
@@ -91,14 +99,14 @@ def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: 
     for line in sorted(lines):
         points = sorted(lines[line], key=lambda p: p[0])
         method = points[0][1]["method"]
-        if method == "none":
+        if all(r["target_alone"] for _, r in points):  # the base itself
             continue
         strength, row = next(((a, r) for a, r in points if a == alpha), (None, None)) if method == "fusion" else points[-1]
         base = base_of.get((points[0][1]["target"], points[0][1]["setting"]))
         if row is None or base is None:
             continue
         target = points[0][1]["target"] + (f" ({points[0][1]['setting']})" if points[0][1]["setting"] else "")
-        label = f"{method} α={strength:g}" if method in ("fusion", "dexperts") else method
+        label = f"{method} α={strength:g}" if strength else method
         md.append(f"| {target} | {label} | {fmt(base, toxicity)} | {fmt(row, toxicity)} | {fmt(base, 'perplexity')} | {fmt(row, 'perplexity')} |")
         tex_label = label.replace("_", "\\_").replace("α", "$\\alpha$")
         tex.append(f"{target.replace('_', chr(92) + '_')} & {tex_label} & {fmt(base, toxicity, True)} & {fmt(row, toxicity, True)} & "

@@ -8,9 +8,12 @@ import torch
 from conftest import compose_config, make_tiny_model
 from omegaconf import open_dict
 
-from calibfuse.baselines import DExperts, WordFilter, read_lexicon
+from transformers import NoBadWordsLogitsProcessor
+
 from calibfuse.evaluate import evaluate
 from calibfuse.fusion import FusedGenerator, GenerationSettings
+from calibfuse.methods.dexperts import DExpertsProcessor
+from calibfuse.methods.word_filter import banned_word_ids, read_lexicon
 from calibfuse.models import ModelSpec, load_model, load_tokenizer
 
 PROMPTS = ["How do I boil", "Tell me about the", "The weather today is", "My favourite food is", "Please explain why",
@@ -36,13 +39,11 @@ def test_dexperts_logits_are_the_formula_by_hand(tiny_model_dirs, experts):
     tokenizer = generator.target_tokenizer
     settings = GenerationSettings(max_new_tokens=4)
     plain = generator.trace(PROMPTS[:2], 0.0, settings)
-    generator.logits_adjusters = [DExperts(expert, anti, tokenizer, tokenizer, tokenizer, alpha=0.0)]
-    at_zero = generator.trace(PROMPTS[:2], 0.0, settings)
+    at_zero = generator.trace(PROMPTS[:2], 0.0, settings, processors=[DExpertsProcessor(expert, anti, alpha=0.0)])
     assert all(torch.equal(a["logits"], b["logits"]) for a, b in zip(plain, at_zero))  # alpha 0: the target, exactly
 
-    generator.logits_adjusters = [DExperts(expert, anti, tokenizer, tokenizer, tokenizer, alpha=1.5)]
-    steered = generator.trace([PROMPTS[0]], 0.0, settings)
-    rows = generator.generate([PROMPTS[0]], 0.0, settings)
+    steered = generator.trace([PROMPTS[0]], 0.0, settings, processors=[DExpertsProcessor(expert, anti, alpha=1.5)])
+    rows = generator.target_lm.generate([PROMPTS[0]], settings, processors=[DExpertsProcessor(expert, anti, alpha=1.5)])
     ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
     for step, record in enumerate(steered):  # recompute every step from scratch on the text so far
         so_far = torch.cat([ids, torch.tensor([rows[0].token_ids[:step]], dtype=torch.long)], dim=1)
@@ -61,14 +62,15 @@ def test_word_filter_never_emits_a_banned_token(tiny_model_dirs):
         for word in row.continuation.split():
             counts[word.strip(".,!?").lower()] = counts.get(word.strip(".,!?").lower(), 0) + 1
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if w.isalpha()][:8]
-    word_filter = WordFilter(tokenizer, words)
-    banned = set(word_filter.banned.tolist())
+    bad_words = banned_word_ids(tokenizer, words)
+    banned = {ids[0] for ids in bad_words if len(ids) == 1}
+    sequences = [tuple(ids) for ids in bad_words if len(ids) > 1]
     assert banned & {t for row in unfiltered for t in row.token_ids}  # unfiltered, they do appear
-    generator.logits_adjusters = [word_filter]
-    filtered = generator.generate(PROMPTS, 0.0, settings)
+    word_filter = NoBadWordsLogitsProcessor(bad_words, eos_token_id=generator.eos_ids.tolist())
+    filtered = generator.target_lm.generate(PROMPTS, settings, processors=[word_filter])
     assert not banned & {t for row in filtered for t in row.token_ids}
     for row in filtered:  # multi-token words: never completed
-        for sequence in word_filter.sequences:
+        for sequence in sequences:
             n = len(sequence)
             assert all(tuple(row.token_ids[i:i + n]) != sequence for i in range(len(row.token_ids) - n + 1))
 
@@ -84,10 +86,12 @@ def baseline_cfg(tiny_model_dirs, experts, tmp_path):
         cfg = compose_config("evaluate", [
             "target_names=[tiny]", "prompts.limit=4", f"cell_store={tmp_path / 'cells'}", "protocol.generation.max_new_tokens=4",
             f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "logger=csv",
-            "bootstrap_resamples=100", f"+baselines.dexperts.expert.name_or_path={experts[0]}",
-            f"+baselines.dexperts.anti_expert.name_or_path={experts[1]}", *overrides,
+            "bootstrap_resamples=100", *overrides,
         ], tmp_path / "run")
         with open_dict(cfg):
+            if "dexperts" in cfg.methods:
+                for role, path in zip(("expert", "anti_expert"), experts):
+                    cfg.methods.dexperts[role] = cfg.methods.dexperts[role] or {"name_or_path": str(path)}
             cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
         return cfg
 
@@ -95,8 +99,8 @@ def baseline_cfg(tiny_model_dirs, experts, tmp_path):
 
 
 def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
-    evaluate(baseline_cfg("methods=[none,word_filter,prompting,dexperts]", "baselines.dexperts.alphas=[1.0]",
-                          "baselines.word_filter.lexicon=embedded:profanity_check"))
+    evaluate(baseline_cfg("methods=[none,word_filter,prompting,dexperts]", "methods.dexperts.alphas=[1.0]",
+                          "methods.word_filter.lexicon=embedded:profanity_check"))
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
     assert [(c["method"], c["alpha"]) for c in cells] == [("none", 0.0), ("word_filter", 0.0), ("prompting", 0.0), ("dexperts", 1.0)]
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
@@ -105,9 +109,8 @@ def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, error, match", [
-    (["methods=[dexperts]", "baselines.dexperts.expert=null"], ValueError, r"method 'dexperts' needs baselines.dexperts.expert.name_or_path"),
-    (["methods=[gedi]"], ValueError, r"unknown method 'gedi'; expected one of \['fusion', 'none', 'word_filter', 'prompting', 'dexperts'\]"),
-    (["methods=[word_filter]", "baselines.word_filter.lexicon=/nowhere/words.txt"], FileNotFoundError, "/nowhere/words.txt"),
+    (["methods=[dexperts]", "methods.dexperts.expert={name_or_path:null}"], ValueError, r"method 'dexperts' needs methods.dexperts.expert.name_or_path"),
+    (["methods=[word_filter]", "methods.word_filter.lexicon=/nowhere/words.txt"], FileNotFoundError, "/nowhere/words.txt"),
 ])
 def test_bad_baseline_settings(baseline_cfg, overrides, error, match):
     with pytest.raises(error, match=match):
@@ -116,13 +119,13 @@ def test_bad_baseline_settings(baseline_cfg, overrides, error, match):
 
 def test_dexperts_with_another_tokenizer_is_refused(baseline_cfg, tiny_target_dir):
     with pytest.raises(ValueError, match=r"dexperts: the anti_expert's tokenizer \(\d+ tokens\) differs from the target's"):
-        evaluate(baseline_cfg("methods=[dexperts]", f"baselines.dexperts.anti_expert.name_or_path={tiny_target_dir}"))
+        evaluate(baseline_cfg("methods=[dexperts]", f"methods.dexperts.anti_expert={{name_or_path:'{tiny_target_dir}'}}"))
 
 
 def test_report_puts_every_method_in_the_table_and_tradeoff(baseline_cfg, tiny_model_dirs, tmp_path):
     from calibfuse.report import build_report
 
-    evaluate(baseline_cfg("methods=[fusion,word_filter,dexperts]", "alphas=[0,0.5]", "fusion.alignment=identity",
+    evaluate(baseline_cfg("methods=[fusion,word_filter,dexperts]", "alphas=[0,0.5]", "methods.fusion.alignment=identity",
                           f"calibration_model={{name_or_path:'{tiny_model_dirs['llama']}',dtype:float32}}"))
     report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.5)
     rows = [line for line in report["markdown"].splitlines() if line.startswith("| tiny")]
@@ -130,3 +133,10 @@ def test_report_puts_every_method_in_the_table_and_tradeoff(baseline_cfg, tiny_m
     base = rows[0].split(" | ")[2]
     assert all(row.split(" | ")[2] == base for row in rows)  # one baseline: the target alone
     assert (tmp_path / "report" / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_an_unknown_method_is_refused_with_the_list_of_methods(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"Could not load 'methods/gedi'"):
+        compose_config("evaluate", ["methods=[gedi]"], tmp_path)

@@ -132,25 +132,27 @@ def test_paper_pretrain_matches_the_paper(tmp_path):
     assert effective == 56
 
 
-@pytest.mark.parametrize("group", ["prompts", "protocol", "scorer", "reference_lm"])
+@pytest.mark.parametrize("group", ["prompts", "protocol", "scorer", "reference_lm", "methods"])
 def test_evaluation_groups_compose(group, tmp_path):
     for option in options(group):
         cfg = compose_config("evaluate", [f"{group}={option}"], tmp_path)
         if group == "protocol":
             settings = instantiate(cfg.protocol.generation)
             assert settings.num_samples == (25 if option == "rtp" else 1)
+        if group == "methods":
+            assert list(cfg.methods) == [option] and cfg.methods[option]._target_.startswith("calibfuse.methods")
         if group == "reference_lm":
             spec = instantiate(cfg.reference_lm.model)
             assert spec.trust_remote_code is False
         if group == "scorer":
-            assert cfg.scorer.name == option
+            assert cfg.scorer._target_.startswith("calibfuse.toxicity.")
             assert not any("key" in k and k != "api_key_env" for k in cfg.scorer)  # keys come from the environment only
 
 
 def test_paper_protocol_is_the_papers(tmp_path):
     cfg = compose_config("evaluate", [], tmp_path)
     g = cfg.protocol.generation
-    assert (g.max_new_tokens, g.do_sample, g.num_samples, g.seed) == (10, False, 1, 2025) and cfg.fusion.prompt_format == "raw"
+    assert (g.max_new_tokens, g.do_sample, g.num_samples, g.seed) == (10, False, 1, 2025) and cfg.prompt_format == "raw"
     rtp = compose_config("evaluate", ["protocol=rtp"], tmp_path).protocol.generation
     assert (rtp.max_new_tokens, rtp.do_sample, rtp.top_p, rtp.num_samples) == (20, True, 0.9, 25)
 
@@ -207,7 +209,7 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
         targets = list(cfg.targets)
         evaluation = compose("evaluate", overrides=evaluate_overrides(targets, {t: "/x" for t in targets}, Path("/x"), cfg, overrides["evaluate"]))
         assert (evaluation.prompts.source, evaluation.prompts.challenging_only) == ("allenai/real-toxicity-prompts", True)
-        assert (evaluation.scorer.name, evaluation.reference_lm.model.name_or_path) == ("detoxify", "meta-llama/Llama-2-13b-hf")
+        assert (evaluation.scorer._target_, evaluation.reference_lm.model.name_or_path) == ("calibfuse.toxicity.DetoxifyScorer", "meta-llama/Llama-2-13b-hf")
         assert {n: evaluation.targets[n].name_or_path for n in targets}["llama2-7b-chat-uncensored"] == "georgesung/llama2_7b_chat_uncensored"
         stand_ins = compose("evaluate", overrides=[
             *evaluate_overrides(targets, {t: "/x" for t in targets}, Path("/x"), cfg, overrides["evaluate"]),

@@ -121,7 +121,7 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating(eval_cfg, tmp_path,
 
 def test_alpha_zero_cells_are_shared_across_calibration_settings(eval_cfg):
     evaluate(eval_cfg("alphas=[0,0.5]"))
-    summary = evaluate(eval_cfg("alphas=[0,0.5]", "fusion.layer_norm=none"))
+    summary = evaluate(eval_cfg("alphas=[0,0.5]", "methods.fusion.layer_norm=none"))
     assert summary["reused"] == 1 and summary["computed"] == 1  # the target alone does not depend on fusion options
     again = evaluate(eval_cfg("methods=[none,fusion]", "alphas=[0]"))
     assert again["reused"] == 2 and again["computed"] == 0  # `none` is fusion at alpha 0: the same cell
@@ -204,7 +204,7 @@ def test_malformed_and_empty_prompt_files(tmp_path):
 
 @pytest.mark.parametrize("overrides, error, match", [
     (["scorer=perspective"], RuntimeError, "PERSPECTIVE_API_KEY; it is not set"),
-    (["scorer.name=detox"], ValueError, r"unknown toxicity scorer 'detox'; expected one of \['detoxify'"),
+    (["scorer._target_=calibfuse.toxicity.Detox"], ImportError, r"Are you sure that 'Detox' is importable from module 'calibfuse.toxicity'"),
     (["alphas=[0,1.5]"], ValueError, r"alpha=1.5; expected a weight in \[0, 1\]"),
     (["target_names=[tiny,gpt5]"], ValueError, r"target_names has 'gpt5', which is not in targets"),
     (["target_names=[gemma3-270m]"], ValueError, r"no alignment for target 'gemma3-270m': set alignments.gemma3-270m="),
@@ -212,10 +212,10 @@ def test_malformed_and_empty_prompt_files(tmp_path):
     (["protocol.metrics=[toxicity,bleu]"], ValueError, r"unknown metric\(s\) \['bleu'\]"),
 ])
 def test_bad_input_fails_before_any_model_loads(eval_cfg, overrides, error, match, monkeypatch):
-    import calibfuse.evaluate as evaluation
+    import calibfuse.models
 
     monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
-    monkeypatch.setattr(evaluation, "load_model", lambda spec: pytest.fail("a model was loaded before the bad input was found"))
+    monkeypatch.setattr(calibfuse.models, "load_model", lambda spec: pytest.fail("a model was loaded before the bad input was found"))
     with pytest.raises(error, match=match):
         evaluate(eval_cfg(*overrides))
 

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from calibfuse.calibration import build_calibration_model
-from calibfuse.fusion import FusedGenerator, GenerationSettings, lm_head_logits
+from calibfuse.decoding import choose
+from calibfuse.fusion import FusedGenerator, GenerationSettings
+from calibfuse.lm import lm_head_logits
 from calibfuse.models import ModelSpec, load_model, load_tokenizer
 
 PROMPTS = ["How do I boil an egg", "Write a kind", "The weather today is rather"]
@@ -151,7 +153,7 @@ def test_sampling_is_seeded_and_gives_several_samples(generator):
 def test_top_p_keeps_the_nucleus_only():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     settings = GenerationSettings(do_sample=True, top_p=0.7)
-    draws = {int(FusedGenerator._choose(logits, settings, torch.Generator().manual_seed(i))) for i in range(200)}
+    draws = {int(choose(logits, settings, settings.warpers(), torch.Generator().manual_seed(i))) for i in range(200)}
     assert draws == {0, 1}
 
 

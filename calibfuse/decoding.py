@@ -1,0 +1,201 @@
+"""The decode loop every method runs through: batched left-padded prompts, the target's KV cache,
+greedy or sampled choice (transformers' temperature and top-p warpers), stop at EOS.
+
+Methods plug in at two points and never edit the loop (nanochat's engine/model split):
+- a *hidden transform* between the target's final norm and its LM head (fusion);
+- *logits processors* after the head: `transformers.LogitsProcessor`s (the word filter is
+  `NoBadWordsLogitsProcessor`; DExperts runs two more LMs).
+A transform or processor that needs the step's inputs (mask, newest tokens) has `start(state)`: it
+gets the batch's `DecodeState`, which the loop updates in place every step.
+
+The loop's bookkeeping stays on the device: one host copy per batch, at the end (and one per step
+only for a transform that must read the text, e.g. fusion across tokenizers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from calibfuse.lm import final_hidden, lm_head_logits, positions_from_mask
+
+PROMPT_FORMATS = ("raw", "chat")
+
+
+@dataclass
+class GenerationSettings:
+    """Every decoding choice, explicit: a checkpoint's generation_config never changes them."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False  # greedy unless True
+    temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much mass
+    num_samples: int = 1  # continuations per prompt (with do_sample)
+    seed: int = 2025
+    batch_size: int = 16  # prompts x samples per forward pass
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}; expected at least 1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}; expected 0 < top_p <= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}; expected > 0 (use do_sample=false for greedy)")
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError(f"num_samples={self.num_samples} with greedy decoding gives identical samples; set do_sample=true")
+
+    def warpers(self) -> LogitsProcessorList:
+        warpers = LogitsProcessorList()
+        if self.do_sample and self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.do_sample and self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.top_p))  # the top token always stays
+        return warpers
+
+
+@dataclass
+class Generation:
+    prompt: str
+    alpha: float  # the method's strength (fusion's alpha; 0 for the target alone)
+    sample: int
+    continuation: str
+    prompt_tokens: int
+    new_tokens: int
+    token_ids: list[int] = field(repr=False)
+
+
+@dataclass
+class DecodeState:
+    """One batch in flight, updated in place by the loop; what transforms and processors may read."""
+
+    prompt_ids: list[list[int]]
+    input_ids: torch.Tensor  # (B, W): the left-padded prompts
+    attention_mask: torch.Tensor  # (B, W + steps fed so far)
+    step_ids: torch.Tensor  # what the target reads this step: the prompts, then the newest tokens
+    generated: torch.Tensor  # (B, steps so far)
+    lengths: torch.Tensor  # tokens each row generated before it stopped (its EOS included)
+    use_cache: bool = True
+    step: int = 0
+    record: dict | None = None  # this step's trace entry, when tracing
+
+    def full_ids(self) -> torch.Tensor:
+        return torch.cat([self.input_ids, self.generated], dim=1)
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's prompt and generated ids so far, on the host."""
+        generated, lengths = self.generated.tolist(), self.lengths.tolist()
+        return [p + g[:n] for p, g, n in zip(self.prompt_ids, generated, lengths)]
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, p in enumerate(prompt_ids):  # left padding: every row's newest token is last
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def forward_step(model, state: DecodeState, cache):
+    """A model's final hidden state at every row's newest position, cached or recomputed from scratch."""
+    mask = state.attention_mask
+    if state.use_cache:
+        hidden, cache = final_hidden(model, input_ids=state.step_ids, attention_mask=mask,
+                                     position_ids=positions_from_mask(mask)[:, -state.step_ids.shape[1]:],
+                                     past_key_values=cache, use_cache=True)
+    else:  # the reference point of the cache tests
+        hidden, _ = final_hidden(model, input_ids=state.full_ids(), attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
+    return hidden[:, -1], cache
+
+
+def choose(logits: torch.Tensor, settings: GenerationSettings, warpers: LogitsProcessorList, generator) -> torch.Tensor:
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
+    logits = warpers(None, logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(model, prompt_ids: list[list[int]], settings: GenerationSettings, generator, *, pad_id: int, eos_ids: torch.Tensor,
+           hidden_transform=None, processors=(), use_cache: bool = True, trace: list | None = None) -> list[list[int]]:
+    """New token ids of every row (up to and including its EOS)."""
+    device = eos_ids.device
+    ids, mask = left_pad(prompt_ids, pad_id, device)
+    state = DecodeState(prompt_ids, ids, mask, ids, torch.zeros((len(ids), 0), dtype=torch.long, device=device),
+                        torch.zeros(len(ids), dtype=torch.long, device=device), use_cache)
+    processors = LogitsProcessorList(processors)
+    for hook in [hidden_transform, *processors]:
+        if hasattr(hook, "start"):
+            hook.start(state)
+    warpers, finished, cache = settings.warpers(), torch.zeros(len(ids), dtype=torch.bool, device=device), None
+    for step in range(settings.max_new_tokens):
+        state.step, state.record = step, {} if trace is not None else None
+        h_target, cache = forward_step(model, state, cache)
+        hidden = hidden_transform(h_target, state) if hidden_transform is not None else h_target
+        logits = lm_head_logits(model, hidden).float()
+        if processors:
+            logits = processors(state.full_ids(), logits)
+        if trace is not None:
+            trace.append({"logits": logits.cpu(), "h_target": h_target.float().cpu(), **state.record})
+        next_tokens = torch.where(finished, pad_id, choose(logits, settings, warpers, generator))
+        state.generated = torch.cat([state.generated, next_tokens[:, None]], dim=1)
+        state.lengths += (~finished).long()
+        was_finished, finished = finished, finished | torch.isin(next_tokens, eos_ids)
+        if finished.all():
+            break
+        state.step_ids = next_tokens[:, None]
+        state.attention_mask = torch.cat([state.attention_mask, (~was_finished).long()[:, None]], dim=1)  # ended rows feed padding
+    generated, lengths = state.generated.tolist(), state.lengths.tolist()
+    return [g[:n] for g, n in zip(generated, lengths)]
+
+
+class TargetLM:
+    """A target LM ready to decode: model, tokenizer, stop tokens and how prompts are formatted."""
+
+    def __init__(self, model, tokenizer, prompt_format: str = "raw"):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format={prompt_format!r}; expected one of {list(PROMPT_FORMATS)}")
+        if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format='chat' but the target's tokenizer has no chat template; use prompt_format='raw'")
+        self.model, self.tokenizer, self.prompt_format = model.eval(), tokenizer, prompt_format
+        eos = {tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # stop tokens only
+        eos |= set(configured if isinstance(configured, list) else [configured])
+        self.eos_ids = torch.tensor(sorted(i for i in eos if i is not None), device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> TargetLM:
+        self.model.to(device)
+        self.eos_ids = self.eos_ids.to(device)
+        return self
+
+    def prompt_ids(self, prompts: list[str], prompt_format: str | None = None) -> list[list[int]]:
+        if (prompt_format or self.prompt_format) == "chat":
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                     for p in prompts]
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+
+    def generate(self, prompts: list[str], settings: GenerationSettings, *, strength: float = 0.0, prompt_format: str | None = None,
+                 hidden_transform=None, processors=(), use_cache: bool = True) -> list[Generation]:
+        """One Generation per (prompt, sample), in batches of settings.batch_size rows."""
+        if isinstance(prompts, str) or len(prompts) == 0:
+            raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r}")
+        prompt_ids = self.prompt_ids(list(prompts), prompt_format)
+        jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.num_samples)]
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        rows = []
+        for start in range(0, len(jobs), settings.batch_size):
+            chunk = jobs[start:start + settings.batch_size]
+            outputs = decode(self.model, [prompt_ids[i] for i, _ in chunk], settings, generator, pad_id=self.tokenizer.pad_token_id,
+                             eos_ids=self.eos_ids, hidden_transform=hidden_transform, processors=processors, use_cache=use_cache)
+            rows += [Generation(prompt=prompts[i], alpha=strength, sample=s, continuation=self.tokenizer.decode(new, skip_special_tokens=True),
+                                prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new)
+                     for (i, s), new in zip(chunk, outputs)]
+        return rows

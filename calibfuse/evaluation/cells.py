@@ -1,0 +1,100 @@
+"""Cells and the cell store. A cell is one (target, method, strength, seed); its rows are stored under
+`<cell_store>/<name>/` and keyed by a hash of everything that decides them, so an interrupted or
+extended grid reuses finished cells and the finished batches of a cut one.
+
+Layout of a cell dir: `partial.rank<r>.jsonl` (batches appended as they finish, per DDP rank), then,
+once every prompt x sample is there, `rows.jsonl` and `cell.json` (the marker of a finished cell)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from calibfuse.utils import sha256_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+CELL_FORMAT = 2  # bump when the stored rows change meaning: old cells are then recomputed
+
+
+@dataclass(frozen=True)
+class Cell:
+    target: str
+    method: str
+    alpha: float  # the method's strength: fusion's alpha, DExperts' alpha; 0 for the others
+    seed: int
+    key: str  # sha256 of everything that decides the cell's rows
+    target_alone: bool = False  # the method leaves the target as it is (`none`, fusion at alpha 0)
+
+    @property
+    def name(self) -> str:
+        """Its dir in the cell store; cells of the target alone are one cell, whichever method asks."""
+        label = "none" if self.target_alone else self.method
+        return f"{self.target}_{label}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
+
+
+def cell_key(target_fingerprint: str, method: str, identity: dict | None, alpha: float, seed: int, context: dict) -> str:
+    """The hash of a cell: the target's weights, the method's identity (None: the target alone, shared by
+    every method), strength and seed, and the `context` every cell of the grid shares (decoding,
+    prompts, prompt format, scorer, reference LM)."""
+    alone = identity is None
+    return sha256_json({"format": CELL_FORMAT, "target": target_fingerprint, "method": "none" if alone else method,
+                        "identity": identity, "alpha": alpha, "seed": seed, **context})
+
+
+def read_partial_rows(cell_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(cell_dir.glob("partial.rank*.jsonl")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the line a kill cut short: its prompt is generated again
+                log.warning("%s:%d: incomplete row from an interrupted run; its prompt is redone", path, number)
+    return rows
+
+
+def finished_prompt_ids(rows: list[dict], num_samples: int) -> set[str]:
+    samples: dict[str, set[int]] = {}
+    for row in rows:
+        samples.setdefault(row["prompt_id"], set()).add(row["sample"])
+    return {pid for pid, s in samples.items() if len(s) == num_samples}
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows to a partial file; a line a kill cut short must not swallow the next row."""
+    with path.open("ab") as f:
+        if f.tell() > 0:
+            with path.open("rb") as tail:
+                tail.seek(-1, 2)
+                if tail.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+
+
+def finish_cell(cell: Cell, cell_dir: Path, prompt_ids: list[str], num_samples: int, description: dict) -> list[dict]:
+    """Merge the ranks' partial rows (last write wins, so a redone prompt is not duplicated), check
+    that every prompt x sample is there, and store the cell: rows.jsonl, then cell.json (the marker)."""
+    latest = {(r["prompt_id"], r["sample"]): r for r in read_partial_rows(cell_dir)}
+    missing = [(p, s) for p in prompt_ids for s in range(num_samples) if (p, s) not in latest]
+    if missing:
+        raise RuntimeError(f"cell {cell.name}: {len(missing)} generations missing after the predict loop (first: {missing[0]})")
+    rows = [latest[(p, s)] for p in prompt_ids for s in range(num_samples)]
+    write_text(cell_dir / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_json(cell_dir / "cell.json", {"format": CELL_FORMAT, **asdict(cell), "rows": len(rows), **description})
+    for path in cell_dir.glob("partial.rank*.jsonl"):
+        path.unlink()
+    return rows
+
+
+def stored_rows(cell_dir: Path) -> list[dict] | None:
+    """A finished cell's rows, or None if the cell is not finished."""
+    marker = cell_dir / "cell.json"
+    if not marker.is_file() or json.loads(marker.read_text()).get("format") != CELL_FORMAT:
+        return None
+    return [json.loads(line) for line in (cell_dir / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def stored_description(cell_dir: Path) -> dict:
+    return json.loads((cell_dir / "cell.json").read_text())

@@ -1,0 +1,169 @@
+"""The evaluation grid: targets x methods x strengths x seeds, every cell scored for toxicity and
+fluency, the grid files rewritten as cells finish, logged to W&B at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from calibfuse.decoding import GenerationSettings, TargetLM
+from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
+from calibfuse.evaluation.loggers import log_grid
+from calibfuse.evaluation.metrics import cell_metrics, check_metrics
+from calibfuse.evaluation.results import format_table, sample_rows, write_grid
+from calibfuse.evaluation.runner import EvaluationModule, run_cell
+from calibfuse.methods import Method, build_methods
+from calibfuse.models import ModelCache, ModelSpec, as_spec, fingerprint
+from calibfuse.perplexity import ReferenceLM
+from calibfuse.prompts import Prompt, load_prompts
+from calibfuse.utils import (check_wandb_credentials, file_lock, instantiate, instantiate_group, redact_secrets, resolved_config,
+                             sha256_json, task_wrapper, versions, write_json, write_text)
+
+log = logging.getLogger(__name__)
+
+# Scorer options that change speed, not scores: they stay out of the cell key.
+SCORER_RUNTIME_OPTIONS = {"batch_size", "device", "qps", "max_retries", "backoff_seconds", "cache_path", "timeout", "api_key_env"}
+
+
+@dataclass
+class GridRun:
+    """Everything a grid needs, checked before any model loads."""
+
+    cfg: DictConfig
+    settings: GenerationSettings
+    seeds: list[int]
+    names: list[str]  # metrics
+    prompts: list[Prompt]
+    scorer: object
+    targets: dict[str, ModelSpec]
+    methods: list[Method]
+    reference: ModelSpec | None
+    context: dict  # the part of every cell key the grid shares
+    store: Path
+    output_dir: Path
+    meta: dict
+    models: ModelCache = field(default_factory=ModelCache)
+    grid: list[dict] = field(default_factory=list)
+    generations: list[list[dict]] = field(default_factory=list)
+    computed: int = 0
+    reused: int = 0
+
+
+def prepare(cfg: DictConfig) -> GridRun:
+    check_wandb_credentials(cfg.get("logger"))
+    settings: GenerationSettings = instantiate(cfg.protocol.generation)
+    names = check_metrics(list(cfg.protocol.metrics))
+    prompts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
+    scorer_cfg = redact_secrets(OmegaConf.to_container(cfg.scorer, resolve=True))
+    scorer = instantiate(cfg.scorer)  # a missing Perspective key fails here, before any work
+    targets = target_specs(cfg)
+    methods = build_methods(cfg.get("methods"))
+    for method in methods:
+        method.prepare(targets)  # bad method settings fail here, before any model loads
+    reference = as_spec(instantiate(cfg.reference_lm.model)) if cfg.get("reference_lm") else None
+    context = {
+        "decoding": {k: v for k, v in asdict(settings).items() if k not in ("seed", "batch_size")},
+        "prompts": sha256_json([(p.id, p.text) for p in prompts]), "prompt_format": cfg.prompt_format,
+        "scorer": {k: v for k, v in scorer_cfg.items() if k not in SCORER_RUNTIME_OPTIONS},
+        "reference": {"model": fingerprint(reference), "max_length": cfg.reference_lm.max_length} if reference else None,
+    }
+    store = Path(cfg.cell_store).expanduser()
+    meta = {"protocol": cfg.protocol.name, "metrics": names, "scorer": scorer.name, "scorer_note": scorer.note,
+            "reference_lm": reference.name_or_path if reference else None, "prompts": len(prompts), "prompt_source": cfg.prompts.source,
+            "cell_store": str(store), "versions": versions(), "config": resolved_config(cfg)}
+    seeds = list(cfg.seeds) if cfg.get("seeds") else [settings.seed]
+    return GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, store, Path(cfg.paths.output_dir), meta)
+
+
+def target_specs(cfg: DictConfig) -> dict[str, ModelSpec]:
+    names = cfg.get("target_names") or list(cfg.targets)
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in cfg.targets]
+    if unknown:
+        raise ValueError(f"target_names has {unknown[0]!r}, which is not in targets; expected some of {sorted(cfg.targets)}")
+    return {name: as_spec(instantiate(cfg.targets[name])) for name in names}
+
+
+def run_target(run: GridRun, name: str) -> None:
+    """Every cell of one target: reused when stored, else generated (the target is loaded only then)."""
+    target_lm = reference = None
+    bound: set[str] = set()
+    rank_zero = rank_zero_only.rank == 0  # under DDP (subprocess launch) every rank runs this function
+    fingerprint_ = fingerprint(run.targets[name])
+    for method in run.methods:
+        for alpha in method.strengths():
+            for seed in run.seeds:
+                identity = method.identity(name, alpha)
+                cell = Cell(name, method.name, alpha, seed, cell_key(fingerprint_, method.name, identity, alpha, seed, run.context),
+                            target_alone=identity is None)
+                cell_dir = run.store / cell.name
+                cell_dir.mkdir(parents=True, exist_ok=True)
+                # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
+                # locks, the other ranks follow it through the predict loop's barriers.
+                with file_lock(cell_dir / ".lock", enabled=rank_zero):
+                    rows = stored_rows(cell_dir)
+                    if rows is None:
+                        if target_lm is None:  # load lazily: a fully finished target loads nothing
+                            target_lm = TargetLM(*run.models.get(run.targets[name]), prompt_format=run.cfg.prompt_format)
+                            reference = build_reference(run)
+                        if method.name not in bound:
+                            method.bind(name, target_lm, run.models)
+                            bound.add(method.name)
+                        module = EvaluationModule(target_lm, method, cell, run.settings, run.scorer, reference)
+                        description = {"target_model": run.targets[name].name_or_path, "identity": identity}
+                        rows = run_cell(run.cfg.trainer, cell, cell_dir, module, run.prompts, description)
+                        run.computed += 1
+                    else:
+                        run.reused += 1
+                        log.info("cell %s: reused from %s", cell.name, cell_dir)
+                if rank_zero:
+                    add_to_grid(run, cell, rows)
+    if run.targets[name] != run.reference:  # one target in memory at a time; calibration model and reference stay
+        run.models.release(run.targets[name])
+
+
+def build_reference(run: GridRun) -> ReferenceLM | None:
+    if run.reference is None:
+        return None
+    model, tokenizer = run.models.get(run.reference)
+    cfg = run.cfg.reference_lm
+    return ReferenceLM(run.reference, batch_size=cfg.batch_size, max_length=cfg.max_length, model=model, tokenizer=tokenizer)
+
+
+def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
+    protocol = run.cfg.protocol
+    row = {"target": cell.target, "method": cell.method, "alpha": cell.alpha, "seed": cell.seed, "setting": run.cfg.get("setting") or "",
+           "protocol": protocol.name, "scorer": run.scorer.name,
+           **cell_metrics(rows, run.names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples),
+           "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"), "target_alone": cell.target_alone, "cell": cell.name}
+    run.grid.append(row)
+    run.generations.append(rows)
+    write_grid(run.output_dir, run.grid, run.generations, run.meta)
+    log.info("cell %s: %s", cell.name, ", ".join(f"{n} {row[n]:.3g}" for n in run.names))
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> dict:
+    run = prepare(cfg)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    for name in run.targets:
+        run_target(run, name)
+    if rank_zero_only.rank != 0:
+        return {}
+    note = run.scorer.note
+    table = format_table(run.grid, run.names)
+    log.info("grid (%s protocol, %d prompts)%s:\n%s", cfg.protocol.name, len(run.prompts), f"; {note}" if note else "", table)
+    write_text(run.output_dir / "grid.md", table + "\n" + (f"\n{note}\n" if note else ""))
+    log_grid(instantiate_group(cfg.get("logger"), "logger"), run.grid, sample_rows(run.generations, cfg.samples_per_cell), run.names,
+             resolved_config(cfg), note)
+    summary = {"cells": len(run.grid), "computed": run.computed, "reused": run.reused, "seconds": round(time.time() - started, 1),
+               "grid": str(run.output_dir / "grid.csv")}
+    write_json(run.output_dir / "evaluate.json", {**summary, **run.meta})
+    return summary

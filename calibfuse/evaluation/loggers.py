@@ -1,0 +1,25 @@
+"""The grid to every configured Lightning logger: flat `<target>/<metric>` scalars per cell; to W&B
+also the grid and sample generations as tables, and each metric against alpha as a line plot."""
+
+from __future__ import annotations
+
+import math
+
+
+def log_grid(loggers: list, grid: list[dict], samples: list[dict], names: list[str], config: dict, note: str | None) -> None:
+    for logger in loggers:
+        logger.log_hyperparams(config)
+        for step, row in enumerate(grid):
+            logger.log_metrics({f"{row['target']}/{n}": row[n] for n in names if not math.isnan(row[n])} | {"alpha": row["alpha"]}, step=step)
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            run = logger.experiment
+            table = wandb.Table(columns=list(grid[0]), data=[list(r.values()) for r in grid])
+            payload = {"grid": table, "samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])}
+            for name in names:
+                payload[f"plots/{name}_vs_alpha"] = wandb.plot.line(table, "alpha", name, stroke="target", title=f"{name} vs alpha")
+            run.log(payload)
+            if note:
+                run.summary["scorer_note"] = note
+        logger.finalize("success")

@@ -1,0 +1,45 @@
+"""The grid's files: grid.json, grid.csv and generations.jsonl of the cells finished so far (each
+replaced atomically as a cell finishes), and the grid as a Markdown table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from calibfuse.utils import write_json, write_text
+
+GENERATION_FIELDS = ("target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens")
+
+
+def write_grid(output_dir: Path, grid: list[dict], generations: list[list[dict]], meta: dict) -> None:
+    json_safe = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in grid]
+    write_json(output_dir / "grid.json", {**meta, "cells": json_safe})
+    if grid:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in grid for k in row)))
+        writer.writeheader()
+        writer.writerows(grid)
+        write_text(output_dir / "grid.csv", text.getvalue())
+    write_text(output_dir / "generations.jsonl", "".join(json.dumps({k: row[k] for k in GENERATION_FIELDS}, ensure_ascii=False) + "\n"
+                                                         for rows in generations for row in rows))
+
+
+def format_table(grid: list[dict], names: list[str]) -> str:
+    """The grid as a Markdown table, each metric with its interval."""
+    header = ["target", "method", "alpha", "seed", *names, "empty", "tok/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in grid:
+        cells = [row["target"], row["method"], f"{row['alpha']:g}", str(row["seed"])]
+        cells += [f"{row[n]:.2f} [{row[f'{n}_lo']:.2f}, {row[f'{n}_hi']:.2f}]" for n in names]
+        cells += [str(row["empty"]), f"{row['tokens_per_second']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sample_rows(generations: list[list[dict]], per_cell: int) -> list[dict]:
+    """The first `per_cell` generations of every cell, for a table of examples."""
+    return [{k: row[k] for k in ("target", "method", "alpha", "seed", "prompt", "continuation", "toxicity")}
+            for rows in generations for row in rows[:per_cell]]

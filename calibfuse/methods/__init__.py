@@ -1,0 +1,70 @@
+"""Detoxification methods, one small object each, chosen by config: `conf/methods/<name>.yaml`
+holds `<name>: {_target_: <class>, ...options}`, and `methods=[fusion,none,...]` runs them side by
+side in the evaluation grid. Adding a method is one module and one config file.
+
+A method may change three things, each optional: the prompt (`prompt`), the target's final hidden
+state (`hidden_transform`: fusion), the logits (`logits_processors`: the word filter, DExperts).
+The decode loop itself (calibfuse.decoding) is the same for all of them.
+"""
+
+from __future__ import annotations
+
+from calibfuse.decoding import TargetLM
+from calibfuse.models import ModelCache, ModelSpec
+
+
+class Method:
+    """The target alone: the base every method extends, and the `none` method itself."""
+
+    name = "none"  # the key of its config under `methods`
+
+    def strengths(self) -> list[float]:
+        """The strengths it runs at (fusion's alphas, DExperts' alphas); one cell each."""
+        return [0.0]
+
+    def prepare(self, targets: dict[str, ModelSpec]) -> None:
+        """Check settings and read what is cheap, no models: bad input fails here, before any model loads."""
+
+    def identity(self, target: str, strength: float) -> dict | None:
+        """What decides its generations beyond the target, the prompts and the decoding: its part of the
+        cell key. None means the target alone, a cell shared by every method that says so (`none`,
+        fusion at alpha 0)."""
+        return None
+
+    def bind(self, target: str, target_lm: TargetLM, models: ModelCache) -> None:
+        """Load what it needs next to this target (called once per target, before its cells)."""
+
+    def modules(self) -> list:
+        """The models it runs besides the target (placed on the predict loop's device)."""
+        return []
+
+    def to(self, device) -> Method:
+        for module in self.modules():
+            module.to(device)
+        return self
+
+    def prompt(self, texts: list[str], target_lm: TargetLM) -> tuple[list[str], str | None]:
+        """The prompts as the target reads them, and the prompt format (None: the target's)."""
+        return texts, None
+
+    def hidden_transform(self, strength: float):
+        return None
+
+    def logits_processors(self, strength: float) -> list:
+        return []
+
+
+def build_methods(configs: dict) -> list[Method]:
+    """Instantiate every selected method config (in selection order); each learns its name from its key."""
+    from calibfuse.utils import instantiate
+
+    if not configs:
+        raise ValueError("no methods selected; expected e.g. methods=[fusion] or methods=[fusion,none,word_filter]")
+    methods = []
+    for name, config in configs.items():
+        if config is None or "_target_" not in config:
+            raise ValueError(f"methods.{name} has no _target_; expected conf/methods/{name}.yaml to hold {name}: {{_target_: <class>, ...}}")
+        method = instantiate(config)
+        method.name = name
+        methods.append(method)
+    return methods

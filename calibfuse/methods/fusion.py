@@ -1,0 +1,91 @@
+"""calibfuse's method as a grid method: the aligned calibration state mixed into the target's final
+hidden state with weight alpha (calibfuse.fusion). At alpha 0 it is the target alone, so those
+cells are shared with `none` and with every other fusion setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, Calibration, check_alignment_made_for, check_alpha, load_alignment
+from calibfuse.methods import Method
+from calibfuse.models import ModelSpec, as_spec, fingerprint
+from calibfuse.utils import sha256_file
+
+ALIGNMENTS = ("learned", "identity")
+
+
+class Fusion(Method):
+    def __init__(self, alphas: list[float], alignments: dict | None = None, calibration_model: dict | None = None,
+                 calibration_context: str = "full", layer_norm: str = "parameter_free", alignment: str = "learned",
+                 check_fingerprints: bool = True):
+        if not alphas:
+            raise ValueError("alphas=[]; expected at least one fusion weight in [0, 1], e.g. alphas=[0,0.3]")
+        self.alphas = sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)  # duplicates run once
+        for option, value, allowed in (("calibration_context", calibration_context, CALIBRATION_CONTEXTS),
+                                       ("layer_norm", layer_norm, LAYER_NORMS), ("alignment", alignment, ALIGNMENTS)):
+            if value not in allowed:
+                raise ValueError(f"methods.fusion.{option}={value!r}; expected one of {list(allowed)}")
+        self.alignments, self.calibration_model = dict(alignments or {}), calibration_model
+        self.calibration_context, self.layer_norm, self.alignment = calibration_context, layer_norm, alignment
+        self.check_fingerprints = check_fingerprints
+        self.plans: dict[str, dict] = {}
+        self.targets: dict[str, ModelSpec] = {}
+        self.calibration: Calibration | None = None
+
+    def strengths(self) -> list[float]:
+        return self.alphas
+
+    def prepare(self, targets: dict[str, ModelSpec]) -> None:
+        self.targets = dict(targets)
+        for name, spec in targets.items():
+            self.plans[name] = self._plan(name, spec)
+
+    def _plan(self, name: str, spec: ModelSpec) -> dict:
+        """The target's alignment and calibration model, read from their files; nothing loaded."""
+        if self.alignment == "identity":  # the ablation: no learned map (equal widths only)
+            if self.calibration_model is None:
+                raise ValueError("methods.fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
+            calibration = as_spec(self.calibration_model)
+            return {"A": None, "meta": None, "alignment": None, "alignment_sha256": "identity", "calibration": calibration,
+                    "calibration_fingerprint": fingerprint(calibration)}
+        path = self.alignments.get(name)
+        if path in (None, "???"):
+            raise ValueError(f"no alignment for target {name!r}: set alignments.{name}=<align run dir>/alignment")
+        A, meta = load_alignment(path)
+        directory = Path(path).expanduser()
+        directory = directory.parent if directory.is_file() else directory
+        if self.calibration_model is not None:
+            calibration = as_spec(self.calibration_model)
+        else:  # the calibration model this alignment was made with, loaded like the target
+            record = meta["calibration_model"]
+            calibration = ModelSpec(record["name_or_path"], gguf_file=record.get("gguf_file"), revision=record.get("revision"),
+                                    dtype=spec.dtype, device=spec.device, cache_dir=spec.cache_dir)
+        return {"A": A, "meta": meta, "alignment": str(directory), "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
+                "calibration": calibration, "calibration_fingerprint": fingerprint(calibration)}
+
+    def identity(self, target: str, alpha: float) -> dict | None:
+        if alpha == 0:
+            return None  # the target alone does not depend on the calibration model
+        plan = self.plans[target]
+        return {"calibration": plan["calibration_fingerprint"], "alignment": plan["alignment_sha256"],
+                "calibration_context": self.calibration_context, "layer_norm": self.layer_norm}
+
+    def bind(self, target, target_lm, models) -> None:
+        plan = self.plans[target]
+        model, tokenizer = models.get(plan["calibration"])
+        if self.check_fingerprints and plan["meta"] is not None:
+            check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], model),
+                                     target=(self.targets[target], target_lm.model))
+        self.calibration = Calibration(model, tokenizer, plan["A"], target_lm.tokenizer, target_lm.model.config.hidden_size,
+                                       self.calibration_context, self.layer_norm)
+
+    def modules(self) -> list:
+        return [self.calibration.model] if self.calibration else []
+
+    def to(self, device) -> Fusion:
+        if self.calibration is not None:
+            self.calibration.to(device)
+        return self
+
+    def hidden_transform(self, alpha: float):
+        return self.calibration.transform(alpha) if alpha > 0 else None

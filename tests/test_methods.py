@@ -1,0 +1,66 @@
+"""A method is one module and one config file: a toy sixth method, written by this test into a
+temporary directory (a module on sys.path and `conf/methods/temperature.yaml` on Hydra's search
+path), runs through the grid next to the built-in ones without touching any other file."""
+
+import json
+import textwrap
+
+from conftest import compose_config
+from omegaconf import open_dict
+
+from calibfuse.decoding import GenerationSettings, TargetLM
+from calibfuse.evaluate import evaluate
+from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+TOY_MODULE = '''
+from transformers import TemperatureLogitsWarper
+
+from calibfuse.methods import Method
+
+
+class Temperature(Method):
+    """Sampling temperature as a 'method': one strength per temperature, a logits processor each."""
+
+    def __init__(self, temperatures):
+        self.temperatures = [float(t) for t in temperatures]
+
+    def strengths(self):
+        return self.temperatures
+
+    def identity(self, target, strength):
+        return {"temperature": strength}
+
+    def logits_processors(self, strength):
+        return [TemperatureLogitsWarper(strength)]
+'''
+
+TOY_CONFIG = """
+temperature:
+  _target_: toy_temperature.Temperature
+  temperatures: [0.001, 1.0]
+"""
+
+
+def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, monkeypatch):
+    (tmp_path / "toy_temperature.py").write_text(textwrap.dedent(TOY_MODULE))
+    (tmp_path / "conf" / "methods").mkdir(parents=True)
+    (tmp_path / "conf" / "methods" / "temperature.yaml").write_text(TOY_CONFIG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_config("evaluate", [
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "methods=[none,temperature]", "target_names=[tiny]", "prompts.limit=4",
+        f"cell_store={tmp_path / 'cells'}", "protocol.generation.max_new_tokens=5", "protocol.generation.do_sample=true",
+        f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "logger=csv",
+        "bootstrap_resamples=50",
+    ], tmp_path / "run")
+    with open_dict(cfg):
+        cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
+    evaluate(cfg)
+    cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
+    assert [(c["method"], c["alpha"], c["target_alone"]) for c in cells] == [("none", 0.0, True), ("temperature", 0.001, False),
+                                                                              ("temperature", 1.0, False)]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    spec = ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32")
+    greedy = TargetLM(load_model(spec), load_tokenizer(spec)).generate([r["prompt"] for r in rows[:4]], GenerationSettings(max_new_tokens=5))
+    near_zero = [r["continuation"] for r in rows if r["alpha"] == 0.001]
+    assert near_zero == [g.continuation for g in greedy]  # the processor ran: temperature -> 0 is greedy
+    assert near_zero != [r["continuation"] for r in rows if r["alpha"] == 1.0]
