@@ -1,4 +1,4 @@
-"""Stage 2: align the calibration model's embedding space with a target's (METHOD.md, stage 2).
+"""Stage 2: align the calibration model's embedding space with a target's (docs/method.md, stage 2).
 
     python -m calibfuse.align calibration_model.name_or_path=<pretrain run>/calibration_model
     python -m calibfuse.align calibration_model.name_or_path=... target=gemma3-270m

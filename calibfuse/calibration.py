@@ -1,5 +1,5 @@
 """Stage 1's model: the calibration model is the first `num_layers` decoder layers of a pretrained
-causal LM, with its token embeddings, final norm and LM head (METHOD.md, stage 1).
+causal LM, with its token embeddings, final norm and LM head (docs/method.md, stage 1).
 
 The result is an ordinary Hugging Face causal LM of the same class with a smaller
 `num_hidden_layers`, so `save_pretrained` / `AutoModelForCausalLM.from_pretrained` round-trip it.

@@ -3,7 +3,7 @@
 Rows follow WildJailbreak's schema (`vanilla`, `adversarial`, `completion`, `data_type`); the prompt
 is vanilla + adversarial (one of the two is empty in each row). Sources: a local .tsv/.csv/.jsonl
 file, or a Hugging Face dataset through `datasets.load_dataset` (e.g. `allenai/wildjailbreak`).
-One training example is `prompt + "\\n" + completion + EOS` (METHOD.md, stage 1).
+One training example is `prompt + "\\n" + completion + EOS` (docs/method.md, stage 1).
 """
 
 from __future__ import annotations

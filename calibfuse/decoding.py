@@ -89,14 +89,10 @@ class DecodeState:
         return [p + g[:n] for p, g, n in zip(self.prompt_ids, generated, lengths)]
 
 
-def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, p in enumerate(prompt_ids):  # left padding: every row's newest token is last
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
+def left_pad(tokenizer, prompt_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokenizer's own left padding: every row's newest token is last."""
+    batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, padding_side="left", return_tensors="pt")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def forward_step(model, state: DecodeState, cache):
@@ -119,11 +115,11 @@ def choose(logits: torch.Tensor, settings: GenerationSettings, warpers: LogitsPr
 
 
 @torch.no_grad()
-def decode(model, prompt_ids: list[list[int]], settings: GenerationSettings, generator, *, pad_id: int, eos_ids: torch.Tensor,
+def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, generator, *, eos_ids: torch.Tensor,
            hidden_transform=None, processors=(), use_cache: bool = True, trace: list | None = None) -> list[list[int]]:
     """New token ids of every row (up to and including its EOS)."""
-    device = eos_ids.device
-    ids, mask = left_pad(prompt_ids, pad_id, device)
+    device, pad_id = eos_ids.device, tokenizer.pad_token_id
+    ids, mask = left_pad(tokenizer, prompt_ids, device)
     state = DecodeState(prompt_ids, ids, mask, ids, torch.zeros((len(ids), 0), dtype=torch.long, device=device),
                         torch.zeros(len(ids), dtype=torch.long, device=device), use_cache)
     processors = LogitsProcessorList(processors)
@@ -193,8 +189,8 @@ class TargetLM:
         rows = []
         for start in range(0, len(jobs), settings.batch_size):
             chunk = jobs[start:start + settings.batch_size]
-            outputs = decode(self.model, [prompt_ids[i] for i, _ in chunk], settings, generator, pad_id=self.tokenizer.pad_token_id,
-                             eos_ids=self.eos_ids, hidden_transform=hidden_transform, processors=processors, use_cache=use_cache)
+            outputs = decode(self.model, self.tokenizer, [prompt_ids[i] for i, _ in chunk], settings, generator, eos_ids=self.eos_ids,
+                             hidden_transform=hidden_transform, processors=processors, use_cache=use_cache)
             rows += [Generation(prompt=prompts[i], alpha=strength, sample=s, continuation=self.tokenizer.decode(new, skip_special_tokens=True),
                                 prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new)
                      for (i, s), new in zip(chunk, outputs)]

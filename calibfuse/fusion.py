@@ -314,6 +314,6 @@ class FusedGenerator:
         """Per-step logits and both hidden states for one batch (what the tests check by hand)."""
         steps: list[dict] = []
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
-        decode(self.target, self._prompt_ids(prompts), settings, generator, pad_id=self.target_tokenizer.pad_token_id, eos_ids=self.eos_ids,
+        decode(self.target, self.target_tokenizer, self._prompt_ids(prompts), settings, generator, eos_ids=self.eos_ids,
                hidden_transform=self.fusion.transform(alpha, always=True), processors=processors, use_cache=use_cache, trace=steps)
         return steps

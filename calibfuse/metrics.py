@@ -1,4 +1,4 @@
-"""Evaluation metrics (METHOD.md, "Evaluation protocols"), each computed from per-prompt values so
+"""Evaluation metrics (docs/method.md, "Evaluation protocols"), each computed from per-prompt values so
 that a 95 % bootstrap interval over prompts comes with it.
 
 Paper protocol: mean toxicity of one greedy continuation per prompt (reported x100) and reference-LM

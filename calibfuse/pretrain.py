@@ -1,4 +1,4 @@
-"""Stage 1: pretrain the calibration model on non-toxic data (METHOD.md, stage 1).
+"""Stage 1: pretrain the calibration model on non-toxic data (docs/method.md, stage 1).
 
     python -m calibfuse.pretrain                                   # embedded default, CPU, ~3 min
     python -m calibfuse.pretrain trainer.max_epochs=1 logger=csv   # any key can be overridden

@@ -9,7 +9,7 @@
 `profanity_check` (alt-profanity-check, a linear model shipped on PyPI) is the offline default. It
 is a proxy, not Perspective: on 1,193 RealToxicityPrompts continuations scored by Perspective it
 reaches ROC-AUC 0.89 against Perspective >= 0.5 (Pearson 0.59, Spearman 0.33) and flags fewer
-texts than Perspective does (../shared/ENVIRONMENT.md). Every output built on it says so.
+texts than Perspective does. Every output built on it says so.
 """
 
 from __future__ import annotations

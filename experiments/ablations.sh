@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One ablation of METHOD.md as a Hydra multirun of the pipeline, then its report:
+# One ablation (docs/method.md lists them) as a Hydra multirun of the pipeline, then its report:
 #   experiments/ablations.sh layers        # calibration layers 1 / 3 / 6
 #   experiments/ablations.sh negatives     # K = 1 / 10 / 50
 #   experiments/ablations.sh layer_norm    # LN on / off
