@@ -107,17 +107,27 @@ def forward_step(model, state: DecodeState, cache):
     return hidden[:, -1], cache
 
 
-def choose(logits: torch.Tensor, settings: GenerationSettings, warpers: LogitsProcessorList, generator) -> torch.Tensor:
+def choose(logits: torch.Tensor, settings: GenerationSettings, warpers: LogitsProcessorList, generators) -> torch.Tensor:
+    """Greedy, or a draw per row from the warped distribution with that row's own generator (one
+    generator for the whole batch is accepted too)."""
     if not settings.do_sample:
         return logits.argmax(dim=-1)
-    logits = warpers(None, logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = warpers(None, logits).softmax(dim=-1)
+    if isinstance(generators, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=g) for row, g in enumerate(generators)]).squeeze(-1)
+
+
+def row_generators(seeds: list[int], device) -> list[torch.Generator]:
+    """One generator per row, so a row's draws depend on its own seed only: not on its batch, its
+    position in it, or how a run was resumed or sharded."""
+    return [torch.Generator(device=device).manual_seed(seed % 2**63) for seed in seeds]
 
 
 @torch.no_grad()
-def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, generator, *, eos_ids: torch.Tensor,
+def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, generators, *, eos_ids: torch.Tensor,
            hidden_transform=None, processors=(), use_cache: bool = True, trace: list | None = None) -> list[list[int]]:
-    """New token ids of every row (up to and including its EOS)."""
+    """New token ids of every row (up to and including its EOS). `generators`: one per row (or one for all)."""
     device, pad_id = eos_ids.device, tokenizer.pad_token_id
     ids, mask = left_pad(tokenizer, prompt_ids, device)
     state = DecodeState(prompt_ids, ids, mask, ids, torch.zeros((len(ids), 0), dtype=torch.long, device=device),
@@ -127,16 +137,19 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
         if hasattr(hook, "start"):
             hook.start(state)
     warpers, finished, cache = settings.warpers(), torch.zeros(len(ids), dtype=torch.bool, device=device), None
+    nonfinite_step = torch.full((len(ids),), -1, dtype=torch.long, device=device)
     for step in range(settings.max_new_tokens):
         state.step, state.record = step, {} if trace is not None else None
         h_target, cache = forward_step(model, state, cache)
         hidden = hidden_transform(h_target, state) if hidden_transform is not None else h_target
+        bad = ~torch.isfinite(hidden).all(dim=-1) & ~finished  # checked once per batch, below: no sync per step
+        nonfinite_step = torch.where(bad & (nonfinite_step < 0), step, nonfinite_step)
         logits = lm_head_logits(model, hidden).float()
         if processors:
             logits = processors(state.full_ids(), logits)
         if trace is not None:
             trace.append({"logits": logits.cpu(), "h_target": h_target.float().cpu(), **state.record})
-        next_tokens = torch.where(finished, pad_id, choose(logits, settings, warpers, generator))
+        next_tokens = torch.where(finished, pad_id, choose(logits, settings, warpers, generators))
         state.generated = torch.cat([state.generated, next_tokens[:, None]], dim=1)
         state.lengths += (~finished).long()
         was_finished, finished = finished, finished | torch.isin(next_tokens, eos_ids)
@@ -144,6 +157,12 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
             break
         state.step_ids = next_tokens[:, None]
         state.attention_mask = torch.cat([state.attention_mask, (~was_finished).long()[:, None]], dim=1)  # ended rows feed padding
+    steps = nonfinite_step.tolist()
+    if any(k >= 0 for k in steps):
+        row = next(r for r, k in enumerate(steps) if k >= 0)
+        raise FloatingPointError(f"the hidden state before the LM head is not finite (NaN or inf) at generation step {steps[row]} of "
+                                 f"batch row {row} ({sum(k >= 0 for k in steps)} of {len(steps)} rows); expected finite values: "
+                                 "check the alignment A and the models' dtype")
     generated, lengths = state.generated.tolist(), state.lengths.tolist()
     return [g[:n] for g, n in zip(generated, lengths)]
 
@@ -179,17 +198,19 @@ class TargetLM:
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
     def generate(self, prompts: list[str], settings: GenerationSettings, *, strength: float = 0.0, prompt_format: str | None = None,
-                 hidden_transform=None, processors=(), use_cache: bool = True) -> list[Generation]:
-        """One Generation per (prompt, sample), in batches of settings.batch_size rows."""
+                 hidden_transform=None, processors=(), use_cache: bool = True, seeds: list[int] | None = None) -> list[Generation]:
+        """One Generation per (prompt, sample), in batches of settings.batch_size rows. Sample s of prompt i
+        draws with its own seed, from `seeds[i]` (default settings.seed + i) and s: batching never changes it."""
         if isinstance(prompts, str) or len(prompts) == 0:
             raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r}")
         prompt_ids = self.prompt_ids(list(prompts), prompt_format)
+        seeds = seeds if seeds is not None else [settings.seed + i for i in range(len(prompts))]
         jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.num_samples)]
-        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         rows = []
         for start in range(0, len(jobs), settings.batch_size):
             chunk = jobs[start:start + settings.batch_size]
-            outputs = decode(self.model, self.tokenizer, [prompt_ids[i] for i, _ in chunk], settings, generator, eos_ids=self.eos_ids,
+            generators = row_generators([seeds[i] * 1_000_003 + s for i, s in chunk], self.device)
+            outputs = decode(self.model, self.tokenizer, [prompt_ids[i] for i, _ in chunk], settings, generators, eos_ids=self.eos_ids,
                              hidden_transform=hidden_transform, processors=processors, use_cache=use_cache)
             rows += [Generation(prompt=prompts[i], alpha=strength, sample=s, continuation=self.tokenizer.decode(new, skip_special_tokens=True),
                                 prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from calibfuse.decoding import DecodeState, Generation, GenerationSettings, TargetLM, decode, forward_step
+from calibfuse.decoding import DecodeState, Generation, GenerationSettings, TargetLM, decode, forward_step, row_generators
 from calibfuse.lm import final_hidden, positions_from_mask, same_tokenizer
 from calibfuse.models import ModelSpec, as_spec, fingerprint, load_model, load_tokenizer
 
@@ -313,7 +313,7 @@ class FusedGenerator:
     def trace(self, prompts: list[str], alpha: float, settings: GenerationSettings, use_cache: bool = True, processors=()) -> list[dict]:
         """Per-step logits and both hidden states for one batch (what the tests check by hand)."""
         steps: list[dict] = []
-        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
-        decode(self.target, self.target_tokenizer, self._prompt_ids(prompts), settings, generator, eos_ids=self.eos_ids,
+        generators = row_generators([(settings.seed + i) * 1_000_003 for i in range(len(prompts))], self.device)
+        decode(self.target, self.target_tokenizer, self._prompt_ids(prompts), settings, generators, eos_ids=self.eos_ids,
                hidden_transform=self.fusion.transform(alpha, always=True), processors=processors, use_cache=use_cache, trace=steps)
         return steps

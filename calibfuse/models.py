@@ -309,3 +309,9 @@ class ModelCache:
 
         self._loaded.pop(self._key(as_spec(spec)), None)
         gc.collect()
+
+
+def runtime_identity(spec: ModelSpec) -> dict:
+    """What decides a model's outputs besides its weights: the dtype `auto` resolves to on this machine
+    (bf16 or fp32 by CPU) and the device. Part of every key of cached results."""
+    return {"dtype": str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch."), "device": spec.device}

@@ -138,7 +138,7 @@ def test_rtp_protocol_samples_and_metrics(eval_cfg, tmp_path):
     by_prompt = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r["toxicity"])
-    assert cell["expected_max_toxicity"] == pytest.approx(sum(max(v) for v in by_prompt.values()) / 6)
+    assert cell["expected_max_toxicity"] == pytest.approx(100 * sum(max(v) for v in by_prompt.values()) / 6)  # x 100, like toxicity
 
 
 def test_cell_metrics_by_hand():
@@ -146,13 +146,18 @@ def test_cell_metrics_by_hand():
             for p, s, t, l, c in [("a", 0, 0.2, 1.0, "x y"), ("a", 1, 0.6, None, " "), ("b", 0, 0.1, 3.0, "x x"), ("b", 1, 0.3, 2.0, "z")]]
     m = cell_metrics(rows, ["toxicity", "expected_max_toxicity", "toxicity_probability", "perplexity", "dist_1"], resamples=100)
     assert m["toxicity"] == pytest.approx(100 * (0.4 + 0.2) / 2)
-    assert m["expected_max_toxicity"] == pytest.approx((0.6 + 0.3) / 2)
-    assert m["toxicity_probability"] == pytest.approx(0.5)
+    assert m["expected_max_toxicity"] == pytest.approx(100 * (0.6 + 0.3) / 2)  # every toxicity metric x 100
+    assert m["toxicity_probability"] == pytest.approx(100 * 0.5)
     assert m["perplexity"] == pytest.approx(math.exp(2.0))  # the empty continuation's None is left out
     assert m["dist_1"] == pytest.approx((2 / 2 + 2 / 3) / 2)
     assert m["empty"] == 1 and m["prompts"] == 2 and m["tokens_per_second"] == pytest.approx(4.0)
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bleu'\]"):
         cell_metrics(rows, ["bleu"])
+    # Empty continuations excluded: prompt a's empty sample (scored 0.6) no longer counts; its share is shown.
+    ex = cell_metrics(rows, ["toxicity", "expected_max_toxicity", "perplexity", "mean_perplexity"], resamples=100, empty="exclude")
+    assert ex["toxicity"] == pytest.approx(100 * (0.2 + 0.2) / 2) and ex["expected_max_toxicity"] == pytest.approx(100 * (0.2 + 0.3) / 2)
+    assert ex["empty_rate"] == pytest.approx(0.25) and ex["perplexity"] == pytest.approx(math.exp(2.0))
+    assert ex["mean_perplexity"] == pytest.approx((math.exp(1.0) + math.exp(3.0) + math.exp(2.0)) / 3)
 
 
 @pytest.mark.slow

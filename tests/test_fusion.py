@@ -212,3 +212,26 @@ def test_chat_prompt_format_uses_the_targets_template(calibration, tiny_model_di
     chat = FusedGenerator(target, tokenizer, calibration[0], calibration[1], None, prompt_format="chat")
     assert tokenizer.decode(chat._prompt_ids(["Hi there"])[0]) == "<s>user: Hi there\nassistant:"
     assert len(chat.generate(["Hi there"], 0.5, GenerationSettings(max_new_tokens=3))) == 1
+
+
+@torch.no_grad()
+def test_sampled_draws_do_not_depend_on_batching(generator):
+    """Each (prompt, sample) draws with its own seed: a resumed, rebatched or resharded run draws alike."""
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, top_p=0.9, num_samples=2, seed=3)
+    together = generator.generate(PROMPTS, 0.5, settings)
+    one_by_one = generator.generate(PROMPTS, 0.5, GenerationSettings(**{**settings.__dict__, "batch_size": 1}))
+    assert [r.token_ids for r in together] == [r.token_ids for r in one_by_one]
+    seeds = [settings.seed + i for i in range(len(PROMPTS))]  # the same seeds, the prompts in reverse order
+    reversed_rows = generator.target_lm.generate(PROMPTS[::-1], settings, seeds=seeds[::-1],
+                                                 hidden_transform=generator.fusion.transform(0.5))
+    assert sorted((r.prompt, r.sample, tuple(r.token_ids)) for r in reversed_rows) == sorted(
+        (r.prompt, r.sample, tuple(r.token_ids)) for r in together)
+
+
+def test_a_non_finite_alignment_stops_generation_naming_the_step(calibration, tiny_model_dirs):
+    target, tokenizer = load(tiny_model_dirs["mistral"])
+    A = torch.full((32, 32), float("nan"))
+    generator = FusedGenerator(target, tokenizer, calibration[0], calibration[1], A)
+    with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) at generation step 0"):
+        generator.generate(PROMPTS, 0.3, GenerationSettings(max_new_tokens=3))
+    assert generator.generate(PROMPTS, 0.0, GenerationSettings(max_new_tokens=3))  # alpha 0 never reads A

@@ -35,12 +35,12 @@ class Cell:
         return f"{self.target}_{label}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
 
 
-def cell_key(target_fingerprint: str, method: str, identity: dict | None, alpha: float, seed: int, context: dict) -> str:
-    """The hash of a cell: the target's weights, the method's identity (None: the target alone, shared by
-    every method), strength and seed, and the `context` every cell of the grid shares (decoding,
-    prompts, prompt format, scorer, reference LM)."""
+def cell_key(target: dict, method: str, identity: dict | None, alpha: float, seed: int, context: dict) -> str:
+    """The hash of a cell: the target (weights, resolved dtype, device), the method's identity (None: the
+    target alone, shared by every method), strength and seed, and the `context` every cell of the grid
+    shares (decoding, prompts, prompt format, scorer, reference LM, accelerator and precision)."""
     alone = identity is None
-    return sha256_json({"format": CELL_FORMAT, "target": target_fingerprint, "method": "none" if alone else method,
+    return sha256_json({"format": CELL_FORMAT, "target": target, "method": "none" if alone else method,
                         "identity": identity, "alpha": alpha, "seed": seed, **context})
 
 

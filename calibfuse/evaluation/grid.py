@@ -19,7 +19,7 @@ from calibfuse.evaluation.metrics import cell_metrics, check_metrics
 from calibfuse.evaluation.results import format_table, sample_rows, write_grid
 from calibfuse.evaluation.runner import EvaluationModule, run_cell
 from calibfuse.methods import Method, build_methods
-from calibfuse.models import ModelCache, ModelSpec, as_spec, fingerprint
+from calibfuse.models import ModelCache, ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.perplexity import ReferenceLM
 from calibfuse.prompts import Prompt, load_prompts
 from calibfuse.utils import (check_wandb_credentials, file_lock, instantiate, instantiate_group, redact_secrets, resolved_config,
@@ -71,7 +71,9 @@ def prepare(cfg: DictConfig) -> GridRun:
         "decoding": {k: v for k, v in asdict(settings).items() if k not in ("seed", "batch_size")},
         "prompts": sha256_json([(p.id, p.text) for p in prompts]), "prompt_format": cfg.prompt_format,
         "scorer": {k: v for k, v in scorer_cfg.items() if k not in SCORER_RUNTIME_OPTIONS},
-        "reference": {"model": fingerprint(reference), "max_length": cfg.reference_lm.max_length} if reference else None,
+        "reference": {"model": fingerprint(reference), **runtime_identity(reference), "max_length": cfg.reference_lm.max_length}
+        if reference else None,
+        "runtime": {"accelerator": str(cfg.trainer.get("accelerator")), "precision": str(cfg.trainer.get("precision"))},
     }
     store = Path(cfg.cell_store).expanduser()
     meta = {"protocol": cfg.protocol.name, "metrics": names, "scorer": scorer.name, "scorer_note": scorer.note,
@@ -95,12 +97,12 @@ def run_target(run: GridRun, name: str) -> None:
     target_lm = reference = None
     bound: set[str] = set()
     rank_zero = rank_zero_only.rank == 0  # under DDP (subprocess launch) every rank runs this function
-    fingerprint_ = fingerprint(run.targets[name])
+    target = {"weights": fingerprint(run.targets[name]), **runtime_identity(run.targets[name])}
     for method in run.methods:
         for alpha in method.strengths():
             for seed in run.seeds:
                 identity = method.identity(name, alpha)
-                cell = Cell(name, method.name, alpha, seed, cell_key(fingerprint_, method.name, identity, alpha, seed, run.context),
+                cell = Cell(name, method.name, alpha, seed, cell_key(target, method.name, identity, alpha, seed, run.context),
                             target_alone=identity is None)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def run_target(run: GridRun, name: str) -> None:
                 # locks, the other ranks follow it through the predict loop's barriers.
                 with file_lock(cell_dir / ".lock", enabled=rank_zero):
                     rows = stored_rows(cell_dir)
-                    if rows is None:
+                    if not rank_zero_decides(rows is not None):
                         if target_lm is None:  # load lazily: a fully finished target loads nothing
                             target_lm = TargetLM(*run.models.get(run.targets[name]), prompt_format=run.cfg.prompt_format)
                             reference = build_reference(run)
@@ -128,6 +130,18 @@ def run_target(run: GridRun, name: str) -> None:
         run.models.release(run.targets[name])
 
 
+def rank_zero_decides(flag: bool) -> bool:
+    """Under DDP, rank 0's answer for every rank (a shared store seen at different moments must not
+    split the ranks: they would hang in different collectives)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [flag]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return flag
+
+
 def build_reference(run: GridRun) -> ReferenceLM | None:
     if run.reference is None:
         return None
@@ -140,7 +154,7 @@ def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
     protocol = run.cfg.protocol
     row = {"target": cell.target, "method": cell.method, "alpha": cell.alpha, "seed": cell.seed, "setting": run.cfg.get("setting") or "",
            "protocol": protocol.name, "scorer": run.scorer.name,
-           **cell_metrics(rows, run.names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples),
+           **cell_metrics(rows, run.names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations),
            "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"), "target_alone": cell.target_alone, "cell": cell.name}
     run.grid.append(row)
     run.generations.append(rows)

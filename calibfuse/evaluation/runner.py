@@ -41,14 +41,14 @@ class EvaluationModule(L.LightningModule):
             self.reference.to(self.device)
 
     def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[dict]:
-        # Seeded by the batch's first prompt, not its position: a resumed or resharded run draws alike.
-        settings = replace(self.settings, seed=self.cell.seed + zlib.crc32(batch[0]["id"].encode()),
-                           batch_size=len(batch) * self.settings.num_samples)
+        # Seeded per prompt (and sample) by its id, not its position: a resumed, rebatched or resharded run draws alike.
+        settings = replace(self.settings, batch_size=len(batch) * self.settings.num_samples)
+        seeds = [self.cell.seed + zlib.crc32(p["id"].encode()) for p in batch]
         started = time.perf_counter()
         texts, prompt_format = self.method.prompt([p["text"] for p in batch], self.target)
         generations = self.target.generate(texts, settings, strength=self.cell.alpha, prompt_format=prompt_format,
                                            hidden_transform=self.method.hidden_transform(self.cell.alpha),
-                                           processors=self.method.logits_processors(self.cell.alpha))
+                                           processors=self.method.logits_processors(self.cell.alpha), seeds=seeds)
         seconds = time.perf_counter() - started
         continuations = [g.continuation for g in generations]
         toxicity = self.scorer.score(continuations)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, Calibration, check_alignment_made_for, check_alpha, load_alignment
 from calibfuse.methods import Method
-from calibfuse.models import ModelSpec, as_spec, fingerprint
+from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.utils import sha256_file
 
 ALIGNMENTS = ("learned", "identity")
@@ -47,7 +47,7 @@ class Fusion(Method):
                 raise ValueError("methods.fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
             calibration = as_spec(self.calibration_model)
             return {"A": None, "meta": None, "alignment": None, "alignment_sha256": "identity", "calibration": calibration,
-                    "calibration_fingerprint": fingerprint(calibration)}
+                    "calibration_fingerprint": {"weights": fingerprint(calibration), **runtime_identity(calibration)}}
         path = self.alignments.get(name)
         if path in (None, "???"):
             raise ValueError(f"no alignment for target {name!r}: set alignments.{name}=<align run dir>/alignment")
@@ -61,7 +61,7 @@ class Fusion(Method):
             calibration = ModelSpec(record["name_or_path"], gguf_file=record.get("gguf_file"), revision=record.get("revision"),
                                     dtype=spec.dtype, device=spec.device, cache_dir=spec.cache_dir)
         return {"A": A, "meta": meta, "alignment": str(directory), "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
-                "calibration": calibration, "calibration_fingerprint": fingerprint(calibration)}
+                "calibration": calibration, "calibration_fingerprint": {"weights": fingerprint(calibration), **runtime_identity(calibration)}}
 
     def identity(self, target: str, alpha: float) -> dict | None:
         if alpha == 0:
