@@ -1,6 +1,7 @@
 """Toxicity scorers: a list of texts in, a probability of toxicity per text out, batched.
 
     scorer = build_scorer("profanity_check")                      # offline default (a proxy, see below)
+    scorer = build_scorer("toxblock", label="toxic")              # offline BiLSTM trained on Jigsaw 2018 (calibfuse.toxblock)
     scorer = build_scorer("detoxify", checkpoint="toxic_original-c1212f89.ckpt", huggingface_config_path="/models/bert-base-uncased")
     scorer = build_scorer("hf_classifier", model="/models/toxic-bert", label="toxic")
     scorer = build_scorer("perspective", qps=1)                  # PERSPECTIVE_API_KEY from the environment
@@ -24,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import torch
+
+from calibfuse.toxblock import ToxBlockScorer
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +208,7 @@ class PerspectiveScorer:
 
 
 SCORERS = {"profanity_check": ProfanityCheckScorer, "detoxify": DetoxifyScorer, "hf_classifier": HFClassifierScorer,
-           "perspective": PerspectiveScorer}
+           "perspective": PerspectiveScorer, "toxblock": ToxBlockScorer}
 
 
 def build_scorer(name: str, **options):
