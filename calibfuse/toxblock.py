@@ -256,7 +256,8 @@ class ToxBlockScorer:
 
     name = "toxblock"
     note = ("toxicity scored by ToxBlock, an offline BiLSTM trained on Jigsaw's 2018 toxic comments (the data of Detoxify "
-            "`original`); a proxy for Perspective: compare settings, not absolute levels")
+            "`original`), a proxy for Perspective (on 993 RealToxicityPrompts prompts with Perspective toxicity 0.5-0.99: "
+            "ROC-AUC 0.82 against Perspective >= 0.9, Spearman 0.66; alt-profanity-check 0.79 and 0.60): compare settings, not absolute levels")
 
     def __init__(self, batch_size: int = 512, device: str = "cpu", label: str = "toxic"):
         if label not in LABELS:
@@ -278,9 +279,17 @@ class ToxBlockScorer:
         # Batches of similar length: the forward LSTM of a batch starts at its longest text's first token.
         order = np.argsort(-(ids != 0).sum(axis=1), kind="stable")
         probabilities = np.empty((len(ids), len(LABELS)), dtype=np.float32)
-        for start in range(0, len(ids), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            probabilities[rows] = self.model(torch.from_numpy(ids[rows]).to(self.device)).cpu().numpy()
+        threads = torch.get_num_threads()
+        if torch.device(self.device).type == "cpu":
+            # A step's tensors are small (batch x 200): with 2 threads on 2 shared cores, waiting for each
+            # other cost more than it gained (10,000 texts: 4-10 s against 1.0-1.3 s on one thread).
+            torch.set_num_threads(1)
+        try:
+            for start in range(0, len(ids), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                probabilities[rows] = self.model(torch.from_numpy(ids[rows]).to(self.device)).cpu().numpy()
+        finally:
+            torch.set_num_threads(threads)
         return {label: probabilities[:, j].tolist() for j, label in enumerate(LABELS)}
 
     def score(self, texts: list[str]) -> list[float]:
