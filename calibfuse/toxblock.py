@@ -100,7 +100,8 @@ class TokenizerSettings:
             raise ValueError(f"{path}: the TokenSequencer holds a {type(tokenizer).__name__}; expected a Keras Tokenizer")
         state = tokenizer.state
         if state["char_level"] or not isinstance(state["split"], str):
-            raise ValueError(f"{path}: char_level={state['char_level']}, split={state['split']!r}; expected word-level splitting on a string")
+            raise ValueError(f"{path}: char_level={state['char_level']}, split={state['split']!r}; "
+                             "expected word-level splitting on a string")
         num_words = state["num_words"]
         word_index = {w: i for w, i in state["word_index"].items() if not num_words or i < num_words}
         oov = state["oov_token"]
@@ -257,7 +258,8 @@ class ToxBlockScorer:
     name = "toxblock"
     note = ("toxicity scored by ToxBlock, an offline BiLSTM trained on Jigsaw's 2018 toxic comments (the data of Detoxify "
             "`original`), a proxy for Perspective (on 993 RealToxicityPrompts prompts with Perspective toxicity 0.5-0.99: "
-            "ROC-AUC 0.82 against Perspective >= 0.9, Spearman 0.66; alt-profanity-check 0.79 and 0.60): compare settings, not absolute levels")
+            "ROC-AUC 0.82 against Perspective >= 0.9, Spearman 0.66; alt-profanity-check 0.79 and 0.60): "
+            "compare settings, not absolute levels")
 
     def __init__(self, batch_size: int = 512, device: str = "cpu", label: str = "toxic"):
         if label not in LABELS:
@@ -269,8 +271,9 @@ class ToxBlockScorer:
         self.model = ToxBlockModel.from_h5(model_path).to(device).eval()
         if self.tokenizer.max_length != self.model.max_length:
             raise ValueError(f"tokenizer pads to {self.tokenizer.max_length} tokens, the model expects {self.model.max_length}")
-        if max(self.tokenizer.word_index.values(), default=0) >= len(self.model.forward_input):
-            raise ValueError(f"tokenizer has ids up to {max(self.tokenizer.word_index.values())}, the model's embedding {len(self.model.forward_input)} rows")
+        largest, rows = max(self.tokenizer.word_index.values(), default=0), len(self.model.forward_input)
+        if largest >= rows:
+            raise ValueError(f"tokenizer has token ids up to {largest}; the model's embedding has {rows} rows")
         self.batch_size, self.device, self.label = batch_size, device, label
 
     def score_attributes(self, texts: list[str]) -> dict[str, list[float]]:

@@ -30,8 +30,9 @@ def keras_model_config(recurrent_activation="hard_sigmoid"):
     def layer(class_name, name, **config):
         return {"name": name, "class_name": class_name, "config": {"name": name, **config}}
 
-    lstm = {"class_name": "LSTM", "config": {"name": "lstm", "units": UNITS, "activation": "tanh", "recurrent_activation": recurrent_activation,
-                                             "use_bias": True, "return_sequences": True, "go_backwards": False, "dropout": 0.1}}
+    lstm = {"class_name": "LSTM", "config": {"name": "lstm", "units": UNITS, "activation": "tanh", "use_bias": True,
+                                             "recurrent_activation": recurrent_activation, "return_sequences": True,
+                                             "go_backwards": False, "dropout": 0.1}}
     layers = [layer("InputLayer", "input_1", batch_input_shape=[None, MAX_LENGTH]),
               layer("Embedding", "embedding", input_dim=VOCABULARY, output_dim=EMBEDDING, mask_zero=False),
               layer("Bidirectional", "bidirectional", layer=lstm, merge_mode="concat"),
@@ -59,7 +60,8 @@ def write_keras_h5(path, weights, config=None):
 
     names = {"embedding": ["embedding/embeddings:0"], "dense": ["dense/kernel:0", "dense/bias:0"],
              "dense_1": ["dense_1/kernel:0", "dense_1/bias:0"],
-             "bidirectional": [f"bidirectional/{d}_lstm/{w}:0" for d in ("forward", "backward") for w in ("kernel", "recurrent_kernel", "bias")]}
+             "bidirectional": [f"bidirectional/{direction}_lstm/{weight}:0" for direction in ("forward", "backward")
+                               for weight in ("kernel", "recurrent_kernel", "bias")]}
     values = {"embedding": weights["embedding"], "dense": weights["dense"], "dense_1": weights["dense_1"],
               "bidirectional": weights["forward_lstm"] + weights["backward_lstm"]}
     with h5py.File(path, "w") as f:
@@ -227,7 +229,9 @@ def tiny_scorer(tiny_h5, monkeypatch, tmp_path):
 def test_scorer_scores_in_input_order(tiny_scorer, tiny_h5):
     texts = ["a b c d e f hello world you", "", "hello", "idiot you don't", "?!"]
     scorer = tiny_scorer(batch_size=2, label="insult")
+    threads = torch.get_num_threads()
     attributes = scorer.score_attributes(texts)
+    assert torch.get_num_threads() == threads  # scoring runs on one thread and restores the setting
     assert list(attributes) == list(LABELS) and all(len(v) == len(texts) for v in attributes.values())
     one_by_one = [ToxBlockModel.from_h5(tiny_h5[0])(torch.from_numpy(scorer.tokenizer.encode([t])))[0].tolist() for t in texts]
     np.testing.assert_allclose(np.array([attributes[label] for label in LABELS]).T, one_by_one, atol=1e-6)
