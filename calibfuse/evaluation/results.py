@@ -23,8 +23,13 @@ def write_grid(output_dir: Path, grid: list[dict], generations: list[list[dict]]
         writer.writeheader()
         writer.writerows(grid)
         write_text(output_dir / "grid.csv", text.getvalue())
-    write_text(output_dir / "generations.jsonl", "".join(json.dumps({k: row[k] for k in GENERATION_FIELDS}, ensure_ascii=False) + "\n"
+    write_text(output_dir / "generations.jsonl", "".join(json.dumps(generation_record(row), ensure_ascii=False) + "\n"
                                                          for rows in generations for row in rows))
+
+
+def generation_record(row: dict) -> dict:
+    """A generation as generations.jsonl holds it: the fixed fields, then the scorer's labels if it has several."""
+    return {k: row[k] for k in GENERATION_FIELDS} | ({"attributes": row["attributes"]} if row.get("attributes") else {})
 
 
 def format_table(grid: list[dict], names: list[str]) -> str:

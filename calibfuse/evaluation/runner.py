@@ -51,14 +51,16 @@ class EvaluationModule(L.LightningModule):
                                            processors=self.method.logits_processors(self.cell.alpha), seeds=seeds)
         seconds = time.perf_counter() - started
         continuations = [g.continuation for g in generations]
-        toxicity = self.scorer.score(continuations)
+        # A multi-label scorer (toxblock) keeps every label per generation; `toxicity` is its configured one.
+        attributes = self.scorer.score_attributes(continuations) if hasattr(self.scorer, "score_attributes") else {}
+        toxicity = attributes[self.scorer.label] if attributes else self.scorer.score(continuations)
         per_prompt = self.settings.num_samples
         prompts = [batch[i // per_prompt]["text"] for i in range(len(generations))]  # as given: without an instruction
         losses = self.reference.sample_losses(prompts, continuations) if self.reference else [None] * len(generations)
         c = self.cell
         return [{"target": c.target, "method": c.method, "alpha": c.alpha, "seed": c.seed, "prompt_id": batch[i // per_prompt]["id"],
                  "prompt": prompts[i], "sample": g.sample, "continuation": g.continuation, "toxicity": tox, "loss": loss,
-                 "new_tokens": g.new_tokens, "seconds": seconds / len(generations)}
+                 "new_tokens": g.new_tokens, "seconds": seconds / len(generations), "attributes": {k: v[i] for k, v in attributes.items()}}
                 for i, (g, tox, loss) in enumerate(zip(generations, toxicity, losses))]
 
 
