@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from calibfuse.lm import final_hidden, lm_head_logits, positions_from_mask
+from calibfuse.lm import check_head, final_hidden, lm_head_logits, positions_from_mask
 
 PROMPT_FORMATS = ("raw", "chat")
 
@@ -176,6 +176,7 @@ class TargetLM:
         if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format='chat' but the target's tokenizer has no chat template; use prompt_format='raw'")
         self.model, self.tokenizer, self.prompt_format = model.eval(), tokenizer, prompt_format
+        check_head(model, tokenizer)  # a family with other logit post-processing is refused, not silently wrong
         eos = {tokenizer.eos_token_id}
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # stop tokens only
         eos |= set(configured if isinstance(configured, list) else [configured])

@@ -30,12 +30,32 @@ def final_hidden(model, use_cache: bool, past_key_values=None, **inputs):
 
 
 def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own LM head on final hidden states, with its logit soft-capping if it has one."""
+    """The model's own LM head on final hidden states, with the logit post-processing of its family:
+    soft-capping (Gemma-2/3), a multiplier (Cohere's logit_scale) or a divisor (Granite's logits_scaling)."""
     logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    config = model.config
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@torch.no_grad()
+def check_head(model, tokenizer) -> None:
+    """Refuse a model whose logits are not lm_head_logits(final hidden state): its family post-processes
+    logits in a way calibfuse does not reproduce, and fused or steered logits would be wrong. One short
+    forward pass on a probe text."""
+    ids = torch.tensor([tokenizer("The quick brown fox")["input_ids"][:8]], device=next(model.parameters()).device)
+    hidden, _ = final_hidden(model, input_ids=ids, use_cache=False)
+    ours, theirs = lm_head_logits(model, hidden).float(), model(input_ids=ids).logits.float()
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max())):
+        raise ValueError(f"{type(model).__name__} computes its logits differently from its LM head on the final hidden state "
+                         f"(max difference {float((ours - theirs).abs().max()):.3g}); calibfuse handles soft-capping, logit_scale "
+                         "and logits_scaling; expected a causal LM whose logits are lm_head(final hidden state)")
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from calibfuse.data import IGNORE_INDEX, collate
-from calibfuse.lm import lm_head_logits
+from calibfuse.lm import check_head, lm_head_logits
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
 
 
@@ -20,17 +20,24 @@ class ReferenceLM:
         self.batch_size, self.max_length = batch_size, max_length
         self._known: dict[tuple[str, str], float] = {}  # a grid repeats continuations (small alphas often change nothing)
         self.device = next(self.model.parameters()).device
+        check_head(self.model, self.tokenizer)
 
-    def to(self, device) -> "ReferenceLM":
+    def to(self, device) -> ReferenceLM:
         self.model.to(device)
         self.device = torch.device(device)
         return self
 
     def _example(self, prompt: str, continuation: str) -> dict:
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        continuation_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        prompt_ids = prompt_ids[-max(1, self.max_length - len(continuation_ids)):]  # keep the prompt's end
-        return {"input_ids": prompt_ids + continuation_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + continuation_ids}
+        """Prompt and continuation tokenized together, as the model reads them in context; the continuation's
+        tokens are those that end past the prompt's last character (character offsets). Tokenized apart, a
+        SentencePiece tokenizer (Llama-2, Gemma) would add a prefix token that in-context text never has."""
+        encoded = self.tokenizer(prompt + continuation, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        first = next((i for i, (start, end) in enumerate(offsets) if end > len(prompt) and end > start), len(ids))
+        first = max(first, 1)  # position 0 is never predicted: the first token is context
+        keep = max(1, self.max_length - (len(ids) - first))  # too long: keep the prompt's end
+        ids, first = ids[max(0, first - keep):][: self.max_length], min(first, keep)
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * first + ids[first:]}
 
     @torch.no_grad()
     def sample_losses(self, prompts: list[str], continuations: list[str]) -> list[float | None]:

