@@ -145,7 +145,7 @@ def test_evaluation_groups_compose(group, tmp_path):
             spec = instantiate(cfg.reference_lm.model)
             assert spec.trust_remote_code is False
         if group == "scorer":
-            assert cfg.scorer._target_.startswith("calibfuse.toxicity.")
+            assert cfg.scorer._target_.startswith(("calibfuse.toxicity.", "calibfuse.toxblock."))
             assert not any("key" in k and k != "api_key_env" for k in cfg.scorer)  # keys come from the environment only
 
 
