@@ -64,6 +64,9 @@ class Generation:
     prompt_tokens: int
     new_tokens: int
     token_ids: list[int] = field(repr=False)
+    kl: float = 0.0  # mean KL(method || target) of the next-token distributions over its generated steps
+    agreement: float = 1.0  # share of its steps whose top token is the target's own
+    ended_with_eos: bool = False
 
 
 @dataclass
@@ -124,10 +127,35 @@ def row_generators(seeds: list[int], device) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(seed % 2**63) for seed in seeds]
 
 
+class Divergence:
+    """Per row, over its generated steps: KL(method || target) of the next-token distributions, and how
+    often the method's top token is the one the target alone would rank first. Zero and one for the
+    target alone; a diagnostic of how far a method moves the target, step by step."""
+
+    def __init__(self, rows: int, device):
+        self.kl = torch.zeros(rows, device=device)
+        self.agree = torch.zeros(rows, device=device)
+
+    def update(self, model, h_target: torch.Tensor, logits: torch.Tensor, live: torch.Tensor) -> None:
+        base = lm_head_logits(model, h_target).float()  # the target's own next-token logits
+        log_p, log_q = logits.log_softmax(dim=-1), base.log_softmax(dim=-1)
+        kl = torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), 0.0).sum(dim=-1)  # banned tokens: p = 0
+        self.kl += kl * live
+        self.agree += (logits.argmax(dim=-1) == base.argmax(dim=-1)).float() * live
+
+    def result(self, lengths: torch.Tensor, changed: bool) -> dict:
+        steps = lengths.clamp(min=1).float()
+        if not changed:
+            return {"kl": [0.0] * len(lengths), "agreement": [1.0] * len(lengths)}
+        return {"kl": (self.kl / steps).tolist(), "agreement": (self.agree / steps).tolist()}
+
+
 @torch.no_grad()
 def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, generators, *, eos_ids: torch.Tensor,
-           hidden_transform=None, processors=(), use_cache: bool = True, trace: list | None = None) -> list[list[int]]:
-    """New token ids of every row (up to and including its EOS). `generators`: one per row (or one for all)."""
+           hidden_transform=None, processors=(), use_cache: bool = True, trace: list | None = None,
+           stats: dict | None = None) -> list[list[int]]:
+    """New token ids of every row (up to and including its EOS). `generators`: one per row (or one for all).
+    `stats`, if given, receives per-row diagnostics: kl, agreement (see Divergence) and ended_with_eos."""
     device, pad_id = eos_ids.device, tokenizer.pad_token_id
     ids, mask = left_pad(tokenizer, prompt_ids, device)
     state = DecodeState(prompt_ids, ids, mask, ids, torch.zeros((len(ids), 0), dtype=torch.long, device=device),
@@ -138,6 +166,8 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
             hook.start(state)
     warpers, finished, cache = settings.warpers(), torch.zeros(len(ids), dtype=torch.bool, device=device), None
     nonfinite_step = torch.full((len(ids),), -1, dtype=torch.long, device=device)
+    changed = hidden_transform is not None or len(processors) > 0
+    divergence = Divergence(len(ids), device) if stats is not None and changed else None
     for step in range(settings.max_new_tokens):
         state.step, state.record = step, {} if trace is not None else None
         h_target, cache = forward_step(model, state, cache)
@@ -147,6 +177,8 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
         logits = lm_head_logits(model, hidden).float()
         if processors:
             logits = processors(state.full_ids(), logits)
+        if divergence is not None:
+            divergence.update(model, h_target, logits, (~finished).float())
         if trace is not None:
             trace.append({"logits": logits.cpu(), "h_target": h_target.float().cpu(), **state.record})
         next_tokens = torch.where(finished, pad_id, choose(logits, settings, warpers, generators))
@@ -163,6 +195,8 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
         raise FloatingPointError(f"the hidden state before the LM head is not finite (NaN or inf) at generation step {steps[row]} of "
                                  f"batch row {row} ({sum(k >= 0 for k in steps)} of {len(steps)} rows); expected finite values: "
                                  "check the alignment A and the models' dtype")
+    if stats is not None:
+        stats.update((divergence or Divergence(0, device)).result(state.lengths, changed), ended_with_eos=finished.tolist())
     generated, lengths = state.generated.tolist(), state.lengths.tolist()
     return [g[:n] for g, n in zip(generated, lengths)]
 
@@ -211,9 +245,10 @@ class TargetLM:
         for start in range(0, len(jobs), settings.batch_size):
             chunk = jobs[start:start + settings.batch_size]
             generators = row_generators([seeds[i] * 1_000_003 + s for i, s in chunk], self.device)
+            stats: dict = {}
             outputs = decode(self.model, self.tokenizer, [prompt_ids[i] for i, _ in chunk], settings, generators, eos_ids=self.eos_ids,
-                             hidden_transform=hidden_transform, processors=processors, use_cache=use_cache)
+                             hidden_transform=hidden_transform, processors=processors, use_cache=use_cache, stats=stats)
             rows += [Generation(prompt=prompts[i], alpha=strength, sample=s, continuation=self.tokenizer.decode(new, skip_special_tokens=True),
-                                prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new)
-                     for (i, s), new in zip(chunk, outputs)]
+                                prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new, kl=kl, agreement=agree, ended_with_eos=eos)
+                     for (i, s), new, kl, agree, eos in zip(chunk, outputs, stats["kl"], stats["agreement"], stats["ended_with_eos"])]
         return rows

@@ -55,7 +55,7 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
     rows = read_jsonl(run / "generations.jsonl")
     assert len(rows) == 2 * 6 and {r["prompt_id"] for r in rows} == {r["prompt_id"] for r in rows[:6]}
     assert set(rows[0]) == {"target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens",
-                            "attributes"}
+                            "attributes", "kl", "agreement", "ended_with_eos"}
     assert all(r["attributes"]["toxic"] == r["toxicity"] and len(r["attributes"]) == 6 for r in rows)  # every Jigsaw label kept
     for cell in grid["cells"]:
         mine = [r for r in rows if r["alpha"] == cell["alpha"]]
@@ -65,6 +65,14 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
         assert cell["toxicity_lo"] <= cell["toxicity"] <= cell["toxicity_hi"]
         assert cell["empty"] == sum(not r["continuation"].strip() for r in mine)
         assert cell["tokens_per_second"] > 0 and cell["prompts"] == 6
+        # Diagnostics: the target alone is its own reference; fusion moves it.
+        assert cell["kl"] == pytest.approx(sum(r["kl"] for r in mine) / 6) and (cell["kl"] > 0) == (cell["alpha"] > 0)
+        assert cell["top1_agreement"] == pytest.approx(sum(r["agreement"] for r in mine) / 6) and (cell["top1_agreement"] < 1) == (cell["alpha"] > 0)
+        early = [r["ended_with_eos"] and r["new_tokens"] < 4 for r in mine]
+        assert cell["early_eos_rate"] == pytest.approx(sum(early) / 6)
+        repetition = [1 - len(set(w)) / len(w) if len(w) > 1 else 0.0 for w in (r["continuation"].split() for r in mine)]
+        assert cell["repetition"] == pytest.approx(sum(repetition) / 6)
+        assert cell["degenerate"] == (cell["empty_rate"] > 0.1 or cell["repetition"] > 0.25)
     csv_lines = (run / "grid.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("target,method,alpha,seed,setting,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
     assert "proxy" in (run / "grid.md").read_text()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from calibfuse.decoding import GenerationSettings, TargetLM
 from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
-from calibfuse.evaluation.metrics import cell_metrics, check_metrics
+from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
 from calibfuse.evaluation.results import format_table, sample_rows, write_grid
 from calibfuse.evaluation.runner import EvaluationModule, run_cell
 from calibfuse.methods import Method, build_methods
@@ -152,9 +152,11 @@ def build_reference(run: GridRun) -> ReferenceLM | None:
 
 def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
     protocol = run.cfg.protocol
+    names = run.names + [d for d in DIAGNOSTICS if d not in run.names]
+    metrics = cell_metrics(rows, names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations,
+                           run.settings.max_new_tokens)
     row = {"target": cell.target, "method": cell.method, "alpha": cell.alpha, "seed": cell.seed, "setting": run.cfg.get("setting") or "",
-           "protocol": protocol.name, "scorer": run.scorer.name,
-           **cell_metrics(rows, run.names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations),
+           "protocol": protocol.name, "scorer": run.scorer.name, **metrics, "degenerate": is_degenerate(metrics, **protocol.degenerate),
            "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"), "target_alone": cell.target_alone, "cell": cell.name}
     run.grid.append(row)
     run.generations.append(rows)

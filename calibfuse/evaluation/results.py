@@ -29,17 +29,19 @@ def write_grid(output_dir: Path, grid: list[dict], generations: list[list[dict]]
 
 def generation_record(row: dict) -> dict:
     """A generation as generations.jsonl holds it: the fixed fields, then the scorer's labels if it has several."""
-    return {k: row[k] for k in GENERATION_FIELDS} | ({"attributes": row["attributes"]} if row.get("attributes") else {})
+    diagnostics = {k: row[k] for k in ("kl", "agreement", "ended_with_eos") if k in row}
+    return {k: row[k] for k in GENERATION_FIELDS} | diagnostics | ({"attributes": row["attributes"]} if row.get("attributes") else {})
 
 
 def format_table(grid: list[dict], names: list[str]) -> str:
     """The grid as a Markdown table, each metric with its interval."""
-    header = ["target", "method", "alpha", "seed", *names, "empty", "tok/s"]
+    header = ["target", "method", "alpha", "seed", *names, "KL", "top-1 agree", "empty", "degenerate", "tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in grid:
         cells = [row["target"], row["method"], f"{row['alpha']:g}", str(row["seed"])]
         cells += [f"{row[n]:.2f} [{row[f'{n}_lo']:.2f}, {row[f'{n}_hi']:.2f}]" for n in names]
-        cells += [str(row["empty"]), f"{row['tokens_per_second']:.1f}"]
+        cells += [f"{row.get('kl', 0):.3f}", f"{row.get('top1_agreement', 1):.2f}", str(row["empty"]), "yes" if row.get("degenerate") else "no",
+                  f"{row['tokens_per_second']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -60,7 +60,8 @@ class EvaluationModule(L.LightningModule):
         c = self.cell
         return [{"target": c.target, "method": c.method, "alpha": c.alpha, "seed": c.seed, "prompt_id": batch[i // per_prompt]["id"],
                  "prompt": prompts[i], "sample": g.sample, "continuation": g.continuation, "toxicity": tox, "loss": loss,
-                 "new_tokens": g.new_tokens, "seconds": seconds / len(generations), "attributes": {k: v[i] for k, v in attributes.items()}}
+                 "new_tokens": g.new_tokens, "seconds": seconds / len(generations), "attributes": {k: v[i] for k, v in attributes.items()},
+                 "kl": g.kl, "agreement": g.agreement, "ended_with_eos": g.ended_with_eos}
                 for i, (g, tox, loss) in enumerate(zip(generations, toxicity, losses))]
 
 
