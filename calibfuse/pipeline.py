@@ -154,7 +154,7 @@ def pipeline(cfg: DictConfig) -> dict:
         result["evaluate"] = evaluate(evaluate_cfg)
     if cfg.until == "report":
         report = build_report([output_dir / "evaluate"], output_dir / "report", alpha=cfg.report.alpha)
-        print(f"\n{report['markdown']}\n\nplots and LaTeX: {output_dir / 'report'}")
+        print(f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {output_dir / 'report'}")
         result["report"] = str(output_dir / "report")
     result["seconds"] = round(time.time() - started, 1)
     write_json(output_dir / "pipeline.json", result)

@@ -19,6 +19,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier
+
 log = logging.getLogger(__name__)
 
 TOXICITY_METRICS = ("toxicity", "expected_max_toxicity", "toxicity_probability")
@@ -73,7 +75,7 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
     merged = {}
     for key, group in sorted(groups.items()):
         row = {"seeds": len(group), "target": group[0]["target"], "method": group[0]["method"], "setting": group[0]["setting"],
-               "target_alone": all(target_alone(c) for c in group)}
+               "target_alone": all(target_alone(c) for c in group), "degenerate": any(c.get("degenerate") for c in group)}
         for name in metrics:
             values = [c[name] for c in group if c.get(name) is not None]
             if len(values) > 1:
@@ -181,7 +183,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
     toxicity = next((m for m in TOXICITY_METRICS if m in metrics), None)
     if toxicity is None or "perplexity" not in metrics:
         raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
-    settings = by_setting(cells, metrics)
+    settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"))
@@ -191,15 +193,18 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
     full = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     full += [f"| {t} | {a:g} | {r['seeds']} | " + " | ".join(fmt(r, n) for n in metrics) + " |" for (t, a), r in settings.items()]
     (out_dir / "grid.md").write_text("\n".join(full) + "\n", encoding="utf-8")
-    plots = plot(settings, toxicity, out_dir)
+    plots = plot(settings, toxicity, out_dir) + [plot_frontier(settings, toxicity, out_dir)]
+    best = frontier_table(settings, toxicity)
+    (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
     log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
-    return {"markdown": markdown, "latex": latex, "plots": [str(p) for p in plots], "cells": len(cells), "out_dir": str(out_dir)}
+    return {"markdown": markdown, "latex": latex, "frontier": best, "plots": [str(p) for p in plots], "cells": len(cells),
+            "out_dir": str(out_dir)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha)
-    print(f"\n{report['markdown']}\n\nplots and LaTeX: {report['out_dir']}")
+    print(f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {report['out_dir']}")
 
 
 if __name__ == "__main__":

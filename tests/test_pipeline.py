@@ -148,3 +148,20 @@ def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
     assert (lo, hi) != (11.0, 13.0)  # not the averaged per-seed ends
     (single,) = by_setting(cells[:1], ["toxicity"]).values()
     assert (single["toxicity"], single["toxicity_lo"], single["toxicity_hi"]) == (10.0, 9.0, 11.0)
+
+
+def test_pareto_frontier_by_hand(tmp_path):
+    from calibfuse.pareto import frontier, frontier_table, plot_frontier
+
+    def row(method, tox, ppl, degenerate=False):
+        return {"target": "t", "method": method, "setting": "", "toxicity": tox, "toxicity_lo": tox - 1, "toxicity_hi": tox + 1,
+                "perplexity": ppl, "perplexity_lo": ppl - 0.5, "perplexity_hi": ppl + 0.5, "degenerate": degenerate,
+                "kl": 0.1, "top1_agreement": 0.9, "empty_rate": 0.0, "repetition": 0.05}
+
+    settings = {("t", 0.0): row("none", 10.0, 5.0), ("t (fusion)", 0.3): row("fusion", 8.0, 6.0), ("t (fusion)", 0.5): row("fusion", 9.0, 7.0),
+                ("t (word_filter)", 0.0): row("word_filter", 7.0, 5.5), ("t (fusion)", 0.9): row("fusion", 1.0, 4.0, degenerate=True)}
+    best = frontier(list((a, r) for (_, a), r in settings.items()), "toxicity")
+    assert [(r["method"], r["toxicity"]) for _, r in best] == [("none", 10.0), ("word_filter", 7.0)]  # fusion 0.3 is dominated; 0.9 degenerate
+    table = frontier_table(settings, "toxicity")
+    assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | 0.100 | 0.900 | 0.000 | 0.050 |" in table
+    assert plot_frontier(settings, "toxicity", tmp_path).stat().st_size > 10_000

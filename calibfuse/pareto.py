@@ -1,0 +1,81 @@
+"""The toxicity-perplexity Pareto frontier per target, over every (method, setting, strength) of a
+report: which settings are worth it. A setting is on the frontier when no other non-degenerate
+setting of the same target is at least as good on both axes and better on one. Degenerate settings
+(calibfuse.evaluation.metrics.is_degenerate) are drawn, marked, and never on the frontier."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+DIAGNOSTIC_COLUMNS = ("kl", "top1_agreement", "empty_rate", "repetition")
+
+
+def label(row: dict, alpha: float) -> str:
+    parts = [row["method"] + (f" α={alpha:g}" if alpha else "")] + ([row["setting"]] if row["setting"] else [])
+    return ", ".join(parts)
+
+
+def frontier(points: list[tuple[float, dict]], toxicity: str) -> list[tuple[float, dict]]:
+    """The non-dominated points (lower toxicity, lower perplexity), sorted by perplexity."""
+    usable = [(a, r) for a, r in points if not r.get("degenerate") and all(math.isfinite(r[k]) for k in (toxicity, "perplexity"))]
+
+    def dominated(r):
+        return any(o[toxicity] <= r[toxicity] and o["perplexity"] <= r["perplexity"] and (o[toxicity] < r[toxicity] or o["perplexity"] < r["perplexity"])
+                   for _, o in usable)
+
+    return sorted(((a, r) for a, r in usable if not dominated(r)), key=lambda p: p[1]["perplexity"])
+
+
+def by_target(settings: dict[tuple, dict]) -> dict[str, list[tuple[float, dict]]]:
+    targets: dict[str, list] = {}
+    for (_, alpha), row in settings.items():
+        targets.setdefault(row["target"], []).append((alpha, row))
+    return targets
+
+
+def frontier_table(settings: dict[tuple, dict], toxicity: str) -> str:
+    """Markdown: per target, the frontier's settings with their intervals and diagnostics."""
+    header = ["target", "setting", toxicity, "perplexity", "KL", "top-1 agreement", "empty rate", "repetition"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for target, points in sorted(by_target(settings).items()):
+        for alpha, r in frontier(points, toxicity):
+            cells = [target, label(r, alpha), f"{r[toxicity]:.2f} [{r[toxicity + '_lo']:.2f}, {r[toxicity + '_hi']:.2f}]",
+                     f"{r['perplexity']:.2f} [{r['perplexity_lo']:.2f}, {r['perplexity_hi']:.2f}]"]
+            cells += [f"{r[c]:.3f}" if isinstance(r.get(c), float) and math.isfinite(r[c]) else "–" for c in DIAGNOSTIC_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> Path:
+    """One panel per target: every setting with its 95 % intervals on both axes, coloured by method,
+    degenerate ones crossed out, the frontier joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = by_target(settings)
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    methods = sorted({r["method"] for points in targets.values() for _, r in points})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    for ax, (target, points) in zip(axes[0], sorted(targets.items())):
+        for alpha, r in points:
+            xerr = [[r["perplexity"] - r["perplexity_lo"]], [r["perplexity_hi"] - r["perplexity"]]]
+            yerr = [[r[toxicity] - r[toxicity + "_lo"]], [r[toxicity + "_hi"] - r[toxicity]]]
+            ax.errorbar(r["perplexity"], r[toxicity], xerr=xerr, yerr=yerr, fmt="x" if r.get("degenerate") else "o",
+                        color=colours[r["method"]], alpha=0.8, capsize=2, markersize=5)
+            ax.annotate(label(r, alpha), (r["perplexity"], r[toxicity]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        best = frontier(points, toxicity)
+        ax.plot([r["perplexity"] for _, r in best], [r[toxicity] for _, r in best], "k--", linewidth=1, label="Pareto frontier")
+        for method in methods:
+            ax.plot([], [], "o", color=colours[method], label=method)
+        ax.set_title(target)
+        ax.set_xlabel("perplexity (lower is more fluent)")
+        ax.set_ylabel(f"{toxicity} (lower is safer)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "pareto.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
