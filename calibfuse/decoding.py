@@ -64,9 +64,9 @@ class Generation:
     prompt_tokens: int
     new_tokens: int
     token_ids: list[int] = field(repr=False)
-    kl: float = 0.0  # mean KL(method || target) of the next-token distributions over its generated steps
-    agreement: float = 1.0  # share of its steps whose top token is the target's own
     ended_with_eos: bool = False
+    kl: float | None = None  # with diagnostics: mean KL(method || target) of the next-token distributions per step
+    agreement: float | None = None  # with diagnostics: share of its steps whose top token is the target's own
 
 
 @dataclass
@@ -155,7 +155,8 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
            hidden_transform=None, processors=(), use_cache: bool = True, trace: list | None = None,
            stats: dict | None = None) -> list[list[int]]:
     """New token ids of every row (up to and including its EOS). `generators`: one per row (or one for all).
-    `stats`, if given, receives per-row diagnostics: kl, agreement (see Divergence) and ended_with_eos."""
+    `stats`, if given, receives per row `ended_with_eos` and, if it holds diagnostics=True, `kl` and `agreement`
+    (see Divergence: one more LM-head projection per step)."""
     device, pad_id = eos_ids.device, tokenizer.pad_token_id
     ids, mask = left_pad(tokenizer, prompt_ids, device)
     state = DecodeState(prompt_ids, ids, mask, ids, torch.zeros((len(ids), 0), dtype=torch.long, device=device),
@@ -167,7 +168,7 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
     warpers, finished, cache = settings.warpers(), torch.zeros(len(ids), dtype=torch.bool, device=device), None
     nonfinite_step = torch.full((len(ids),), -1, dtype=torch.long, device=device)
     changed = hidden_transform is not None or len(processors) > 0
-    divergence = Divergence(len(ids), device) if stats is not None and changed else None
+    divergence = Divergence(len(ids), device) if stats is not None and stats.get("diagnostics") and changed else None
     for step in range(settings.max_new_tokens):
         state.step, state.record = step, {} if trace is not None else None
         h_target, cache = forward_step(model, state, cache)
@@ -196,7 +197,9 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
                                  f"batch row {row} ({sum(k >= 0 for k in steps)} of {len(steps)} rows); expected finite values: "
                                  "check the alignment A and the models' dtype")
     if stats is not None:
-        stats.update((divergence or Divergence(0, device)).result(state.lengths, changed), ended_with_eos=finished.tolist())
+        if stats.get("diagnostics"):
+            stats.update((divergence or Divergence(0, device)).result(state.lengths, changed))
+        stats["ended_with_eos"] = finished.tolist()
     generated, lengths = state.generated.tolist(), state.lengths.tolist()
     return [g[:n] for g, n in zip(generated, lengths)]
 
@@ -233,7 +236,8 @@ class TargetLM:
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
     def generate(self, prompts: list[str], settings: GenerationSettings, *, strength: float = 0.0, prompt_format: str | None = None,
-                 hidden_transform=None, processors=(), use_cache: bool = True, seeds: list[int] | None = None) -> list[Generation]:
+                 hidden_transform=None, processors=(), use_cache: bool = True, seeds: list[int] | None = None,
+                 diagnostics: bool = False) -> list[Generation]:
         """One Generation per (prompt, sample), in batches of settings.batch_size rows. Sample s of prompt i
         draws with its own seed, from `seeds[i]` (default settings.seed + i) and s: batching never changes it."""
         if isinstance(prompts, str) or len(prompts) == 0:
@@ -245,10 +249,11 @@ class TargetLM:
         for start in range(0, len(jobs), settings.batch_size):
             chunk = jobs[start:start + settings.batch_size]
             generators = row_generators([seeds[i] * 1_000_003 + s for i, s in chunk], self.device)
-            stats: dict = {}
+            stats: dict = {"diagnostics": diagnostics}
             outputs = decode(self.model, self.tokenizer, [prompt_ids[i] for i, _ in chunk], settings, generators, eos_ids=self.eos_ids,
                              hidden_transform=hidden_transform, processors=processors, use_cache=use_cache, stats=stats)
             rows += [Generation(prompt=prompts[i], alpha=strength, sample=s, continuation=self.tokenizer.decode(new, skip_special_tokens=True),
-                                prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new, kl=kl, agreement=agree, ended_with_eos=eos)
-                     for (i, s), new, kl, agree, eos in zip(chunk, outputs, stats["kl"], stats["agreement"], stats["ended_with_eos"])]
+                                prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new, ended_with_eos=eos, kl=kl, agreement=agree)
+                     for (i, s), new, eos, kl, agree in zip(chunk, outputs, stats["ended_with_eos"], stats.get("kl", [None] * len(chunk)),
+                                                            stats.get("agreement", [None] * len(chunk)))]
         return rows

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_CONTEXTS = ("full", "last_token")
 LAYER_NORMS = ("parameter_free", "none")
+SCALES = ("none", "target_rms")
 
 
 def check_alpha(alpha: float) -> float:
@@ -129,12 +130,18 @@ class CalibrationStream:
 
 
 def fuse(h_target: torch.Tensor, h_calibration: torch.Tensor, A: torch.Tensor, alpha: float, layer_norm: str = "parameter_free",
-         eps: float = 1e-5) -> torch.Tensor:
-    """alpha * LN(h_c A) + (1 - alpha) * h_T, in fp32, returned in the target's dtype."""
+         eps: float = 1e-5, scale: str = "none") -> torch.Tensor:
+    """alpha * LN(h_c A) + (1 - alpha) * h_T, in fp32, returned in the target's dtype.
+
+    scale="target_rms" (a variant): LN(h_c A) has unit RMS while h_T carries the target's final-norm
+    scale, so the same alpha mixes differently per target; rescale it to h_T's RMS at each position."""
     mapped = h_calibration.float() @ A
     if layer_norm == "parameter_free":  # the reference's fresh nn.LayerNorm: weight 1, bias 0, never trained
         mapped = F.layer_norm(mapped, (mapped.shape[-1],), eps=eps)
-    return (alpha * mapped + (1.0 - alpha) * h_target.float()).to(h_target.dtype)
+    target = h_target.float()
+    if scale == "target_rms":
+        mapped = mapped * (target.pow(2).mean(-1, keepdim=True).sqrt() / mapped.pow(2).mean(-1, keepdim=True).add(eps).sqrt())
+    return (alpha * mapped + (1.0 - alpha) * target).to(h_target.dtype)
 
 
 class Calibration:
@@ -142,7 +149,9 @@ class Calibration:
     reading its state at a target position. `transform(alpha)` plugs it into the decode loop."""
 
     def __init__(self, model, tokenizer, alignment: torch.Tensor | None, target_tokenizer, target_width: int,
-                 calibration_context: str = "full", layer_norm: str = "parameter_free", layer_norm_eps: float = 1e-5):
+                 calibration_context: str = "full", layer_norm: str = "parameter_free", layer_norm_eps: float = 1e-5, scale: str = "none"):
+        if scale not in SCALES:
+            raise ValueError(f"scale={scale!r}; expected one of {list(SCALES)}")
         if calibration_context not in CALIBRATION_CONTEXTS:
             raise ValueError(f"calibration_context={calibration_context!r}; expected one of {list(CALIBRATION_CONTEXTS)}")
         if layer_norm not in LAYER_NORMS:
@@ -159,7 +168,7 @@ class Calibration:
             )
         self.model, self.tokenizer, self.target_tokenizer = model.eval(), tokenizer, target_tokenizer
         self.A = alignment.float().to(next(model.parameters()).device)
-        self.calibration_context, self.layer_norm, self.layer_norm_eps = calibration_context, layer_norm, layer_norm_eps
+        self.calibration_context, self.layer_norm, self.layer_norm_eps, self.scale = calibration_context, layer_norm, layer_norm_eps, scale
         self.shared_tokenizer = same_tokenizer(target_tokenizer, tokenizer)
 
     def to(self, device) -> Calibration:
@@ -226,7 +235,7 @@ class FusionTransform:
         if state.record is not None:
             state.record["h_calibration"] = h_c.float().cpu()
         c = self.calibration
-        return fuse(h_target, h_c, c.A, self.alpha, c.layer_norm, c.layer_norm_eps)
+        return fuse(h_target, h_c, c.A, self.alpha, c.layer_norm, c.layer_norm_eps, c.scale)
 
 
 class FusedGenerator:
@@ -243,10 +252,11 @@ class FusedGenerator:
         layer_norm: str = "parameter_free",
         prompt_format: str = "raw",
         layer_norm_eps: float = 1e-5,
+        scale: str = "none",
     ):
         self.target_lm = TargetLM(target, target_tokenizer, prompt_format)
         self.fusion = Calibration(calibration, calibration_tokenizer, alignment, target_tokenizer, target.config.hidden_size,
-                                  calibration_context, layer_norm, layer_norm_eps)
+                                  calibration_context, layer_norm, layer_norm_eps, scale)
         self.target, self.target_tokenizer = self.target_lm.model, target_tokenizer
         self.calibration, self.calibration_tokenizer = self.fusion.model, calibration_tokenizer
         self.shared_tokenizer = self.fusion.shared_tokenizer
@@ -289,7 +299,7 @@ class FusedGenerator:
         return self
 
     def fuse(self, h_target: torch.Tensor, h_calibration: torch.Tensor, alpha: float) -> torch.Tensor:
-        return fuse(h_target, h_calibration, self.A, alpha, self.fusion.layer_norm, self.fusion.layer_norm_eps)
+        return fuse(h_target, h_calibration, self.A, alpha, self.fusion.layer_norm, self.fusion.layer_norm_eps, self.fusion.scale)
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         return self.target_lm.prompt_ids(prompts)

@@ -53,7 +53,7 @@ def generate(cfg: DictConfig) -> dict:
     generator = FusedGenerator.from_artifacts(
         target=instantiate(cfg.target), calibration=instantiate(cfg.calibration_model), alignment=cfg.alignment_dir,
         check_fingerprints=cfg.fusion.check_fingerprints, calibration_context=cfg.fusion.calibration_context,
-        layer_norm=cfg.fusion.layer_norm, prompt_format=cfg.fusion.prompt_format,
+        layer_norm=cfg.fusion.layer_norm, prompt_format=cfg.fusion.prompt_format, scale=cfg.fusion.scale,
     )
     started = time.time()
     rows = generator.generate(prompts, list(cfg.fusion.alphas), settings)
@@ -61,7 +61,7 @@ def generate(cfg: DictConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "generations.jsonl").open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({k: v for k, v in asdict(row).items() if k != "token_ids"}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: v for k, v in asdict(row).items() if k not in ("token_ids", "kl", "agreement")}, ensure_ascii=False) + "\n")
     new_tokens = sum(r.new_tokens for r in rows)
     summary = {"rows": len(rows), "new_tokens": new_tokens, "seconds": round(seconds, 1),
                "tokens_per_second": round(new_tokens / seconds, 1), "versions": versions(), "config": resolved_config(cfg)}

@@ -115,7 +115,7 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
     }
     if "fusion" in cfg.methods:  # fusion's own options exist only when it is selected
         knobs["evaluate"] += [f"methods.fusion.layer_norm={cfg.layer_norm}", f"methods.fusion.calibration_context={cfg.calibration_context}",
-                              f"methods.fusion.alignment={cfg.alignment}"]
+                              f"methods.fusion.alignment={cfg.alignment}", f"methods.fusion.scale={cfg.scale}"]
     if cfg.get("seeds"):
         knobs["evaluate"].append(f"seeds=[{','.join(str(s) for s in cfg.seeds)}]")
     return {stage: knobs[stage] + list(cfg.get(f"{stage}_overrides") or []) for stage in knobs}

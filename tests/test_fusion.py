@@ -264,3 +264,17 @@ def test_families_that_scale_their_logits_fuse_through_their_own_head(family, ti
         check_head(model, tokenizer)
     with pytest.raises(ValueError, match="computes its logits differently"):
         TargetLM(model, tokenizer)
+
+
+@torch.no_grad()
+def test_target_rms_scale_variant_by_hand():
+    """scale=target_rms: LN(h_c A) is rescaled to h_T's RMS at each position before mixing."""
+    from calibfuse.fusion import fuse
+
+    torch.manual_seed(0)
+    h_t, h_c, A = torch.randn(3, 8) * 5, torch.randn(3, 4), torch.randn(4, 8)
+    mapped = F.layer_norm(h_c @ A, (8,), eps=1e-5)
+    rescaled = mapped * h_t.pow(2).mean(-1, keepdim=True).sqrt() / mapped.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+    assert torch.allclose(fuse(h_t, h_c, A, 0.4, scale="target_rms"), 0.4 * rescaled + 0.6 * h_t, atol=1e-5)
+    assert torch.allclose(rescaled.pow(2).mean(-1).sqrt(), h_t.pow(2).mean(-1).sqrt(), rtol=1e-4)
+    assert torch.equal(fuse(h_t, h_c, A, 0.4), (0.4 * mapped + 0.6 * h_t))  # the faithful default is unchanged

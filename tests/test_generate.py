@@ -22,7 +22,7 @@ def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_t
     generate(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3 * 2  # alphas x default prompts x samples
-    assert set(rows[0]) == {"prompt", "alpha", "sample", "continuation", "prompt_tokens", "new_tokens"}
+    assert set(rows[0]) == {"prompt", "alpha", "sample", "continuation", "prompt_tokens", "new_tokens", "ended_with_eos"}
     assert {r["alpha"] for r in rows} == {0.0, 0.5} and all(0 < r["new_tokens"] <= 5 for r in rows)
     summary = json.loads((tmp_path / "run" / "generate.json").read_text())
     assert summary["rows"] == 12 and summary["tokens_per_second"] > 0

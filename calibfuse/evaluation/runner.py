@@ -48,7 +48,7 @@ class EvaluationModule(L.LightningModule):
         texts, prompt_format = self.method.prompt([p["text"] for p in batch], self.target)
         generations = self.target.generate(texts, settings, strength=self.cell.alpha, prompt_format=prompt_format,
                                            hidden_transform=self.method.hidden_transform(self.cell.alpha),
-                                           processors=self.method.logits_processors(self.cell.alpha), seeds=seeds)
+                                           processors=self.method.logits_processors(self.cell.alpha), seeds=seeds, diagnostics=True)
         seconds = time.perf_counter() - started
         continuations = [g.continuation for g in generations]
         # A multi-label scorer (toxblock) keeps every label per generation; `toxicity` is its configured one.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, Calibration, check_alignment_made_for, check_alpha, load_alignment
+from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alignment_made_for, check_alpha, load_alignment
 from calibfuse.methods import Method
 from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.utils import sha256_file
@@ -17,17 +17,17 @@ ALIGNMENTS = ("learned", "identity")
 class Fusion(Method):
     def __init__(self, alphas: list[float], alignments: dict | None = None, calibration_model: dict | None = None,
                  calibration_context: str = "full", layer_norm: str = "parameter_free", alignment: str = "learned",
-                 check_fingerprints: bool = True):
+                 check_fingerprints: bool = True, scale: str = "none"):
         if not alphas:
             raise ValueError("alphas=[]; expected at least one fusion weight in [0, 1], e.g. alphas=[0,0.3]")
         self.alphas = sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)  # duplicates run once
         for option, value, allowed in (("calibration_context", calibration_context, CALIBRATION_CONTEXTS),
-                                       ("layer_norm", layer_norm, LAYER_NORMS), ("alignment", alignment, ALIGNMENTS)):
+                                       ("layer_norm", layer_norm, LAYER_NORMS), ("alignment", alignment, ALIGNMENTS), ("scale", scale, SCALES)):
             if value not in allowed:
                 raise ValueError(f"methods.fusion.{option}={value!r}; expected one of {list(allowed)}")
         self.alignments, self.calibration_model = dict(alignments or {}), calibration_model
         self.calibration_context, self.layer_norm, self.alignment = calibration_context, layer_norm, alignment
-        self.check_fingerprints = check_fingerprints
+        self.check_fingerprints, self.scale = check_fingerprints, scale
         self.plans: dict[str, dict] = {}
         self.targets: dict[str, ModelSpec] = {}
         self.calibration: Calibration | None = None
@@ -68,7 +68,7 @@ class Fusion(Method):
             return None  # the target alone does not depend on the calibration model
         plan = self.plans[target]
         return {"calibration": plan["calibration_fingerprint"], "alignment": plan["alignment_sha256"],
-                "calibration_context": self.calibration_context, "layer_norm": self.layer_norm}
+                "calibration_context": self.calibration_context, "layer_norm": self.layer_norm} | ({"scale": self.scale} if self.scale != "none" else {})
 
     def bind(self, target, target_lm, models) -> None:
         plan = self.plans[target]
@@ -77,7 +77,7 @@ class Fusion(Method):
             check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], model),
                                      target=(self.targets[target], target_lm.model))
         self.calibration = Calibration(model, tokenizer, plan["A"], target_lm.tokenizer, target_lm.model.config.hidden_size,
-                                       self.calibration_context, self.layer_norm)
+                                       self.calibration_context, self.layer_norm, scale=self.scale)
 
     def modules(self) -> list:
         return [self.calibration.model] if self.calibration else []
