@@ -73,7 +73,8 @@ def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, o
         if recorded != actual:
             raise ValueError(
                 f"alignment {str(alignment)!r} was made for {role_names.get(role, role)} {record['name_or_path']!r} ({recorded}), "
-                f"not for {spec.name_or_path!r} ({actual}); align these models first, or pass check_fingerprints=False"
+                f"not for {spec.name_or_path!r} ({actual}); align these models first, or turn the check off: check_fingerprints=False "
+                "(methods.fusion.check_fingerprints=false in calibfuse.evaluate, fusion.check_fingerprints=false in calibfuse.generate)"
             )
 
 

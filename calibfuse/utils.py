@@ -144,8 +144,9 @@ def wandb_key() -> tuple[str | None, str]:
         return None, ""
     try:
         entry = netrc.netrc(str(path)).authenticators(host)
-    except netrc.NetrcParseError as e:  # its message may quote a token of the file: only the line is named
-        raise RuntimeError(f"{path} cannot be parsed (line {e.lineno}); expected a netrc file as `wandb login` writes it") from None
+    except netrc.NetrcParseError as e:  # a syntax message may quote a token of the file: then only its line is named
+        detail = f"line {e.lineno}" if e.lineno else e.msg
+        raise RuntimeError(f"{path} cannot be parsed ({detail}); expected a netrc file as `wandb login` writes it") from None
     return (entry[2], f"the {host} entry of {path}") if entry and entry[2] else (None, "")
 
 

@@ -33,8 +33,8 @@ def recorded_model(record: dict, alignment_dir: Path) -> str:
     if record.get("absolute_path") or name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an 'org/name' hub id
         raise FileNotFoundError(
             f"alignment {str(alignment_dir)!r} was made with the local model {name!r}, which is not at "
-            f"{', '.join(repr(str(c)) for c in dict.fromkeys(candidates))}; expected the outputs tree it was made in, "
-            "or name the model: calibration_model={name_or_path:<path>}"
+            f"{', '.join(repr(str(c)) for c in dict.fromkeys(candidates))}; expected it at one of these (an older alignment "
+            "names it relative to the directory it was made in: run from there), or name it: calibration_model={name_or_path:<path>}"
         )
     return name
 
