@@ -17,6 +17,7 @@ The run dir receives `alignment/alignment.safetensors` (A, plus the matched toke
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from datetime import datetime, timezone
@@ -31,8 +32,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from calibfuse.models import ModelSpec, fingerprint, load_model, load_tokenizer
+from calibfuse.models import EMBEDDED_MODELS, ModelSpec, fingerprint, load_model, load_tokenizer
 from calibfuse.utils import (
+    check_required,
     check_wandb_credentials,
     fit_and_export,
     instantiate,
@@ -181,8 +183,22 @@ class ExportAlignment(L.Callback):
         for logger in trainer.loggers:  # in the process that owns the loggers (spawned workers included)
             logger.log_hyperparams(self.metadata["config"])
 
+    def check_finite(self, A: torch.Tensor, when: str) -> None:
+        """A diverged A (NaN/inf) would fuse into empty continuations that a grid scores as non-toxic."""
+        bad = int((~torch.isfinite(A)).sum())
+        if bad:
+            raise RuntimeError(
+                f"alignment A has {bad} non-finite entries of {A.numel()} {when}; refusing to write {self.out_dir}: "
+                "training diverged, expected finite values (lower alignment.optimizer.lr, or check both models' embeddings)"
+            )
+
+    def on_train_epoch_end(self, trainer, pl_module: AlignmentModule):  # stop at the epoch it diverged, on every rank
+        self.check_finite(pl_module.alignment_matrix, f"after epoch {trainer.current_epoch + 1} of {trainer.max_epochs} "
+                                                      f"(global step {trainer.global_step})")
+
     def on_train_end(self, trainer, pl_module: AlignmentModule):
         A = pl_module.alignment_matrix.cpu()
+        self.check_finite(A, f"at the end of training (global step {trainer.global_step})")
         if not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
@@ -213,10 +229,21 @@ class ExportAlignment(L.Callback):
                  manifest["held_out_top1"], manifest["held_out_top10"], manifest["chance_top1"])
 
 
-def model_record(spec: ModelSpec, model, tokenizer) -> dict:
+def recorded_name(name_or_path: str, artifact_dir: Path) -> dict:
+    """How an alignment names a model: a local path relative to the alignment dir, so the artifact still
+    finds it from another working directory or in a moved outputs tree, with the absolute path as a
+    hint; an embedded name or hub id as given."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path in EMBEDDED_MODELS or not path.exists():
+        return {"name_or_path": name_or_path}
+    return {"name_or_path": os.path.relpath(path.resolve(), Path(artifact_dir).resolve()), "path_relative_to": "alignment_dir",
+            "absolute_path": str(path.resolve())}
+
+
+def model_record(spec: ModelSpec, model, tokenizer, artifact_dir: Path) -> dict:
     """What an alignment says about one of its two models; fusion checks `fingerprint`."""
     return {
-        "name_or_path": spec.name_or_path,
+        **recorded_name(spec.name_or_path, artifact_dir),
         "gguf_file": spec.gguf_file,
         "revision": spec.revision,
         "fingerprint": fingerprint(spec, model),
@@ -229,6 +256,7 @@ def model_record(spec: ModelSpec, model, tokenizer) -> dict:
 @task_wrapper
 def align(cfg: DictConfig) -> dict:
     """Match vocabularies, learn A, export it; return the final metrics."""
+    check_required(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_wandb_credentials(cfg.get("logger"))
     L.seed_everything(cfg.seed, workers=True)
@@ -244,11 +272,15 @@ def align(cfg: DictConfig) -> dict:
     calibration, target = load_model(calibration_spec), load_model(target_spec)
     x = embedding_rows(calibration, vocabulary.calibration_ids, settings.embedding_source)
     y = embedding_rows(target, vocabulary.target_ids, settings.embedding_source)
+    for role, spec, rows in (("calibration model", calibration_spec, x), ("target", target_spec, y)):
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"{role} {spec.name_or_path!r} has {int((~torch.isfinite(rows)).sum())} non-finite entries in its "
+                             f"{settings.embedding_source} embeddings of the shared tokens; expected finite weights")
     metadata = {
         "stage": "align",
         "artifact": "alignment",
-        "calibration_model": model_record(calibration_spec, calibration, calibration_tokenizer),
-        "target": model_record(target_spec, target, target_tokenizer),
+        "calibration_model": model_record(calibration_spec, calibration, calibration_tokenizer, output_dir / "alignment"),
+        "target": model_record(target_spec, target, target_tokenizer, output_dir / "alignment"),
         "embedding_source": settings.embedding_source,
         "matching": settings.matching,
         "shared_tokens": len(vocabulary),

@@ -56,7 +56,12 @@ def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
     for file in (weights, meta):
         if not file.is_file():
             raise FileNotFoundError(f"alignment file {str(file)!r} does not exist; expected the alignment/ dir of a calibfuse.align run")
-    return load_file(weights)["A"], json.loads(meta.read_text())
+    A = load_file(weights)["A"]
+    bad = int((~torch.isfinite(A)).sum())
+    if bad:  # a diverged A fuses into empty continuations, which a grid would count as non-toxic
+        raise ValueError(f"alignment file {str(weights)!r} holds {bad} non-finite entries of {A.numel()} in A; "
+                         "expected finite values: align again (a diverged run: lower alignment.optimizer.lr)")
+    return A, json.loads(meta.read_text())
 
 
 def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, object]) -> None:
@@ -69,7 +74,8 @@ def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, o
         if recorded != actual:
             raise ValueError(
                 f"alignment {str(alignment)!r} was made for {role_names.get(role, role)} {record['name_or_path']!r} ({recorded}), "
-                f"not for {spec.name_or_path!r} ({actual}); align these models first, or pass check_fingerprints=False"
+                f"not for {spec.name_or_path!r} ({actual}); align these models first, or turn the check off: check_fingerprints=False "
+                "(methods.fusion.check_fingerprints=false in calibfuse.evaluate, fusion.check_fingerprints=false in calibfuse.generate)"
             )
 
 

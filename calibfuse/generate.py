@@ -22,9 +22,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.fusion import FusedGenerator, GenerationSettings
+from calibfuse.fusion import FusedGenerator, GenerationSettings, load_alignment
 from calibfuse.prompts import load_prompts
 from calibfuse.utils import (
+    check_ints,
+    check_required,
     instantiate,
     resolved_config,
     task_wrapper,
@@ -47,6 +49,11 @@ def read_prompts(path: str | None = None, texts: list[str] | None = None, limit:
 
 @task_wrapper
 def generate(cfg: DictConfig) -> dict:
+    check_required(cfg)  # calibration_model.name_or_path and alignment_dir: named before anything loads
+    check_ints(cfg, {"prompts.limit": (1, True), "generation.batch_size": (1, False), "generation.num_samples": (1, False),
+                     "generation.max_new_tokens": (1, False), "generation.seed": (None, False)})
+    if cfg.alignment_dir is not None:
+        load_alignment(cfg.alignment_dir)  # a missing or non-finite A fails here, before the models load
     output_dir = Path(cfg.paths.output_dir)
     prompts = read_prompts(cfg.prompts.path, cfg.prompts.texts, cfg.prompts.limit)
     settings: GenerationSettings = instantiate(cfg.generation)

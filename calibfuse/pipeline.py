@@ -28,7 +28,7 @@ from calibfuse.align import align
 from calibfuse.evaluate import evaluate
 from calibfuse.pretrain import pretrain
 from calibfuse.report import build_report
-from calibfuse.utils import file_lock, sha256_json, write_json
+from calibfuse.utils import check_required, file_lock, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def compose_stage(name: str, overrides: list[str]) -> DictConfig:
 
 
 def pipeline(cfg: DictConfig) -> dict:
+    check_required(cfg)
     output_dir, store = Path(cfg.paths.output_dir), Path(cfg.stage_store)
     overrides = stage_overrides(cfg)
     targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)

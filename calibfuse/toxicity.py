@@ -19,6 +19,7 @@ RealToxicityPrompts prompts that carry Perspective scores:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -145,16 +146,18 @@ class DetoxifyScorer(HFClassifierScorer):
 
 class PerspectiveScorer:
     """Google's Perspective API (TOXICITY), one request per text: key from the environment, a QPS
-    limit, retries with exponential backoff on HTTP 429, and a cache keyed by text so reruns are free."""
+    limit, retries with exponential backoff on HTTP 429, HTTP 5xx and network errors (refused
+    connections, resets, timeouts), and a cache keyed by text so reruns are free."""
 
     name = "perspective"
     note = None
     ENDPOINT = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
+    NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)  # HTTPError is handled first
 
     def __init__(self, api_key_env: str = "PERSPECTIVE_API_KEY", qps: float = 1.0, max_retries: int = 6,
                  backoff_seconds: float = 2.0, cache_path: str | None = "~/.cache/calibfuse/perspective.jsonl",
                  endpoint: str | None = None, attribute: str = "TOXICITY", timeout: float = 30.0):
-        self.api_key = os.environ.get(api_key_env)
+        self.api_key, self.api_key_env = os.environ.get(api_key_env), api_key_env
         if not self.api_key:
             raise RuntimeError(f"scorer 'perspective' needs an API key in the environment variable {api_key_env}; it is not set")
         if qps <= 0:
@@ -175,8 +178,10 @@ class PerspectiveScorer:
         return hashlib.sha256(f"{self.attribute}\0{text}".encode()).hexdigest()
 
     def _request(self, text: str) -> float:
+        """One text's score. Messages name the endpoint, never the key (it travels in the URL)."""
         body = json.dumps({"comment": {"text": text}, "languages": ["en"], "requestedAttributes": {self.attribute: {}}}).encode()
-        for attempt in range(self.max_retries + 1):
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
             wait = self._last_request + self.interval - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
@@ -186,15 +191,27 @@ class PerspectiveScorer:
                                              headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read())
-                return float(payload["attributeScores"][self.attribute]["summaryScore"]["value"])
-            except urllib.error.HTTPError as e:
-                if e.code != 429 or attempt == self.max_retries:
-                    raise RuntimeError(f"Perspective API answered HTTP {e.code} for a {len(text)}-character text") from None
+                    return self._score_of(response.read())
+            except urllib.error.HTTPError as e:  # the server answered: 429 and 5xx are worth another try, other 4xx are not
+                if e.code != 429 and e.code < 500:
+                    raise RuntimeError(f"Perspective API at {self.endpoint} answered HTTP {e.code} for a {len(text)}-character text; "
+                                       f"expected 200 (is the key in {self.api_key_env} valid, with the API enabled?)") from None
+                problem = f"HTTP {e.code}"
+            except self.NETWORK_ERRORS as e:
+                problem = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+            if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt
-                log.warning("Perspective API rate limit (HTTP 429); retrying in %.1f s", delay)
+                log.warning("Perspective API at %s: %s (attempt %d of %d); retrying in %.1f s", self.endpoint, problem, attempt + 1, attempts, delay)
                 time.sleep(delay)
-        raise AssertionError("unreachable")
+        raise RuntimeError(f"Perspective API at {self.endpoint} failed {attempts} attempts (max_retries={self.max_retries}, backoff from "
+                           f"{self.backoff} s), the last with {problem}; expected it reachable: check the network, or raise max_retries")
+
+    def _score_of(self, raw: bytes) -> float:
+        try:
+            return float(json.loads(raw)["attributeScores"][self.attribute]["summaryScore"]["value"])
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"Perspective API at {self.endpoint} answered without attributeScores.{self.attribute}.summaryScore.value; "
+                               "expected a comments:analyze response") from None
 
     def score(self, texts: list[str]) -> list[float]:
         scores = []

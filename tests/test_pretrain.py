@@ -89,7 +89,7 @@ def test_online_wandb_without_a_key_stops_early(monkeypatch, tmp_path):
     cfg = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "offline": False}})
     with pytest.raises(RuntimeError, match="WANDB_API_KEY"):
         check_wandb_credentials(cfg)
-    monkeypatch.setenv("WANDB_API_KEY", "k")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     check_wandb_credentials(cfg)
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from calibfuse.decoding import GenerationSettings, TargetLM
 from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
@@ -22,8 +22,8 @@ from calibfuse.methods import Method, build_methods
 from calibfuse.models import ModelCache, ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.perplexity import ReferenceLM
 from calibfuse.prompts import Prompt, load_prompts
-from calibfuse.utils import (check_wandb_credentials, file_lock, instantiate, instantiate_group, redact_secrets, resolved_config,
-                             sha256_json, task_wrapper, versions, write_json, write_text)
+from calibfuse.utils import (check_int, check_ints, check_required, check_wandb_credentials, file_lock, instantiate, instantiate_group,
+                             redact_secrets, resolved_config, sha256_json, task_wrapper, versions, write_json, write_text)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,16 @@ class GridRun:
 
 
 def prepare(cfg: DictConfig) -> GridRun:
+    check_required(cfg)  # a `???` left unset (prompts=local_jsonl without prompts.source, ...) fails here, by name
     check_wandb_credentials(cfg.get("logger"))
+    check_ints(cfg, {"prompts.limit": (1, True), "prompts.sample": (1, True), "prompts.seed": (None, False),
+                     "protocol.generation.batch_size": (1, False), "protocol.generation.num_samples": (1, False),
+                     "protocol.generation.max_new_tokens": (1, False), "protocol.generation.seed": (None, False),
+                     "bootstrap_resamples": (1, False), "samples_per_cell": (0, False)})
+    seeds = cfg.get("seeds")
+    if seeds is not None and (not isinstance(seeds, ListConfig) or not seeds):
+        raise ValueError(f"seeds={seeds!r}; expected a non-empty list of integers such as seeds=[1,2,3], or null for the protocol's seed")
+    seeds = list(dict.fromkeys(check_int("seeds", s) for s in seeds)) if seeds else None  # a repeated seed runs once
     settings: GenerationSettings = instantiate(cfg.protocol.generation)
     names = check_metrics(list(cfg.protocol.metrics))
     prompts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
@@ -79,7 +88,7 @@ def prepare(cfg: DictConfig) -> GridRun:
     meta = {"protocol": cfg.protocol.name, "metrics": names, "scorer": scorer.name, "scorer_note": scorer.note,
             "reference_lm": reference.name_or_path if reference else None, "prompts": len(prompts), "prompt_source": cfg.prompts.source,
             "cell_store": str(store), "versions": versions(), "config": resolved_config(cfg)}
-    seeds = list(cfg.seeds) if cfg.get("seeds") else [settings.seed]
+    seeds = seeds or [settings.seed]
     return GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, store, Path(cfg.paths.output_dir), meta)
 
 

@@ -4,14 +4,39 @@ cells are shared with `none` and with every other fusion setting."""
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from pathlib import Path
 
 from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alignment_made_for, check_alpha, load_alignment
 from calibfuse.methods import Method
-from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
+from calibfuse.models import EMBEDDED_MODELS, ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.utils import sha256_file
 
 ALIGNMENTS = ("learned", "identity")
+
+
+def recorded_model(record: dict, alignment_dir: Path) -> str:
+    """The model an alignment.json record names: a local path is tried relative to the alignment dir
+    (calibfuse.align writes it so), then as given (absolute or relative to the working directory,
+    as older alignments recorded it), then at the recorded absolute path; a hub id or embedded name
+    is returned as it is. The fingerprint check still decides whether the weights found are the ones."""
+    name = record["name_or_path"]
+    if name in EMBEDDED_MODELS:
+        return name
+    candidates = [alignment_dir / Path(name).expanduser(), Path(name).expanduser()]
+    if record.get("absolute_path"):
+        candidates.append(Path(record["absolute_path"]))
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate.resolve())
+    if record.get("absolute_path") or name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an 'org/name' hub id
+        raise FileNotFoundError(
+            f"alignment {str(alignment_dir)!r} was made with the local model {name!r}, which is not at "
+            f"{', '.join(repr(str(c)) for c in dict.fromkeys(candidates))}; expected it at one of these (an older alignment "
+            "names it relative to the directory it was made in: run from there), or name it: calibration_model={name_or_path:<path>}"
+        )
+    return name
 
 
 class Fusion(Method):
@@ -20,6 +45,9 @@ class Fusion(Method):
                  check_fingerprints: bool = True, scale: str = "none"):
         if not alphas:
             raise ValueError("alphas=[]; expected at least one fusion weight in [0, 1], e.g. alphas=[0,0.3]")
+        for alpha in alphas:
+            if isinstance(alpha, bool) or not isinstance(alpha, Real) or math.isnan(alpha):
+                raise ValueError(f"alphas has {alpha!r}; expected numbers in [0, 1], e.g. alphas=[0,0.3]")
         self.alphas = sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)  # duplicates run once
         for option, value, allowed in (("calibration_context", calibration_context, CALIBRATION_CONTEXTS),
                                        ("layer_norm", layer_norm, LAYER_NORMS), ("alignment", alignment, ALIGNMENTS), ("scale", scale, SCALES)):
@@ -58,10 +86,15 @@ class Fusion(Method):
             calibration = as_spec(self.calibration_model)
         else:  # the calibration model this alignment was made with, loaded like the target
             record = meta["calibration_model"]
-            calibration = ModelSpec(record["name_or_path"], gguf_file=record.get("gguf_file"), revision=record.get("revision"),
+            calibration = ModelSpec(recorded_model(record, directory), gguf_file=record.get("gguf_file"), revision=record.get("revision"),
                                     dtype=spec.dtype, device=spec.device, cache_dir=spec.cache_dir)
+        calibration_fingerprint = fingerprint(calibration)
+        if self.check_fingerprints:  # local weights are hashed without loading: a wrong pairing fails now, not after loading
+            local = {role: (model, None) for role, model in (("calibration", calibration), ("target", spec))
+                     if fingerprint(model).startswith("sha256:")}
+            check_alignment_made_for(directory, meta, **local)
         return {"A": A, "meta": meta, "alignment": str(directory), "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
-                "calibration": calibration, "calibration_fingerprint": {"weights": fingerprint(calibration), **runtime_identity(calibration)}}
+                "calibration": calibration, "calibration_fingerprint": {"weights": calibration_fingerprint, **runtime_identity(calibration)}}
 
     def identity(self, target: str, alpha: float) -> dict | None:
         if alpha == 0:
