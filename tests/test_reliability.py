@@ -113,8 +113,10 @@ def written_values(group: str, option: str) -> dict:
         if entry == "_self_":
             values.update(flat_leaves(raw))
         else:
-            name = entry.split("@")[0]
-            values.update(written_values(*name.lstrip("/").rsplit("/", 1)) if name.startswith("/") else written_values(group, name))
+            name, _, package = entry.partition("@")
+            sub_group, _, sub_option = name.lstrip("/").rpartition("/") if name.startswith("/") else (group, "/", name)
+            prefix = "" if package in ("", "_here_") else package + "."  # e.g. /model_spec@model: under `model`
+            values.update({prefix + k: v for k, v in written_values(sub_group, sub_option).items()})
     return values
 
 
