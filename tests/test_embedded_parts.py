@@ -83,7 +83,7 @@ def test_a_part_package_without_its_data_file_is_named(fake_model, tmp_path):
         resolve(ModelSpec("fake-gguf", cache_dir=str(tmp_path / "cache")))
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
+@pytest.mark.parametrize("name", ["qwen2_5-coder-0_5b-instruct", "qwen2_5-coder-1_5b-instruct"])
 def test_installed_qwen_parts_are_located_in_order(name):
     """The real part packages (./setup.sh installs them): one data/partNN.bin each, numbered in table order."""
     model = embedded.EMBEDDED_MODELS[name]
