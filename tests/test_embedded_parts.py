@@ -93,3 +93,8 @@ def test_installed_qwen_parts_are_located_in_order(name):
         pytest.skip(f"part packages not installed: {missing}")
     assert [p.name for p in paths] == [f"part{i:02d}.bin" for i in range(1, len(model.packages) + 1)]
     assert paths[0].read_bytes()[:4] == embedded.GGUF_MAGIC
+
+
+def test_unknown_assembly_is_refused():
+    with pytest.raises(ValueError, match=r"assembly='zip' for x\.gguf; expected one of \['inside', 'assemble', 'parts'\]"):
+        EmbeddedModel("x", ("x",), "x.gguf", assembly="zip")
