@@ -32,17 +32,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from calibfuse.checks import check_required, check_wandb_credentials
 from calibfuse.models import EMBEDDED_MODELS, ModelSpec, fingerprint, load_model, load_tokenizer
-from calibfuse.utils import (
-    check_required,
-    check_wandb_credentials,
-    fit_and_export,
-    instantiate,
-    resolved_config,
-    task_wrapper,
-    versions,
-    write_json,
-)
+from calibfuse.utils import fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
 from calibfuse.vocabulary import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)

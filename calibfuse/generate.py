@@ -22,17 +22,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from calibfuse.checks import check_ints, check_required
 from calibfuse.fusion import FusedGenerator, GenerationSettings, load_alignment
 from calibfuse.prompts import load_prompts
-from calibfuse.utils import (
-    check_ints,
-    check_required,
-    instantiate,
-    resolved_config,
-    task_wrapper,
-    versions,
-    write_json,
-)
+from calibfuse.utils import instantiate, resolved_config, task_wrapper, versions, write_json
 
 log = logging.getLogger(__name__)
 

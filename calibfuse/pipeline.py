@@ -25,10 +25,11 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from calibfuse.align import align
+from calibfuse.checks import check_required
 from calibfuse.evaluate import evaluate
 from calibfuse.pretrain import pretrain
 from calibfuse.report import build_report
-from calibfuse.utils import check_required, file_lock, sha256_json, write_json
+from calibfuse.utils import file_lock, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,10 @@ import torch
 from omegaconf import DictConfig
 
 from calibfuse.calibration import build_calibration_model, count_parameters
+from calibfuse.checks import check_wandb_credentials
 from calibfuse.data import IGNORE_INDEX
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
-from calibfuse.utils import (
-    check_wandb_credentials,
-    fit_and_export,
-    instantiate,
-    resolved_config,
-    task_wrapper,
-    versions,
-    write_json,
-)
+from calibfuse.utils import fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # small CPU datasets: workers cost more than they save

@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import compose_config, make_tiny_model
 from omegaconf import open_dict
-
 from transformers import NoBadWordsLogitsProcessor
 
 from calibfuse.evaluate import evaluate

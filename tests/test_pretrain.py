@@ -9,8 +9,9 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from calibfuse.checks import check_wandb_credentials
 from calibfuse.pretrain import pretrain
-from calibfuse.utils import check_wandb_credentials, redact_secrets
+from calibfuse.utils import redact_secrets
 
 
 def read_manifest(run_dir):

@@ -16,8 +16,8 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
+from calibfuse.checks import check_wandb_credentials, secret_keys
 from calibfuse.toxicity import build_scorer
-from calibfuse.utils import check_wandb_credentials, secret_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 ONLINE = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "offline": False}})

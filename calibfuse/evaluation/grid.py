@@ -3,7 +3,6 @@ fluency, the grid files rewritten as cells finish, logged to W&B at the end."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from calibfuse.checks import check_int, check_ints, check_required, check_wandb_credentials
 from calibfuse.decoding import GenerationSettings, TargetLM
 from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
@@ -22,8 +22,18 @@ from calibfuse.methods import Method, build_methods
 from calibfuse.models import ModelCache, ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.perplexity import ReferenceLM
 from calibfuse.prompts import Prompt, load_prompts
-from calibfuse.utils import (check_int, check_ints, check_required, check_wandb_credentials, file_lock, instantiate, instantiate_group,
-                             redact_secrets, resolved_config, sha256_json, task_wrapper, versions, write_json, write_text)
+from calibfuse.utils import (
+    file_lock,
+    instantiate,
+    instantiate_group,
+    redact_secrets,
+    resolved_config,
+    sha256_json,
+    task_wrapper,
+    versions,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
