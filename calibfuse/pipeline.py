@@ -112,7 +112,8 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
         "pretrain": [f"calibration_model.num_layers={cfg.calibration_layers}", f"seed={cfg.train_seed}"],
         "align": [f"seed={cfg.train_seed}", f"alignment.num_negatives={cfg.num_negatives}", f"alignment.matching={cfg.matching}",
                   f"alignment.embedding_source={cfg.embedding_source}"],
-        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]"],
+        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]", f"prompts={cfg.prompts}"]
+        + ([f"prompts.sample={cfg.prompt_sample}"] if cfg.get("prompt_sample") else []),
     }
     if "fusion" in cfg.methods:  # fusion's own options exist only when it is selected
         knobs["evaluate"] += [f"methods.fusion.layer_norm={cfg.layer_norm}", f"methods.fusion.calibration_context={cfg.calibration_context}",
