@@ -17,7 +17,6 @@ The run dir receives `alignment/alignment.safetensors` (A, plus the matched toke
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from datetime import datetime, timezone
@@ -32,8 +31,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from calibfuse.artifacts import model_record
 from calibfuse.checks import check_required, check_wandb_credentials
-from calibfuse.models import EMBEDDED_MODELS, ModelSpec, fingerprint, load_model, load_tokenizer
+from calibfuse.models import ModelSpec, load_model, load_tokenizer
 from calibfuse.utils import fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
 from calibfuse.vocabulary import SharedVocabulary, shared_vocabulary
 
@@ -219,30 +219,6 @@ class ExportAlignment(L.Callback):
         write_json(self.out_dir / "alignment.json", manifest)  # last: its presence marks a complete artifact
         log.info("alignment: %s (held-out top-1 %.3f, top-10 %.3f, chance %.2g)", self.out_dir,
                  manifest["held_out_top1"], manifest["held_out_top10"], manifest["chance_top1"])
-
-
-def recorded_name(name_or_path: str, artifact_dir: Path) -> dict:
-    """How an alignment names a model: a local path relative to the alignment dir, so the artifact still
-    finds it from another working directory or in a moved outputs tree, with the absolute path as a
-    hint; an embedded name or hub id as given."""
-    path = Path(name_or_path).expanduser()
-    if name_or_path in EMBEDDED_MODELS or not path.exists():
-        return {"name_or_path": name_or_path}
-    return {"name_or_path": os.path.relpath(path.resolve(), Path(artifact_dir).resolve()), "path_relative_to": "alignment_dir",
-            "absolute_path": str(path.resolve())}
-
-
-def model_record(spec: ModelSpec, model, tokenizer, artifact_dir: Path) -> dict:
-    """What an alignment says about one of its two models; fusion checks `fingerprint`."""
-    return {
-        **recorded_name(spec.name_or_path, artifact_dir),
-        "gguf_file": spec.gguf_file,
-        "revision": spec.revision,
-        "fingerprint": fingerprint(spec, model),
-        "model_class": type(model).__name__,
-        "hidden_size": model.config.hidden_size,
-        "vocab_size": len(tokenizer),
-    }
 
 
 @task_wrapper

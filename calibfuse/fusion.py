@@ -22,17 +22,16 @@ reference's behaviour (newest token only, position 0, no cache) for the ablation
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from calibfuse.artifacts import check_alignment_made_for, load_alignment
 from calibfuse.decoding import DecodeState, Generation, GenerationSettings, TargetLM, decode, forward_step, row_generators
 from calibfuse.lm import final_hidden, positions_from_mask, same_tokenizer
-from calibfuse.models import ModelSpec, as_spec, fingerprint, load_model, load_tokenizer
+from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +44,6 @@ def check_alpha(alpha: float) -> float:
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha={alpha}; expected a weight in [0, 1] (0 = the target alone)")
     return float(alpha)
-
-
-def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """A (d_c x d_T) and the alignment.json written by calibfuse.align."""
-    directory = Path(path)
-    if directory.is_file():
-        directory = directory.parent
-    weights, meta = directory / "alignment.safetensors", directory / "alignment.json"
-    for file in (weights, meta):
-        if not file.is_file():
-            raise FileNotFoundError(f"alignment file {str(file)!r} does not exist; expected the alignment/ dir of a calibfuse.align run")
-    A = load_file(weights)["A"]
-    bad = int((~torch.isfinite(A)).sum())
-    if bad:  # a diverged A fuses into empty continuations, which a grid would count as non-toxic
-        raise ValueError(f"alignment file {str(weights)!r} holds {bad} non-finite entries of {A.numel()} in A; "
-                         "expected finite values: align again (a diverged run: lower alignment.optimizer.lr)")
-    return A, json.loads(meta.read_text())
-
-
-def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, object]) -> None:
-    """Refuse an alignment whose recorded weight fingerprints differ from the models at hand
-    (keyword: role in alignment.json -> (spec, loaded model))."""
-    role_names = {"calibration": "calibration_model", "target": "target"}
-    for role, (spec, model) in models.items():
-        record = meta[role_names.get(role, role)]
-        recorded, actual = record["fingerprint"], fingerprint(spec, model)
-        if recorded != actual:
-            raise ValueError(
-                f"alignment {str(alignment)!r} was made for {role_names.get(role, role)} {record['name_or_path']!r} ({recorded}), "
-                f"not for {spec.name_or_path!r} ({actual}); align these models first, or turn the check off: check_fingerprints=False "
-                "(methods.fusion.check_fingerprints=false in calibfuse.evaluate, fusion.check_fingerprints=false in calibfuse.generate)"
-            )
 
 
 class CalibrationStream:

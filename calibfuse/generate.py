@@ -22,8 +22,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from calibfuse.artifacts import load_alignment
 from calibfuse.checks import check_ints, check_required
-from calibfuse.fusion import FusedGenerator, GenerationSettings, load_alignment
+from calibfuse.fusion import FusedGenerator, GenerationSettings
 from calibfuse.prompts import load_prompts
 from calibfuse.utils import instantiate, resolved_config, task_wrapper, versions, write_json
 

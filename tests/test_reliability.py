@@ -15,9 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from calibfuse import models
 from calibfuse.align import AlignmentModule, align
+from calibfuse.artifacts import load_alignment, recorded_model
 from calibfuse.evaluate import evaluate
-from calibfuse.fusion import load_alignment
-from calibfuse.methods.fusion import recorded_model
 
 
 def align_tiny(calibration: str, target: Path, output_dir: Path, *overrides: str) -> Path:

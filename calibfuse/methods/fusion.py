@@ -8,35 +8,13 @@ import math
 from numbers import Real
 from pathlib import Path
 
-from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alignment_made_for, check_alpha, load_alignment
+from calibfuse.artifacts import check_alignment_made_for, load_alignment, recorded_model
+from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alpha
 from calibfuse.methods import Method
-from calibfuse.models import EMBEDDED_MODELS, ModelSpec, as_spec, fingerprint, runtime_identity
+from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.utils import sha256_file
 
 ALIGNMENTS = ("learned", "identity")
-
-
-def recorded_model(record: dict, alignment_dir: Path) -> str:
-    """The model an alignment.json record names: a local path is tried relative to the alignment dir
-    (calibfuse.align writes it so), then as given (absolute or relative to the working directory,
-    as older alignments recorded it), then at the recorded absolute path; a hub id or embedded name
-    is returned as it is. The fingerprint check still decides whether the weights found are the ones."""
-    name = record["name_or_path"]
-    if name in EMBEDDED_MODELS:
-        return name
-    candidates = [alignment_dir / Path(name).expanduser(), Path(name).expanduser()]
-    if record.get("absolute_path"):
-        candidates.append(Path(record["absolute_path"]))
-    for candidate in candidates:
-        if candidate.exists():
-            return str(candidate.resolve())
-    if record.get("absolute_path") or name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an 'org/name' hub id
-        raise FileNotFoundError(
-            f"alignment {str(alignment_dir)!r} was made with the local model {name!r}, which is not at "
-            f"{', '.join(repr(str(c)) for c in dict.fromkeys(candidates))}; expected it at one of these (an older alignment "
-            "names it relative to the directory it was made in: run from there), or name it: calibration_model={name_or_path:<path>}"
-        )
-    return name
 
 
 class Fusion(Method):

@@ -1,0 +1,95 @@
+"""The alignment artifact, as calibfuse.align writes it and fusion reads it: `alignment.safetensors`
+(A, d_c x d_T, and the matched token ids) and `alignment.json` (both models named and fingerprinted).
+A local model is named relative to the alignment dir, so the artifact keeps working when the outputs
+tree moves or is used from another directory; its fingerprint still decides whether the weights found
+are the ones it was made for."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from calibfuse.models import EMBEDDED_MODELS, ModelSpec, fingerprint
+
+
+def recorded_name(name_or_path: str, artifact_dir: Path) -> dict:
+    """How an alignment names a model: a local path relative to the alignment dir, so the artifact still
+    finds it from another working directory or in a moved outputs tree, with the absolute path as a
+    hint; an embedded name or hub id as given."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path in EMBEDDED_MODELS or not path.exists():
+        return {"name_or_path": name_or_path}
+    return {"name_or_path": os.path.relpath(path.resolve(), Path(artifact_dir).resolve()), "path_relative_to": "alignment_dir",
+            "absolute_path": str(path.resolve())}
+
+
+def model_record(spec: ModelSpec, model, tokenizer, artifact_dir: Path) -> dict:
+    """What an alignment says about one of its two models; fusion checks `fingerprint`."""
+    return {
+        **recorded_name(spec.name_or_path, artifact_dir),
+        "gguf_file": spec.gguf_file,
+        "revision": spec.revision,
+        "fingerprint": fingerprint(spec, model),
+        "model_class": type(model).__name__,
+        "hidden_size": model.config.hidden_size,
+        "vocab_size": len(tokenizer),
+    }
+
+
+def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """A (d_c x d_T) and the alignment.json written by calibfuse.align."""
+    directory = Path(path)
+    if directory.is_file():
+        directory = directory.parent
+    weights, meta = directory / "alignment.safetensors", directory / "alignment.json"
+    for file in (weights, meta):
+        if not file.is_file():
+            raise FileNotFoundError(f"alignment file {str(file)!r} does not exist; expected the alignment/ dir of a calibfuse.align run")
+    A = load_file(weights)["A"]
+    bad = int((~torch.isfinite(A)).sum())
+    if bad:  # a diverged A fuses into empty continuations, which a grid would count as non-toxic
+        raise ValueError(f"alignment file {str(weights)!r} holds {bad} non-finite entries of {A.numel()} in A; "
+                         "expected finite values: align again (a diverged run: lower alignment.optimizer.lr)")
+    return A, json.loads(meta.read_text())
+
+
+def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, object]) -> None:
+    """Refuse an alignment whose recorded weight fingerprints differ from the models at hand
+    (keyword: role in alignment.json -> (spec, loaded model))."""
+    role_names = {"calibration": "calibration_model", "target": "target"}
+    for role, (spec, model) in models.items():
+        record = meta[role_names.get(role, role)]
+        recorded, actual = record["fingerprint"], fingerprint(spec, model)
+        if recorded != actual:
+            raise ValueError(
+                f"alignment {str(alignment)!r} was made for {role_names.get(role, role)} {record['name_or_path']!r} ({recorded}), "
+                f"not for {spec.name_or_path!r} ({actual}); align these models first, or turn the check off: check_fingerprints=False "
+                "(methods.fusion.check_fingerprints=false in calibfuse.evaluate, fusion.check_fingerprints=false in calibfuse.generate)"
+            )
+
+
+def recorded_model(record: dict, alignment_dir: Path) -> str:
+    """The model an alignment.json record names: a local path is tried relative to the alignment dir
+    (calibfuse.align writes it so), then as given (absolute or relative to the working directory,
+    as older alignments recorded it), then at the recorded absolute path; a hub id or embedded name
+    is returned as it is. The fingerprint check still decides whether the weights found are the ones."""
+    name = record["name_or_path"]
+    if name in EMBEDDED_MODELS:
+        return name
+    candidates = [alignment_dir / Path(name).expanduser(), Path(name).expanduser()]
+    if record.get("absolute_path"):
+        candidates.append(Path(record["absolute_path"]))
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate.resolve())
+    if record.get("absolute_path") or name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an 'org/name' hub id
+        raise FileNotFoundError(
+            f"alignment {str(alignment_dir)!r} was made with the local model {name!r}, which is not at "
+            f"{', '.join(repr(str(c)) for c in dict.fromkeys(candidates))}; expected it at one of these (an older alignment "
+            "names it relative to the directory it was made in: run from there), or name it: calibration_model={name_or_path:<path>}"
+        )
+    return name
