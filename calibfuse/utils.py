@@ -123,11 +123,33 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
+class _DropLibraryTips(logging.Filter):
+    """Lightning's advertising and hardware chatter, not progress or results."""
+
+    NOISE = ("💡 Tip", "TPU available", "litlogger")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in str(record.msg) for n in self.NOISE)
+
+
+def quiet_libraries() -> None:
+    """Keep runs quiet: progress, results and where files went, not library tips or deprecation noise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # lightning's own pytree use, every predict
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # in-memory prompts: workers cost more than they save
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLibraryTips) for f in logger.filters):
+            logger.addFilter(_DropLibraryTips())
+
+
 def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
-    """Run a task; whatever happens, finish its W&B run."""
+    """Run a task quietly; whatever happens, finish its W&B run."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> dict:
+        quiet_libraries()
         try:
             return task(cfg)
         finally:
