@@ -126,7 +126,7 @@ def finish_wandb() -> None:
 class _DropLibraryTips(logging.Filter):
     """Lightning's advertising and hardware chatter, not progress or results."""
 
-    NOISE = ("💡 Tip", "TPU available", "litlogger")
+    NOISE = ("💡 Tip", "GPU available", "TPU available", "litlogger")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(n in str(record.msg) for n in self.NOISE)
@@ -138,6 +138,9 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # lightning's own pytree use, every predict
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # in-memory prompts: workers cost more than they save
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars for every model load
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLibraryTips) for f in logger.filters):
