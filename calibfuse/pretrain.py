@@ -166,6 +166,12 @@ class ExportCalibrationModel(L.Callback):
             "val_loss": val_loss,
             "val_perplexity_before_training": math.exp(before) if before is not None else None,
             "val_perplexity": math.exp(val_loss),
+            # The same number, named for what it is: completion tokens of rows never trained on
+            # (the split is seeded and one row per completion, so no held-out text is in training).
+            "held_out_perplexity": math.exp(val_loss),
+            "held_out_perplexity_before_training": math.exp(before) if before is not None else None,
+            "held_out_rows": datamodule.stats.get("val_examples"),
+            "held_out_tokens": datamodule.stats.get("val_completion_tokens"),
             "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": self.config,

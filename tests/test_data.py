@@ -13,6 +13,7 @@ from calibfuse.data import (
     PromptCompletionDataModule,
     collate,
     encode,
+    encode_many,
     read_prompt_completions,
 )
 
@@ -143,3 +144,18 @@ def test_unsupported_suffix_is_named(tmp_path):
 def test_val_fraction_out_of_range_is_refused(tokenizer):
     with pytest.raises(ValueError, match=r"val_fraction=1\.5"):
         PromptCompletionDataModule(tokenizer, val_fraction=1.5)
+
+
+def test_batched_encoding_matches_one_pair_at_a_time(tokenizer):
+    pairs = [PromptCompletion("Write a kind note.", "Thank you."), PromptCompletion("Hi", "x " * 300),
+             PromptCompletion("A long prompt " * 40, "cut away")]
+    assert encode_many(tokenizer, pairs, max_length=64) == [encode(tokenizer, p, 64) for p in pairs]
+    assert encode_many(tokenizer, pairs, max_length=64)[2] is None  # truncation left no completion token
+
+
+def test_duplicate_completions_never_reach_both_splits(tokenizer, tmp_path):
+    rows = [(f"Question {i}?", "", f"Answer {i % 5}.", "vanilla_benign") for i in range(20)]
+    datamodule = PromptCompletionDataModule(tokenizer, path=str(write_tsv(tmp_path / "d.tsv", *rows)), val_fraction=0.4)
+    datamodule.setup("fit")
+    assert datamodule.stats["rows"] == 5 and datamodule.stats["dropped_as_duplicates"] == 15
+    assert not {tuple(e["labels"]) for e in datamodule.val_examples} & {tuple(e["labels"]) for e in datamodule.train_examples}

