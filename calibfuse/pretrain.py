@@ -23,10 +23,11 @@ import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from torchmetrics import MeanMetric
 
 from calibfuse.calibration import build_calibration_model, count_parameters
 from calibfuse.checks import check_wandb_credentials
-from calibfuse.data import IGNORE_INDEX
+from calibfuse.lm import IGNORE_INDEX
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
 from calibfuse.utils import fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
 
@@ -57,7 +58,7 @@ class CalibrationPretrainModule(L.LightningModule):
         self.base_num_layers = base.config.num_hidden_layers
         self.model = build_calibration_model(base, num_layers, reinit_non_embedding).train()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self._val_totals = torch.zeros(2)  # (summed token losses, tokens) over the val set
+        self.val_loss = MeanMetric()  # token-weighted over the whole val set, synced across processes
         self.val_loss_before_training: float | None = None
 
     def forward(self, **batch):
@@ -68,18 +69,14 @@ class CalibrationPretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def on_validation_epoch_start(self):
-        self._val_totals = torch.zeros(2, device=self.device)
-
     def validation_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        num_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        self._val_totals += torch.stack([loss.float() * num_tokens, num_tokens.float()])
+        loss = self.model(**batch).loss  # the mean over the batch's completion tokens
+        self.val_loss.update(loss.float(), weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def on_validation_epoch_end(self):
-        # Token-weighted mean over the whole val set (not a mean of batch means), summed over processes.
-        loss_sum, num_tokens = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum")
-        loss = loss_sum / num_tokens
+        # Token-weighted mean over the whole val set (not a mean of batch means), over every process.
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
         if self.trainer.sanity_checking:
             # The full val pass Lightning runs before training (num_sanity_val_steps=-1) measures the
             # untrained model. A resumed run keeps the value its checkpoint carries.
