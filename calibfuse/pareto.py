@@ -12,7 +12,8 @@ DIAGNOSTIC_COLUMNS = ("kl", "top1_agreement", "empty_rate", "repetition")
 
 
 def label(row: dict, alpha: float) -> str:
-    parts = [row["method"] + (f" α={alpha:g}" if alpha else "")] + ([row["setting"]] if row["setting"] else [])
+    name = "target alone" if row.get("target_alone") else row["method"] + (f" α={alpha:g}" if alpha else "")
+    parts = [name] + ([row["setting"]] if row["setting"] else [])
     return ", ".join(parts)
 
 
