@@ -17,9 +17,7 @@ The run dir receives `alignment/alignment.safetensors` (A, plus the matched toke
 from __future__ import annotations
 
 import logging
-import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -34,8 +32,9 @@ from torchmetrics import MeanMetric
 
 from calibfuse.artifacts import model_record
 from calibfuse.checks import check_required, check_wandb_credentials
+from calibfuse.export import ExportArtifact, fit_and_export
 from calibfuse.models import ModelSpec, load_model, load_tokenizer
-from calibfuse.utils import fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
+from calibfuse.utils import instantiate, resolved_config, task_wrapper
 from calibfuse.vocabulary import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
@@ -163,17 +162,15 @@ def split_vocabulary(num_tokens: int, val_fraction: float, seed: int) -> tuple[t
     return order[num_val:].sort().values, order[:num_val].sort().values
 
 
-class ExportAlignment(L.Callback):
-    """At the end of training, write alignment.safetensors (A and the matched ids) and alignment.json."""
+class ExportAlignment(ExportArtifact):
+    """Write alignment.safetensors (A and the matched ids) and alignment.json."""
+
+    manifest_name = "alignment.json"
 
     def __init__(self, out_dir: str | Path, metadata: dict, vocabulary: SharedVocabulary):
-        self.out_dir, self.metadata, self.vocabulary = Path(out_dir), metadata, vocabulary
-        self.started = time.time()
-
-    def on_fit_start(self, trainer, pl_module):
-        self.started = time.time()
-        for logger in trainer.loggers:  # in the process that owns the loggers (spawned workers included)
-            logger.log_hyperparams(self.metadata["config"])
+        super().__init__(out_dir, metadata["config"])
+        self.metadata = {k: v for k, v in metadata.items() if k != "config"}
+        self.vocabulary = vocabulary
 
     def check_finite(self, A: torch.Tensor, when: str) -> None:
         """A diverged A (NaN/inf) would fuse into empty continuations that a grid scores as non-toxic."""
@@ -188,37 +185,30 @@ class ExportAlignment(L.Callback):
         self.check_finite(pl_module.alignment_matrix, f"after epoch {trainer.current_epoch + 1} of {trainer.max_epochs} "
                                                       f"(global step {trainer.global_step})")
 
-    def on_train_end(self, trainer, pl_module: AlignmentModule):
-        A = pl_module.alignment_matrix.cpu()
+    def gather(self, trainer, pl_module: AlignmentModule):
+        A = pl_module.alignment_matrix.detach().cpu()
         self.check_finite(A, f"at the end of training (global step {trainer.global_step})")
-        if not trainer.is_global_zero:
-            return
+        return A
+
+    def write(self, trainer, pl_module, A: torch.Tensor) -> dict:
         metrics = trainer.callback_metrics
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         save_file(
             {"A": A, "calibration_ids": self.vocabulary.calibration_ids, "target_ids": self.vocabulary.target_ids},
             self.out_dir / "alignment.safetensors",
             metadata={"format": "calibfuse.alignment/1", "A_shape": "calibration_dim x target_dim"},
         )
-        num_shared = len(self.vocabulary)
         manifest = {
-            **{k: v for k, v in self.metadata.items() if k != "config"},
+            **self.metadata,
             "calibration_dim": A.shape[0],
             "target_dim": A.shape[1],
             "held_out_top1": metrics["val/top1"].item(),
             "held_out_top10": metrics["val/top10"].item(),
-            "chance_top1": 1 / num_shared,
+            "chance_top1": 1 / len(self.vocabulary),
             "held_out_loss": metrics["val/loss"].item(),
-            "global_step": trainer.global_step,
-            "epochs_completed": trainer.current_epoch,
-            "training_seconds": round(time.time() - self.started, 1),
-            "versions": versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": self.metadata["config"],
         }
-        write_json(self.out_dir / "alignment.json", manifest)  # last: its presence marks a complete artifact
         log.info("alignment: %s (held-out top-1 %.3f, top-10 %.3f, chance %.2g)", self.out_dir,
                  manifest["held_out_top1"], manifest["held_out_top10"], manifest["chance_top1"])
+        return manifest
 
 
 @task_wrapper
@@ -265,8 +255,7 @@ def align(cfg: DictConfig) -> dict:
 
     module = AlignmentModule(x, y, train_tokens, settings.num_negatives, instantiate(settings.optimizer))
     datamodule = SharedVocabularyDataModule(train_tokens, val_tokens, settings.batch_size)
-    export = ExportAlignment(output_dir / "alignment", metadata, vocabulary)
-    return fit_and_export(cfg, module, datamodule, export, output_dir / "alignment" / "alignment.json")
+    return fit_and_export(cfg, module, datamodule, ExportAlignment(output_dir / "alignment", metadata, vocabulary))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="align")

@@ -109,7 +109,7 @@ def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: d
 def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
     """The pipeline's knobs as overrides of each entry point's config, then the extra overrides."""
     knobs = {
-        "pretrain": [f"calibration_model.num_layers={cfg.calibration_layers}", f"seed={cfg.train_seed}"],
+        "pretrain": [f"module.num_layers={cfg.calibration_layers}", f"seed={cfg.train_seed}"],
         "align": [f"seed={cfg.train_seed}", f"alignment.num_negatives={cfg.num_negatives}", f"alignment.matching={cfg.matching}",
                   f"alignment.embedding_source={cfg.embedding_source}"],
         "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]", f"prompts={cfg.prompts}"]

@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -27,9 +25,10 @@ from torchmetrics import MeanMetric
 
 from calibfuse.calibration import build_calibration_model, count_parameters
 from calibfuse.checks import check_wandb_credentials
+from calibfuse.export import ExportArtifact, fit_and_export
 from calibfuse.lm import IGNORE_INDEX
 from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
-from calibfuse.utils import fit_and_export, instantiate, resolved_config, task_wrapper, versions, write_json
+from calibfuse.utils import instantiate, resolved_config, task_wrapper
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # small CPU datasets: workers cost more than they save
@@ -110,31 +109,22 @@ class CalibrationPretrainModule(L.LightningModule):
         self.val_loss_before_training = checkpoint.get("calibfuse", {}).get("val_loss_before_training")
 
 
-class ExportCalibrationModel(L.Callback):
-    """At the end of training, write `calibration_model/` (save_pretrained: config, safetensors,
-    tokenizer) and its `manifest.json`. Runs inside fit, so it works the same in a single process,
-    in spawned DDP workers and under FSDP (where all ranks gather the shards, rank 0 writes)."""
+class ExportCalibrationModel(ExportArtifact):
+    """Write `calibration_model/` (save_pretrained: config, safetensors, tokenizer) and its
+    `manifest.json`; under FSDP all ranks gather the shards and rank 0 writes."""
 
-    def __init__(self, out_dir: str | Path, config: dict):
-        self.out_dir, self.config = Path(out_dir), config
-        self.resumed_from: str | None = None
-        self.started = time.time()
+    def gather(self, trainer, pl_module):
+        return trainer.strategy.lightning_module_state_dict()  # collective under FSDP
 
-    def on_fit_start(self, trainer, pl_module):
-        self.resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None  # "last" resolved to a file
-        self.started = time.time()
-        for logger in trainer.loggers:  # here, not in the launching process: spawned workers own the loggers
-            logger.log_hyperparams(self.config)
-
-    def on_train_end(self, trainer, pl_module: CalibrationPretrainModule):
-        state_dict = trainer.strategy.lightning_module_state_dict()  # collective under FSDP
-        if not trainer.is_global_zero:
-            return
+    def write(self, trainer, pl_module: CalibrationPretrainModule, state_dict) -> dict:
         weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
         model, datamodule = pl_module.model, trainer.datamodule
         val_loss = trainer.callback_metrics["val/loss"].item()
         before = pl_module.val_loss_before_training
-        manifest = {
+        model.save_pretrained(self.out_dir, state_dict=weights, safe_serialization=True)
+        datamodule.tokenizer.save_pretrained(self.out_dir)
+        log.info("calibration model: %s (val loss %s -> %.3f)", self.out_dir, before, val_loss)
+        return {
             "stage": "pretrain",
             "artifact": "calibration_model",
             "base_model": pl_module.base_spec.to_dict(),
@@ -147,8 +137,6 @@ class ExportCalibrationModel(L.Callback):
             "parameters": count_parameters(model),
             "data": {**{k: v for k, v in datamodule.source.items() if k != "load_kwargs"}, **datamodule.stats},
             "training": {
-                "global_step": trainer.global_step,
-                "epochs_completed": trainer.current_epoch,
                 "max_epochs": trainer.max_epochs,
                 "max_steps": trainer.max_steps,
                 "batch_size_per_device": datamodule.batch_size,
@@ -156,8 +144,6 @@ class ExportCalibrationModel(L.Callback):
                 "world_size": trainer.world_size,
                 "precision": str(trainer.precision),
                 "strategy": type(trainer.strategy).__name__,
-                "seconds": round(time.time() - self.started, 1),
-                "resumed_from": self.resumed_from,
             },
             "val_loss_before_training": before,
             "val_loss": val_loss,
@@ -169,14 +155,7 @@ class ExportCalibrationModel(L.Callback):
             "held_out_perplexity_before_training": math.exp(before) if before is not None else None,
             "held_out_rows": datamodule.stats.get("val_examples"),
             "held_out_tokens": datamodule.stats.get("val_completion_tokens"),
-            "versions": versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": self.config,
         }
-        model.save_pretrained(self.out_dir, state_dict=weights, safe_serialization=True)
-        datamodule.tokenizer.save_pretrained(self.out_dir)
-        write_json(self.out_dir / "manifest.json", manifest)  # last: its presence marks a complete artifact
-        log.info("calibration model: %s (val loss %s -> %.3f)", self.out_dir, before, val_loss)
 
 
 @task_wrapper
@@ -192,10 +171,9 @@ def pretrain(cfg: DictConfig) -> dict:
     log.info("data <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")  # read and check the data before spending time on the model
-    log.info("calibration model <%s> from %s", cfg.calibration_model._target_, base_spec.name_or_path)
-    module: CalibrationPretrainModule = instantiate(cfg.calibration_model, base_model=base_spec)
-    export = ExportCalibrationModel(output_dir / "calibration_model", resolved_config(cfg))
-    return fit_and_export(cfg, module, datamodule, export, output_dir / "calibration_model" / "manifest.json")
+    log.info("calibration model <%s> from %s", cfg.module._target_, base_spec.name_or_path)
+    module: CalibrationPretrainModule = instantiate(cfg.module, base_model=base_spec)
+    return fit_and_export(cfg, module, datamodule, ExportCalibrationModel(output_dir / "calibration_model", resolved_config(cfg)))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")

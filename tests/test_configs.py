@@ -22,7 +22,7 @@ def stage_of(experiment: str) -> str:
 
 
 def test_every_group_has_options():
-    for group in ["base_model", "target", "data", "calibration_model", "alignment", "trainer", "logger", "callbacks", "debug", "experiment"]:
+    for group in ["base_model", "target", "data", "module", "alignment", "trainer", "logger", "callbacks", "debug", "experiment"]:
         assert options(group), group
 
 
@@ -102,14 +102,14 @@ def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_
     tsv.write_text("vanilla\tadversarial\tcompletion\tdata_type\n" + "".join(
         f"Question {i}?\t\tA calm, helpful answer number {i}.\tvanilla_benign\n" for i in range(20)))
     cfg = compose_config("pretrain", [f"experiment={experiment}"], tmp_path)
-    assert OmegaConf.select(cfg, "calibration_model.optimizer.lr") is not None
+    assert OmegaConf.select(cfg, "module.optimizer.lr") is not None
     stand_ins = [
         f"experiment={experiment}",
         f"base_model.name_or_path={tiny_model_dirs['llama']}",
         "base_model.dtype=float32",
         f"data.path={tsv}", "data.hf_name=null", "data.load_kwargs={}", "data.num_workers=0",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true",
-        "calibration_model.num_layers=2",
+        "module.num_layers=2",
     ]
     cfg = compose_config("pretrain", stand_ins, tmp_path)
     spec = instantiate(cfg.base_model)
@@ -117,7 +117,7 @@ def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_
 
     datamodule = instantiate(cfg.data, tokenizer=load_tokenizer(spec))
     datamodule.setup("fit")
-    module = instantiate(cfg.calibration_model, base_model=spec)
+    module = instantiate(cfg.module, base_model=spec)
     assert module.model.config.num_hidden_layers == 2
     assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
 
@@ -126,7 +126,7 @@ def test_paper_pretrain_matches_the_paper(tmp_path):
     cfg = compose_config("pretrain", ["experiment=paper_pretrain"], tmp_path)
     assert cfg.base_model.name_or_path == "meta-llama/Llama-2-7b-chat-hf"
     assert cfg.data.path == "allenai/wildjailbreak" and cfg.data.load_kwargs.delimiter == "\t"
-    assert cfg.calibration_model.num_layers == 3 and cfg.calibration_model.optimizer.lr == 1e-5
+    assert cfg.module.num_layers == 3 and cfg.module.optimizer.lr == 1e-5
     assert cfg.trainer.max_epochs == 3 and cfg.trainer.precision == "bf16-mixed"
     effective = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches
     assert effective == 56
@@ -203,7 +203,7 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
     cpu = ["trainer=cpu"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         pre = compose("pretrain", overrides=overrides["pretrain"])
-        assert (pre.base_model.name_or_path, pre.data.path, pre.calibration_model.num_layers) == ("meta-llama/Llama-2-7b-chat-hf", "allenai/wildjailbreak", 3)
+        assert (pre.base_model.name_or_path, pre.data.path, pre.module.num_layers) == ("meta-llama/Llama-2-7b-chat-hf", "allenai/wildjailbreak", 3)
         aligned = compose("align", overrides=["target=finance-chat", "calibration_model.name_or_path=x", *overrides["align"]])
         assert aligned.target.name_or_path == "AdaptLLM/finance-chat" and aligned.alignment.matching == "exact"
         targets = list(cfg.targets)

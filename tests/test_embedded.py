@@ -23,8 +23,8 @@ def run_pretrain(*overrides: str, timeout: int = 600) -> subprocess.CompletedPro
 
 
 def tiny_overrides(model_dir, run_dir) -> list[str]:
-    return [f"base_model.name_or_path={model_dir}", "data=embedded_nontoxic", "calibration_model.num_layers=2",
-            "calibration_model.optimizer.lr=3e-3", "data.max_examples=48", "data.max_length=384", f"hydra.run.dir={run_dir}"]
+    return [f"base_model.name_or_path={model_dir}", "data=embedded_nontoxic", "module.num_layers=2",
+            "module.optimizer.lr=3e-3", "data.max_examples=48", "data.max_length=384", f"hydra.run.dir={run_dir}"]
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_embedded_align(target, embedded_alignment):
     if target == "gemma3-270m":
         assert meta["shared_counts"]["normalized"] > 3 * meta["shared_counts"]["exact"]
     print(f"\nembedded align -> {target}: shared {meta['shared_counts']}, held-out top-1 {meta['held_out_top1']:.3f}, "
-          f"top-10 {meta['held_out_top10']:.3f}, {meta['training_seconds']} s training")
+          f"top-10 {meta['held_out_top10']:.3f}, {meta['training']['seconds']} s training")
 
 
 @pytest.mark.slow

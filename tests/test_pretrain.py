@@ -102,7 +102,7 @@ def test_online_wandb_without_a_key_stops_early(monkeypatch, tmp_path):
 
 def test_num_layers_larger_than_base(tiny_pretrain_cfg):
     with pytest.raises(ValueError, match=r"num_layers=9 but .* has 4 decoder layers"):
-        pretrain(tiny_pretrain_cfg("calibration_model.num_layers=9"))
+        pretrain(tiny_pretrain_cfg("module.num_layers=9"))
 
 
 def test_unknown_embedded_model(tiny_pretrain_cfg):
@@ -129,6 +129,6 @@ def test_empty_corpus(tiny_pretrain_cfg, tmp_path):
 
 def test_instantiated_module_uses_the_partial_optimizer(tiny_pretrain_cfg):
     cfg = tiny_pretrain_cfg()
-    module = instantiate(cfg.calibration_model, base_model=instantiate(cfg.base_model))
+    module = instantiate(cfg.module, base_model=instantiate(cfg.base_model))
     assert module.optimizer_factory.keywords["lr"] == 3e-3
     assert os.environ["HF_HUB_OFFLINE"] == "1"
