@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import contextlib
+import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -153,7 +155,10 @@ def load_model(spec: ModelSpec | dict | str):
     if cached is not None and cached.is_dir():  # a GGUF dequantised before: safetensors load in seconds
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, device_map=kwargs.get("device_map"))
         return (model if spec.device == "auto" else model.to(spec.device)).eval()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if gguf_file is not None:
+        log.info("de-quantising %s once (later loads use the saved conversion)", Path(source) / gguf_file)
+    with _quiet_gguf_load():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if gguf_file is not None:
         # GGUF weights are dequantised to plain tensors on load; a leftover quantization_config would
         # make a saved copy of this model claim to be GGUF-quantised.
@@ -167,6 +172,30 @@ def load_model(spec: ModelSpec | dict | str):
     if spec.device != "auto":
         model.to(spec.device)
     return model.eval()
+
+
+class _DropGgufDtypeNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "weights packed is fastest in float32" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_gguf_load():
+    """A GGUF is de-quantised once and saved: its tqdm bar (not behind transformers' disable_progress_bar)
+    and its note that packed weights run fastest in float32 say nothing to a user here."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    note, quantizer_log = _DropGgufDtypeNote(), logging.getLogger("transformers.quantizers.quantizer_gguf")
+    quantizer_log.addFilter(note)
+    try:
+        yield
+    finally:
+        quantizer_log.removeFilter(note)
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def _converted_dir(spec: ModelSpec, source: str, gguf_file: str | None, kind: str) -> Path | None:
