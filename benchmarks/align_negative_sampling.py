@@ -30,7 +30,7 @@ def batches_bulk(module, batch_size, num_negatives, seed):
     order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
     negatives = module.train_tokens[sample_negatives(torch.arange(pool), pool, num_negatives)]  # the whole epoch in one call
     for start in range(0, pool, batch_size):
-        positions = order[start:start + batch_size]
+        positions = order[start : start + batch_size]
         yield module.train_tokens[positions], negatives[positions]  # as AlignmentModule.training_step
 
 
@@ -41,7 +41,7 @@ def batches_per_token(module, batch_size, num_negatives, seed):
     rng.shuffle(order)
     for start in range(0, len(order), batch_size):
         anchors, negative_rows = [], []
-        for t in order[start:start + batch_size]:  # one token at a time, as the reference does
+        for t in order[start : start + batch_size]:  # one token at a time, as the reference does
             negatives = []
             while len(negatives) < num_negatives:
                 u = tokens[rng.randrange(len(tokens))]
@@ -77,8 +77,10 @@ def main():
     vocabulary = shared_vocabulary(load_tokenizer(calibration_spec), load_tokenizer(target_spec))
     x = embedding_rows(load_model(calibration_spec), vocabulary.calibration_ids)
     y = embedding_rows(load_model(target_spec), vocabulary.target_ids)
-    print(f"shared vocabulary {args.calibration} -> {args.target}: {len(vocabulary)} tokens, "
-          f"K={args.num_negatives}, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"shared vocabulary {args.calibration} -> {args.target}: {len(vocabulary)} tokens, "
+        f"K={args.num_negatives}, batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
 
     for what, epoch, repeats in [("sampling only", sampling_epoch, 5), ("training epoch", training_epoch, 1)]:
         times = {}
@@ -92,8 +94,9 @@ def main():
                 epoch(module, optimizer, batches(module, args.batch_size, args.num_negatives, seed=repeat))
                 best = min(best, time.perf_counter() - started)
             times[name] = best
-        print(f"{what:>15}: bulk {times['bulk']:6.2f} s | per token {times['per token']:6.2f} s | "
-              f"per token / bulk = {times['per token'] / times['bulk']:5.1f}x")
+        print(
+            f"{what:>15}: bulk {times['bulk']:6.2f} s | per token {times['per token']:6.2f} s | per token / bulk = {times['per token'] / times['bulk']:5.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,7 @@ def main():
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
 
         def plain():
-            target.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
+            target.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
         with torch.no_grad():
             generator.generate(prompts[:2], 0.3, GenerationSettings(max_new_tokens=4))  # warm-up
@@ -71,8 +70,10 @@ def main():
         print(f"\ntarget {name} ({'same' if generator.shared_tokenizer else 'other'} tokenizer as the calibration model)")
         for label, seconds in times.items():
             print(f"  {label:>32}: {seconds:6.2f} s  {tokens / seconds:6.1f} tok/s")
-        print(f"  {'fused / plain target':>32}: {times['calibfuse fused alpha=0.3'] / times['transformers generate (target)']:6.2f}x"
-              f"   (vs calibfuse alpha=0: {times['calibfuse fused alpha=0.3'] / times['calibfuse alpha=0 (target)']:.2f}x)")
+        print(
+            f"  {'fused / plain target':>32}: {times['calibfuse fused alpha=0.3'] / times['transformers generate (target)']:6.2f}x"
+            f"   (vs calibfuse alpha=0: {times['calibfuse fused alpha=0.3'] / times['calibfuse alpha=0 (target)']:.2f}x)"
+        )
         print(f"  {'batch-16 / batch-1 throughput':>32}: {times['fused, batch 1'] / times['calibfuse fused alpha=0.3']:6.2f}x")
 
 

@@ -49,24 +49,32 @@ def main():
         # here); a throwaway run of the target alone keeps that out of the measured cells.
         for store, run_methods, run_dir in ((out / "warmup_cells", ["none"], out / "warmup"), (out / "cells", methods, out)):
             extra = [f"cell_store={store}"] + (experts if "dexperts" in run_methods else [])
-            cfg = compose("pipeline", overrides=[f"targets=[{args.target}]", f"alphas=[0,{args.alpha}]", f"report.alpha={args.alpha}",
-                                                 f"methods=[{','.join(run_methods)}]",
-                                                 "evaluate_overrides=[" + ",".join(f"'{o}'" for o in extra) + "]"])
+            cfg = compose(
+                "pipeline",
+                overrides=[
+                    f"targets=[{args.target}]",
+                    f"alphas=[0,{args.alpha}]",
+                    f"report.alpha={args.alpha}",
+                    f"methods=[{','.join(run_methods)}]",
+                    "evaluate_overrides=[" + ",".join(f"'{o}'" for o in extra) + "]",
+                ],
+            )
             cfg.paths.output_dir = str(run_dir)
             pipeline(cfg)
     grid = json.loads((out / "evaluate" / "grid.json").read_text())
     cells = [c for c in grid["cells"] if not (c["method"] == "fusion" and c["alpha"] == 0)]  # the same cell as `none`
     base = next(c for c in cells if c["method"] == "none")
     metrics = [m for m in grid["metrics"] if m != "perplexity"][:1] + ["perplexity"]
-    print(f"\n{args.target}, {grid['prompts']} prompts, {grid['protocol']} protocol, scorer {grid['scorer']} "
-          f"(whole run {time.time() - started:.0f} s)\n")
+    print(f"\n{args.target}, {grid['prompts']} prompts, {grid['protocol']} protocol, scorer {grid['scorer']} (whole run {time.time() - started:.0f} s)\n")
     print(f"| method | strength | generation time vs target alone | tok/s | peak memory (MB) | {' | '.join(metrics)} |")
     print("|---|---|---|---|---|" + "---|" * len(metrics))
     for c in cells:
         strength = f"α={c['alpha']:g}" if c["method"] in ("fusion", "dexperts") else "–"
         values = " | ".join(f"{c[m]:.2f} [{c[m + '_lo']:.2f}, {c[m + '_hi']:.2f}]" for m in metrics)
-        print(f"| {c['method']} | {strength} | {c['generation_seconds'] / base['generation_seconds']:.2f}× | {c['tokens_per_second']:.1f} | "
-              f"{c['peak_memory_mb']} | {values} |")
+        print(
+            f"| {c['method']} | {strength} | {c['generation_seconds'] / base['generation_seconds']:.2f}× | {c['tokens_per_second']:.1f} | "
+            f"{c['peak_memory_mb']} | {values} |"
+        )
     if not args.expert:
         print("| dexperts | – | not run: needs --expert and --anti-expert sharing the target's tokenizer (none ships offline) | | | |")
     if grid.get("scorer_note"):

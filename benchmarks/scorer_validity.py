@@ -29,8 +29,14 @@ from calibfuse.toxicity import build_scorer
 
 THRESHOLD = 0.9  # Perspective toxicity at or above it: the positive class
 # Perspective attribute -> toxblock label (Jigsaw 2018's names); profanity ~ obscene.
-ATTRIBUTES = {"toxicity": "toxic", "severe_toxicity": "severe_toxic", "insult": "insult", "threat": "threat",
-              "profanity": "obscene", "identity_attack": "identity_hate"}
+ATTRIBUTES = {
+    "toxicity": "toxic",
+    "severe_toxicity": "severe_toxic",
+    "insult": "insult",
+    "threat": "threat",
+    "profanity": "obscene",
+    "identity_attack": "identity_hate",
+}
 
 
 def read_prompts() -> list[dict]:
@@ -76,8 +82,10 @@ def main():
     texts = [p["text"] for p in prompts]
     perspective = {a: np.array([p[a] for p in prompts]) for a in ATTRIBUTES}
     positive = perspective["toxicity"] >= THRESHOLD
-    print(f"{len(prompts)} prompts, Perspective toxicity {perspective['toxicity'].min():.2f}-{perspective['toxicity'].max():.2f}, "
-          f"{positive.sum()} at >= {THRESHOLD}")
+    print(
+        f"{len(prompts)} prompts, Perspective toxicity {perspective['toxicity'].min():.2f}-{perspective['toxicity'].max():.2f}, "
+        f"{positive.sum()} at >= {THRESHOLD}"
+    )
 
     scores, rows = {}, []
     for name in args.scorers:
@@ -93,8 +101,9 @@ def main():
         rows.append((name, auc, rhos, wall, cpu))
 
     fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
-    print(f"\n| scorer | ROC-AUC (toxicity >= {THRESHOLD}) | " + " | ".join(f"Spearman: {a}" for a in ATTRIBUTES)
-          + f" | {args.texts:,} texts: wall s | CPU s |")
+    print(
+        f"\n| scorer | ROC-AUC (toxicity >= {THRESHOLD}) | " + " | ".join(f"Spearman: {a}" for a in ATTRIBUTES) + f" | {args.texts:,} texts: wall s | CPU s |"
+    )
     print("|---" * (4 + len(ATTRIBUTES)) + "|")
     for name, auc, rhos, wall, cpu in rows:
         print(f"| {name} | {fmt(auc)} | " + " | ".join(fmt(rhos[a]) for a in ATTRIBUTES) + f" | {wall:.2f} | {cpu:.2f} |")
@@ -109,9 +118,12 @@ def verdict(first: str, second: str, scores: dict, positive: np.ndarray, toxicit
     rho = with_interval(lambda t, x, y: spearman(y, t) - spearman(x, t), toxicity, a, b)
     significant = [m for m, (_, low, high) in (("ROC-AUC", auc), ("Spearman", rho)) if low > 0 or high < 0]
     leader = second if min(auc[0], rho[0]) > 0 else first if max(auc[0], rho[0]) < 0 else None
-    return (f"\nverdict: {f'{leader} tracks Perspective toxicity better' if leader else 'mixed: neither scorer is better on both'} "
-            f"({second} - {first}: ROC-AUC {auc[0]:+.3f} [{auc[1]:+.3f}, {auc[2]:+.3f}], Spearman {rho[0]:+.3f} "
-            f"[{rho[1]:+.3f}, {rho[2]:+.3f}]; 95 % intervals that exclude 0: {', '.join(significant) or 'none'})")
+    return (
+        f"\nverdict: {f'{leader} tracks Perspective toxicity better' if leader else 'mixed: neither scorer is better on both'} "
+        f"({second} - {first}: ROC-AUC {auc[0]:+.3f} [{auc[1]:+.3f}, {auc[2]:+.3f}], Spearman {rho[0]:+.3f} "
+        f"[{rho[1]:+.3f}, {rho[2]:+.3f}]; 95 % intervals that exclude 0: {', '.join(significant) or 'none'})"
+    )
+
 
 if __name__ == "__main__":
     main()

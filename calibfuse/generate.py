@@ -44,17 +44,30 @@ def read_prompts(path: str | None = None, texts: list[str] | None = None, limit:
 @task_wrapper
 def generate(cfg: DictConfig) -> dict:
     check_required(cfg)  # calibration_model.name_or_path and alignment_dir: named before anything loads
-    check_ints(cfg, {"prompts.limit": (1, True), "generation.batch_size": (1, False), "generation.num_samples": (1, False),
-                     "generation.max_new_tokens": (1, False), "generation.seed": (None, False)})
+    check_ints(
+        cfg,
+        {
+            "prompts.limit": (1, True),
+            "generation.batch_size": (1, False),
+            "generation.num_samples": (1, False),
+            "generation.max_new_tokens": (1, False),
+            "generation.seed": (None, False),
+        },
+    )
     if cfg.alignment_dir is not None:
         load_alignment(cfg.alignment_dir)  # a missing or non-finite A fails here, before the models load
     output_dir = Path(cfg.paths.output_dir)
     prompts = read_prompts(cfg.prompts.path, cfg.prompts.texts, cfg.prompts.limit)
     settings: GenerationSettings = instantiate(cfg.generation)
     generator = FusedGenerator.from_artifacts(
-        target=instantiate(cfg.target), calibration=instantiate(cfg.calibration_model), alignment=cfg.alignment_dir,
-        check_fingerprints=cfg.fusion.check_fingerprints, calibration_context=cfg.fusion.calibration_context,
-        layer_norm=cfg.fusion.layer_norm, prompt_format=cfg.fusion.prompt_format, scale=cfg.fusion.scale,
+        target=instantiate(cfg.target),
+        calibration=instantiate(cfg.calibration_model),
+        alignment=cfg.alignment_dir,
+        check_fingerprints=cfg.fusion.check_fingerprints,
+        calibration_context=cfg.fusion.calibration_context,
+        layer_norm=cfg.fusion.layer_norm,
+        prompt_format=cfg.fusion.prompt_format,
+        scale=cfg.fusion.scale,
     )
     started = time.time()
     rows = generator.generate(prompts, list(cfg.fusion.alphas), settings)
@@ -64,8 +77,14 @@ def generate(cfg: DictConfig) -> dict:
         for row in rows:
             f.write(json.dumps({k: v for k, v in asdict(row).items() if k not in ("token_ids", "kl", "agreement")}, ensure_ascii=False) + "\n")
     new_tokens = sum(r.new_tokens for r in rows)
-    summary = {"rows": len(rows), "new_tokens": new_tokens, "seconds": round(seconds, 1),
-               "tokens_per_second": round(new_tokens / seconds, 1), "versions": versions(), "config": resolved_config(cfg)}
+    summary = {
+        "rows": len(rows),
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(new_tokens / seconds, 1),
+        "versions": versions(),
+        "config": resolved_config(cfg),
+    }
     write_json(output_dir / "generate.json", summary)
     log.info("%d generations, %d new tokens in %.1f s -> %s", len(rows), new_tokens, seconds, output_dir / "generations.jsonl")
     return summary

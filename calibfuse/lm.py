@@ -12,7 +12,7 @@ import torch
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding positions)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_argument(forward) -> str:
     # transformers renamed the cache argument (past_key_values -> cache) during 5.x; speak both.
     # Looked up once per model class, not on every forward.
@@ -55,9 +55,11 @@ def check_head(model, tokenizer) -> None:
     hidden, _ = final_hidden(model, input_ids=ids, use_cache=False)
     ours, theirs = lm_head_logits(model, hidden).float(), model(input_ids=ids).logits.float()
     if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max())):
-        raise ValueError(f"{type(model).__name__} computes its logits differently from its LM head on the final hidden state "
-                         f"(max difference {float((ours - theirs).abs().max()):.3g}); calibfuse handles soft-capping, logit_scale "
-                         "and logits_scaling; expected a causal LM whose logits are lm_head(final hidden state)")
+        raise ValueError(
+            f"{type(model).__name__} computes its logits differently from its LM head on the final hidden state "
+            f"(max difference {float((ours - theirs).abs().max()):.3g}); calibfuse handles soft-capping, logit_scale "
+            "and logits_scaling; expected a causal LM whose logits are lm_head(final hidden state)"
+        )
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

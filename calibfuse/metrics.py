@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
-def bootstrap_interval(values: Sequence[float], statistic: Callable[[Sequence[float]], float] | None = None,
-                       resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    values: Sequence[float], statistic: Callable[[Sequence[float]], float] | None = None, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic` (default: the mean) over resampled prompts."""
     values = list(values)
     if not values:
@@ -45,7 +46,7 @@ def distinct_n(texts_per_prompt: Sequence[Sequence[str]], n: int) -> list[float]
     whose samples have no n-gram at all are left out."""
     values = []
     for texts in texts_per_prompt:
-        grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+        grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
         if grams:
             values.append(len(set(grams)) / len(grams))
     return values

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
-import contextlib
-import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -128,9 +128,7 @@ def load_tokenizer(spec: ModelSpec | dict | str, padding_side: str = "right"):
     if cached is not None and cached.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(cached)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         if cached is not None:
             _save_converted(tokenizer, cached)
     if tokenizer.pad_token_id is None:

@@ -22,8 +22,10 @@ def frontier(points: list[tuple[float, dict]], toxicity: str) -> list[tuple[floa
     usable = [(a, r) for a, r in points if not r.get("degenerate") and all(math.isfinite(r[k]) for k in (toxicity, "perplexity"))]
 
     def dominated(r):
-        return any(o[toxicity] <= r[toxicity] and o["perplexity"] <= r["perplexity"] and (o[toxicity] < r[toxicity] or o["perplexity"] < r["perplexity"])
-                   for _, o in usable)
+        return any(
+            o[toxicity] <= r[toxicity] and o["perplexity"] <= r["perplexity"] and (o[toxicity] < r[toxicity] or o["perplexity"] < r["perplexity"])
+            for _, o in usable
+        )
 
     return sorted(((a, r) for a, r in usable if not dominated(r)), key=lambda p: p[1]["perplexity"])
 
@@ -41,8 +43,12 @@ def frontier_table(settings: dict[tuple, dict], toxicity: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for target, points in sorted(by_target(settings).items()):
         for alpha, r in frontier(points, toxicity):
-            cells = [target, label(r, alpha), f"{r[toxicity]:.2f} [{r[toxicity + '_lo']:.2f}, {r[toxicity + '_hi']:.2f}]",
-                     f"{r['perplexity']:.2f} [{r['perplexity_lo']:.2f}, {r['perplexity_hi']:.2f}]"]
+            cells = [
+                target,
+                label(r, alpha),
+                f"{r[toxicity]:.2f} [{r[toxicity + '_lo']:.2f}, {r[toxicity + '_hi']:.2f}]",
+                f"{r['perplexity']:.2f} [{r['perplexity_lo']:.2f}, {r['perplexity_hi']:.2f}]",
+            ]
             cells += [f"{r[c]:.3f}" if isinstance(r.get(c), float) and math.isfinite(r[c]) else "–" for c in DIAGNOSTIC_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -60,12 +66,21 @@ def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> 
     fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
     methods = sorted({r["method"] for points in targets.values() for _, r in points})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
-    for ax, (target, points) in zip(axes[0], sorted(targets.items())):
+    for ax, (target, points) in zip(axes[0], sorted(targets.items()), strict=True):
         for alpha, r in points:
             xerr = [[r["perplexity"] - r["perplexity_lo"]], [r["perplexity_hi"] - r["perplexity"]]]
             yerr = [[r[toxicity] - r[toxicity + "_lo"]], [r[toxicity + "_hi"] - r[toxicity]]]
-            ax.errorbar(r["perplexity"], r[toxicity], xerr=xerr, yerr=yerr, fmt="x" if r.get("degenerate") else "o",
-                        color=colours[r["method"]], alpha=0.8, capsize=2, markersize=5)
+            ax.errorbar(
+                r["perplexity"],
+                r[toxicity],
+                xerr=xerr,
+                yerr=yerr,
+                fmt="x" if r.get("degenerate") else "o",
+                color=colours[r["method"]],
+                alpha=0.8,
+                capsize=2,
+                markersize=5,
+            )
             ax.annotate(label(r, alpha), (r["perplexity"], r[toxicity]), fontsize=6, textcoords="offset points", xytext=(3, 3))
         best = frontier(points, toxicity)
         ax.plot([r["perplexity"] for _, r in best], [r[toxicity] for _, r in best], "k--", linewidth=1, label="Pareto frontier")

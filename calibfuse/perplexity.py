@@ -35,7 +35,7 @@ class ReferenceLM:
         first = next((i for i, (start, end) in enumerate(offsets) if end > len(prompt) and end > start), len(ids))
         first = max(first, 1)  # position 0 is never predicted: the first token is context
         keep = max(1, self.max_length - (len(ids) - first))  # too long: keep the prompt's end
-        ids, first = ids[max(0, first - keep):][: self.max_length], min(first, keep)
+        ids, first = ids[max(0, first - keep) :][: self.max_length], min(first, keep)
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * first + ids[first:]}
 
     @torch.no_grad()
@@ -43,10 +43,10 @@ class ReferenceLM:
         """Mean token loss of each continuation given its prompt; None for an empty continuation."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; expected one each")
-        todo = list(dict.fromkeys((p, c) for p, c in zip(prompts, continuations) if c.strip() and (p, c) not in self._known))
+        todo = list(dict.fromkeys((p, c) for p, c in zip(prompts, continuations, strict=True) if c.strip() and (p, c) not in self._known))
         todo.sort(key=lambda pair: len(pair[0]) + len(pair[1]))  # similar lengths per batch: less padding to compute
         for start in range(0, len(todo), self.batch_size):
-            pairs = todo[start:start + self.batch_size]
+            pairs = todo[start : start + self.batch_size]
             batch = collate([self._example(p, c) for p, c in pairs], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -55,7 +55,7 @@ class ReferenceLM:
             logits = lm_head_logits(self.model, hidden[:, :-1][scored]).float()  # a 262k vocabulary makes full logits costly
             token_losses = torch.zeros(labels.shape, device=self.device)
             token_losses[scored] = F.cross_entropy(logits, labels[scored], reduction="none")
-            for pair, total, count in zip(pairs, token_losses.sum(dim=1).tolist(), scored.sum(dim=1).tolist()):
+            for pair, total, count in zip(pairs, token_losses.sum(dim=1).tolist(), scored.sum(dim=1).tolist(), strict=True):
                 if count:
                     self._known[pair] = total / count
-        return [self._known.get((p, c)) if c.strip() else None for p, c in zip(prompts, continuations)]
+        return [self._known.get((p, c)) if c.strip() else None for p, c in zip(prompts, continuations, strict=True)]

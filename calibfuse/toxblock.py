@@ -59,11 +59,12 @@ class RecordedObject:
 
 
 # The plain data types a tokenizer's state needs. Not all of builtins: eval, getattr, __import__ are callables too.
-SAFE_GLOBALS = {("builtins", name): getattr(builtins, name)
-                for name in ("int", "float", "str", "bytes", "bool", "dict", "list", "tuple", "set", "frozenset")}
+SAFE_GLOBALS = {("builtins", name): getattr(builtins, name) for name in ("int", "float", "str", "bytes", "bool", "dict", "list", "tuple", "set", "frozenset")}
 SAFE_GLOBALS |= {("collections", name): getattr(collections, name) for name in ("OrderedDict", "defaultdict", "Counter", "deque")}
-STAND_INS = {(module, name): type(name, (RecordedObject,), {"source": f"{module}.{name}"})
-             for module, name in [("tox_block.data_processing.preprocessors", "TokenSequencer"), ("keras_preprocessing.text", "Tokenizer")]}
+STAND_INS = {
+    (module, name): type(name, (RecordedObject,), {"source": f"{module}.{name}"})
+    for module, name in [("tox_block.data_processing.preprocessors", "TokenSequencer"), ("keras_preprocessing.text", "Tokenizer")]
+}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -74,8 +75,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return SAFE_GLOBALS[module, name]
         if (module, name) in STAND_INS:
             return STAND_INS[module, name]
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only builtins data types, collections classes "
-                                     f"and the recorded stand-ins for {sorted(cls.source for cls in STAND_INS.values())} are allowed")
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: only builtins data types, collections classes "
+            f"and the recorded stand-ins for {sorted(cls.source for cls in STAND_INS.values())} are allowed"
+        )
 
 
 @dataclass
@@ -100,13 +103,18 @@ class TokenizerSettings:
             raise ValueError(f"{path}: the TokenSequencer holds a {type(tokenizer).__name__}; expected a Keras Tokenizer")
         state = tokenizer.state
         if state["char_level"] or not isinstance(state["split"], str):
-            raise ValueError(f"{path}: char_level={state['char_level']}, split={state['split']!r}; "
-                             "expected word-level splitting on a string")
+            raise ValueError(f"{path}: char_level={state['char_level']}, split={state['split']!r}; expected word-level splitting on a string")
         num_words = state["num_words"]
         word_index = {w: i for w, i in state["word_index"].items() if not num_words or i < num_words}
         oov = state["oov_token"]
-        return cls(word_index, state["filters"], bool(state["lower"]), state["split"],
-                   state["word_index"].get(oov) if oov is not None else None, int(sequencer.state["max_sequence_length"]))
+        return cls(
+            word_index,
+            state["filters"],
+            bool(state["lower"]),
+            state["split"],
+            state["word_index"].get(oov) if oov is not None else None,
+            int(sequencer.state["max_sequence_length"]),
+        )
 
     def __post_init__(self):
         self.translation = str.maketrans({c: self.split for c in self.filters})  # Keras replaces every filter character by `split`
@@ -122,9 +130,9 @@ class TokenizerSettings:
         ids = np.zeros((len(texts), self.max_length), dtype=np.int64)
         get, oov = self.word_index.get, self.oov_index
         for row, text in enumerate(texts):
-            sequence = [i for i in (get(w, oov) for w in self.words(text)) if i is not None][-self.max_length:]
+            sequence = [i for i in (get(w, oov) for w in self.words(text)) if i is not None][-self.max_length :]
             if sequence:
-                ids[row, self.max_length - len(sequence):] = sequence
+                ids[row, self.max_length - len(sequence) :] = sequence
         return ids
 
 
@@ -142,23 +150,28 @@ def _checked_layers(model_config: dict) -> tuple[dict[str, str], int]:
     layers = [layer for layer in layers if layer["class_name"] != "Dropout"]  # identity at inference
     embedding, bidirectional, dense, output = (layers[i]["config"] for i in (1, 2, 4, 5))
     lstm = bidirectional["layer"]["config"]
-    checks = {"embedding mask_zero": (embedding["mask_zero"], False), "merge_mode": (bidirectional["merge_mode"], "concat"),
-              "LSTM activation": (lstm["activation"], "tanh"), "LSTM recurrent_activation": (lstm["recurrent_activation"], "hard_sigmoid"),
-              "LSTM use_bias": (lstm["use_bias"], True), "LSTM return_sequences": (lstm["return_sequences"], True),
-              "LSTM go_backwards": (lstm["go_backwards"], False), "dense activation": (dense["activation"], "relu"),
-              "output activation": (output["activation"], "sigmoid")}
+    checks = {
+        "embedding mask_zero": (embedding["mask_zero"], False),
+        "merge_mode": (bidirectional["merge_mode"], "concat"),
+        "LSTM activation": (lstm["activation"], "tanh"),
+        "LSTM recurrent_activation": (lstm["recurrent_activation"], "hard_sigmoid"),
+        "LSTM use_bias": (lstm["use_bias"], True),
+        "LSTM return_sequences": (lstm["return_sequences"], True),
+        "LSTM go_backwards": (lstm["go_backwards"], False),
+        "dense activation": (dense["activation"], "relu"),
+        "output activation": (output["activation"], "sigmoid"),
+    }
     for what, (found, expected) in checks.items():
         if found != expected:
             raise ValueError(f"h5 model: {what} is {found!r}; expected {expected!r}")
-    names = dict(zip(("embedding", "bidirectional", "dense", "output"), (c["name"] for c in (embedding, bidirectional, dense, output))))
+    names = dict(zip(("embedding", "bidirectional", "dense", "output"), (c["name"] for c in (embedding, bidirectional, dense, output)), strict=True))
     return names, int(layers[0]["config"]["batch_input_shape"][1])
 
 
 def _read_weights(model_weights, layer_name: str) -> list[np.ndarray]:
     """A layer's weights in Keras' order (kernel, recurrent kernel, bias per LSTM; kernel, bias per Dense)."""
     group = model_weights[layer_name]
-    return [np.asarray(group[name.decode() if isinstance(name, bytes) else name], dtype=np.float32)
-            for name in group.attrs["weight_names"]]
+    return [np.asarray(group[name.decode() if isinstance(name, bytes) else name], dtype=np.float32) for name in group.attrs["weight_names"]]
 
 
 def _fold_activations(kernel: torch.Tensor, recurrent_kernel: torch.Tensor, bias: torch.Tensor, units: int):
@@ -189,7 +202,7 @@ class ToxBlockModel(torch.nn.Module):
             kernel, recurrent_kernel, bias = _fold_activations(*map(torch.from_numpy, weights), self.units)
             # A token's input projection does not depend on the state: compute E W + b once per vocabulary row.
             self.register_buffer(f"{direction}_input", embeddings @ kernel + bias)  # (vocabulary, 4 units)
-            self.register_buffer(f"{direction}_recurrent", recurrent_kernel)      # (units, 4 units)
+            self.register_buffer(f"{direction}_recurrent", recurrent_kernel)  # (units, 4 units)
         for name, (kernel, bias) in (("dense", dense), ("output", output)):
             self.register_buffer(f"{name}_kernel", torch.from_numpy(kernel))
             self.register_buffer(f"{name}_bias", torch.from_numpy(bias))
@@ -202,15 +215,14 @@ class ToxBlockModel(torch.nn.Module):
         with h5py.File(path, "r") as f:
             config = f.attrs["model_config"]
             names, max_length = _checked_layers(json.loads(config.decode() if isinstance(config, bytes) else config))
-            (embeddings,), lstm, dense, output = (_read_weights(f["model_weights"], names[role])
-                                                  for role in ("embedding", "bidirectional", "dense", "output"))
+            (embeddings,), lstm, dense, output = (_read_weights(f["model_weights"], names[role]) for role in ("embedding", "bidirectional", "dense", "output"))
         return cls(embeddings, lstm[:3], lstm[3:], dense, output, max_length)
 
     def _step(self, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One LSTM step from z = x W + h U + b (folded: columns i, f, o, 2 c~), in place on z: the new h and c."""
-        gates = z[:, :3 * self.units].clamp_(0.0, 1.0)  # hard_sigmoid
+        gates = z[:, : 3 * self.units].clamp_(0.0, 1.0)  # hard_sigmoid
         i, f, o = gates.split(self.units, dim=1)
-        c = torch.addcmul(f * c, i, _tanh_of_double(z[:, 3 * self.units:]))
+        c = torch.addcmul(f * c, i, _tanh_of_double(z[:, 3 * self.units :]))
         return _tanh_of_double(c * 2.0).mul_(o), c
 
     def _padding_states(self) -> torch.Tensor:
@@ -256,10 +268,12 @@ class ToxBlockScorer:
     """ToxBlock's BiLSTM as a calibfuse toxicity scorer: the probability of one Jigsaw label per text."""
 
     name = "toxblock"
-    note = ("toxicity scored by ToxBlock, an offline BiLSTM trained on Jigsaw's 2018 toxic comments (the data of Detoxify "
-            "`original`), a proxy for Perspective (on 993 RealToxicityPrompts prompts with Perspective toxicity 0.5-0.99: "
-            "ROC-AUC 0.82 against Perspective >= 0.9, Spearman 0.66; alt-profanity-check 0.79 and 0.60): "
-            "compare settings, not absolute levels")
+    note = (
+        "toxicity scored by ToxBlock, an offline BiLSTM trained on Jigsaw's 2018 toxic comments (the data of Detoxify "
+        "`original`), a proxy for Perspective (on 993 RealToxicityPrompts prompts with Perspective toxicity 0.5-0.99: "
+        "ROC-AUC 0.82 against Perspective >= 0.9, Spearman 0.66; alt-profanity-check 0.79 and 0.60): "
+        "compare settings, not absolute levels"
+    )
 
     def __init__(self, batch_size: int = 512, device: str = "cpu", label: str = "toxic"):
         if label not in LABELS:
@@ -289,7 +303,7 @@ class ToxBlockScorer:
             torch.set_num_threads(1)
         try:
             for start in range(0, len(ids), self.batch_size):
-                rows = order[start:start + self.batch_size]
+                rows = order[start : start + self.batch_size]
                 probabilities[rows] = self.model(torch.from_numpy(ids[rows]).to(self.device)).cpu().numpy()
         finally:
             torch.set_num_threads(threads)

@@ -63,8 +63,16 @@ class HFClassifierScorer:
     name = "hf_classifier"
     note = None
 
-    def __init__(self, model: str, label: str = "toxic", batch_size: int = 64, device: str = "cpu",
-                 multi_label: bool | None = None, trust_remote_code: bool = False, max_length: int = 512):
+    def __init__(
+        self,
+        model: str,
+        label: str = "toxic",
+        batch_size: int = 64,
+        device: str = "cpu",
+        multi_label: bool | None = None,
+        trust_remote_code: bool = False,
+        max_length: int = 512,
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -82,8 +90,9 @@ class HFClassifierScorer:
     def score(self, texts: list[str]) -> list[float]:
         scores = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
             logits = self.model(**batch).logits.float()
             probs = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
             scores += probs[:, self.index].tolist()
@@ -101,15 +110,26 @@ class DetoxifyScorer(HFClassifierScorer):
     name = "detoxify"
     RENAMED = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxic": "severe_toxicity"}  # Detoxify's names
 
-    def __init__(self, checkpoint: str | None = None, huggingface_config_path: str | None = None, model: str | None = None,
-                 label: str = "toxicity", batch_size: int = 64, device: str = "cpu", max_length: int = 512):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        huggingface_config_path: str | None = None,
+        model: str | None = None,
+        label: str = "toxicity",
+        batch_size: int = 64,
+        device: str = "cpu",
+        max_length: int = 512,
+    ):
         if model is not None:
-            super().__init__(model, label="toxic" if label == "toxicity" else label, batch_size=batch_size, device=device,
-                             multi_label=True, max_length=max_length)
+            super().__init__(
+                model, label="toxic" if label == "toxicity" else label, batch_size=batch_size, device=device, multi_label=True, max_length=max_length
+            )
             return
         if checkpoint is None or huggingface_config_path is None:
-            raise ValueError("scorer 'detoxify' needs checkpoint=<.ckpt file> and huggingface_config_path=<base model config dir>, "
-                             "or model=<transformers-format dir such as unitary/toxic-bert>")
+            raise ValueError(
+                "scorer 'detoxify' needs checkpoint=<.ckpt file> and huggingface_config_path=<base model config dir>, "
+                "or model=<transformers-format dir such as unitary/toxic-bert>"
+            )
         import transformers
 
         for path in (checkpoint, huggingface_config_path):
@@ -132,7 +152,7 @@ class DetoxifyScorer(HFClassifierScorer):
         self.model = getattr(transformers, args["model_name"])(config)
         state = loaded["state_dict"]
         if all(k.startswith("model.") for k in state):  # saved from the training module
-            state = {k[len("model."):]: v for k, v in state.items()}
+            state = {k[len("model.") :]: v for k, v in state.items()}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"Detoxify checkpoint {checkpoint!r} does not fit {args['model_name']}: missing {missing[:5]}")
@@ -154,9 +174,17 @@ class PerspectiveScorer:
     ENDPOINT = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
     NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)  # HTTPError is handled first
 
-    def __init__(self, api_key_env: str = "PERSPECTIVE_API_KEY", qps: float = 1.0, max_retries: int = 6,
-                 backoff_seconds: float = 2.0, cache_path: str | None = "~/.cache/calibfuse/perspective.jsonl",
-                 endpoint: str | None = None, attribute: str = "TOXICITY", timeout: float = 30.0):
+    def __init__(
+        self,
+        api_key_env: str = "PERSPECTIVE_API_KEY",
+        qps: float = 1.0,
+        max_retries: int = 6,
+        backoff_seconds: float = 2.0,
+        cache_path: str | None = "~/.cache/calibfuse/perspective.jsonl",
+        endpoint: str | None = None,
+        attribute: str = "TOXICITY",
+        timeout: float = 30.0,
+    ):
         self.api_key, self.api_key_env = os.environ.get(api_key_env), api_key_env
         if not self.api_key:
             raise RuntimeError(f"scorer 'perspective' needs an API key in the environment variable {api_key_env}; it is not set")
@@ -187,15 +215,16 @@ class PerspectiveScorer:
                 time.sleep(wait)
             self._last_request = time.monotonic()
             self.requests += 1
-            request = urllib.request.Request(f"{self.endpoint}?key={self.api_key}", data=body,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(f"{self.endpoint}?key={self.api_key}", data=body, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return self._score_of(response.read())
             except urllib.error.HTTPError as e:  # the server answered: 429 and 5xx are worth another try, other 4xx are not
                 if e.code != 429 and e.code < 500:
-                    raise RuntimeError(f"Perspective API at {self.endpoint} answered HTTP {e.code} for a {len(text)}-character text; "
-                                       f"expected 200 (is the key in {self.api_key_env} valid, with the API enabled?)") from None
+                    raise RuntimeError(
+                        f"Perspective API at {self.endpoint} answered HTTP {e.code} for a {len(text)}-character text; "
+                        f"expected 200 (is the key in {self.api_key_env} valid, with the API enabled?)"
+                    ) from None
                 problem = f"HTTP {e.code}"
             except self.NETWORK_ERRORS as e:
                 problem = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
@@ -203,15 +232,18 @@ class PerspectiveScorer:
                 delay = self.backoff * 2**attempt
                 log.warning("Perspective API at %s: %s (attempt %d of %d); retrying in %.1f s", self.endpoint, problem, attempt + 1, attempts, delay)
                 time.sleep(delay)
-        raise RuntimeError(f"Perspective API at {self.endpoint} failed {attempts} attempts (max_retries={self.max_retries}, backoff from "
-                           f"{self.backoff} s), the last with {problem}; expected it reachable: check the network, or raise max_retries")
+        raise RuntimeError(
+            f"Perspective API at {self.endpoint} failed {attempts} attempts (max_retries={self.max_retries}, backoff from "
+            f"{self.backoff} s), the last with {problem}; expected it reachable: check the network, or raise max_retries"
+        )
 
     def _score_of(self, raw: bytes) -> float:
         try:
             return float(json.loads(raw)["attributeScores"][self.attribute]["summaryScore"]["value"])
         except (ValueError, KeyError, TypeError):
-            raise RuntimeError(f"Perspective API at {self.endpoint} answered without attributeScores.{self.attribute}.summaryScore.value; "
-                               "expected a comments:analyze response") from None
+            raise RuntimeError(
+                f"Perspective API at {self.endpoint} answered without attributeScores.{self.attribute}.summaryScore.value; expected a comments:analyze response"
+            ) from None
 
     def score(self, texts: list[str]) -> list[float]:
         scores = []
@@ -227,8 +259,13 @@ class PerspectiveScorer:
         return scores
 
 
-SCORERS = {"profanity_check": ProfanityCheckScorer, "detoxify": DetoxifyScorer, "hf_classifier": HFClassifierScorer,
-           "perspective": PerspectiveScorer, "toxblock": ToxBlockScorer}
+SCORERS = {
+    "profanity_check": ProfanityCheckScorer,
+    "detoxify": DetoxifyScorer,
+    "hf_classifier": HFClassifierScorer,
+    "perspective": PerspectiveScorer,
+    "toxblock": ToxBlockScorer,
+}
 
 
 def build_scorer(name: str, **options):

@@ -106,8 +106,7 @@ def finish_wandb() -> None:
         offline = run.settings.mode == "offline"
         run_dir = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>
         wandb.finish()
-        log.info("W&B run %s: %s%s", run.id, run_dir if offline else run.url,
-                 f" (offline; upload with `wandb sync {run_dir}`)" if offline else "")
+        log.info("W&B run %s: %s%s", run.id, run_dir if offline else run.url, f" (offline; upload with `wandb sync {run_dir}`)" if offline else "")
 
 
 class _DropLibraryTips(logging.Filter):

@@ -40,10 +40,10 @@ def surface_forms(tokenizer) -> dict[str, int]:
     ids = [i for i in range(len(tokenizer)) if i not in specials]
     decoded = tokenizer.batch_decode([prefix + [i] for i in ids], clean_up_tokenization_spaces=False)
     forms: dict[str, int] = {}
-    for i, text in zip(ids, decoded):
+    for i, text in zip(ids, decoded, strict=True):
         if not text.startswith(head):
             continue
-        form = text[len(head):]
+        form = text[len(head) :]
         # Empty forms and lone bytes of a multi-byte character (decoded as U+FFFD) name no surface text.
         if form and "\ufffd" not in form:
             forms.setdefault(form, i)

@@ -63,8 +63,15 @@ def tiny_config(family: str, vocab_size: int, num_layers: int = 4, hidden_size: 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "gpt2":
         return GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=2, n_positions=512, **common)
-    small = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, **common)
+    small = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **common,
+    )
     if family == "llama":
         return LlamaConfig(**small, tie_word_embeddings=True)
     if family == "mistral":

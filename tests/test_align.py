@@ -49,8 +49,7 @@ def test_learns_a_linear_relation_and_retrieves_held_out_tokens():
     y = x @ torch.randn(16, 24)
     train, val = split_vocabulary(600, 0.05, seed=0)
     module = AlignmentModule(x, y, train, num_negatives=10, optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
-    trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, SharedVocabularyDataModule(train, val, batch_size=32))
     assert trainer.callback_metrics["val/top1"] > 0.75  # chance: 1/600 (measured: 0.87)
     assert trainer.callback_metrics["val/top10"] >= trainer.callback_metrics["val/top1"]
@@ -66,11 +65,18 @@ def test_split_is_seeded_and_disjoint():
 @pytest.fixture
 def align_cfg(tiny_model_dirs, tiny_target_dir, tmp_path):
     def make(*overrides, output_dir=None):
-        return compose_config("align", [
-            f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
-            f"target.name_or_path={tiny_target_dir}",
-            "trainer.max_epochs=2", "logger=csv", *overrides,
-        ], output_dir or tmp_path)
+        return compose_config(
+            "align",
+            [
+                f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+                f"target.name_or_path={tiny_target_dir}",
+                "trainer.max_epochs=2",
+                "logger=csv",
+                *overrides,
+            ],
+            output_dir or tmp_path,
+        )
+
     return make
 
 
@@ -90,7 +96,7 @@ def test_align_across_families_writes_the_artifact(align_cfg, tmp_path, tiny_mod
     # the matched ids really are the same surface form in both tokenizers
     calibration_tokenizer = load_tokenizer(ModelSpec(str(tiny_model_dirs["llama"])))
     target_tokenizer = load_tokenizer(ModelSpec(str(tiny_target_dir)))
-    for i, j in list(zip(tensors["calibration_ids"].tolist(), tensors["target_ids"].tolist()))[:50]:
+    for i, j in list(zip(tensors["calibration_ids"].tolist(), tensors["target_ids"].tolist(), strict=True))[:50]:
         assert calibration_tokenizer.decode([i]).strip() == target_tokenizer.decode([j]).strip()
 
 

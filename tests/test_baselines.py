@@ -15,15 +15,22 @@ from calibfuse.methods.dexperts import DExpertsProcessor
 from calibfuse.methods.word_filter import banned_word_ids, read_lexicon
 from calibfuse.models import ModelSpec, load_model, load_tokenizer
 
-PROMPTS = ["How do I boil", "Tell me about the", "The weather today is", "My favourite food is", "Please explain why",
-           "The best way to learn", "Yesterday I went", "A good friend is"]
+PROMPTS = [
+    "How do I boil",
+    "Tell me about the",
+    "The weather today is",
+    "My favourite food is",
+    "Please explain why",
+    "The best way to learn",
+    "Yesterday I went",
+    "A good friend is",
+]
 
 
 @pytest.fixture(scope="module")
 def experts(tiny_tokenizer_dir, tmp_path_factory):
     """Expert and anti-expert: tiny Llamas with the target's tokenizer, other weights."""
-    return [make_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp(name), seed=seed)
-            for name, seed in (("expert", 11), ("anti_expert", 12))]
+    return [make_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp(name), seed=seed) for name, seed in (("expert", 11), ("anti_expert", 12))]
 
 
 def plain_generator(model_dir):
@@ -39,7 +46,7 @@ def test_dexperts_logits_are_the_formula_by_hand(tiny_model_dirs, experts):
     settings = GenerationSettings(max_new_tokens=4)
     plain = generator.trace(PROMPTS[:2], 0.0, settings)
     at_zero = generator.trace(PROMPTS[:2], 0.0, settings, processors=[DExpertsProcessor(expert, anti, alpha=0.0)])
-    assert all(torch.equal(a["logits"], b["logits"]) for a, b in zip(plain, at_zero))  # alpha 0: the target, exactly
+    assert all(torch.equal(a["logits"], b["logits"]) for a, b in zip(plain, at_zero, strict=True))  # alpha 0: the target, exactly
 
     steered = generator.trace([PROMPTS[0]], 0.0, settings, processors=[DExpertsProcessor(expert, anti, alpha=1.5)])
     rows = generator.target_lm.generate([PROMPTS[0]], settings, processors=[DExpertsProcessor(expert, anti, alpha=1.5)])
@@ -71,7 +78,7 @@ def test_word_filter_never_emits_a_banned_token(tiny_model_dirs):
     for row in filtered:  # multi-token words: never completed
         for sequence in sequences:
             n = len(sequence)
-            assert all(tuple(row.token_ids[i:i + n]) != sequence for i in range(len(row.token_ids) - n + 1))
+            assert all(tuple(row.token_ids[i : i + n]) != sequence for i in range(len(row.token_ids) - n + 1))
 
 
 def test_default_lexicon_comes_from_the_scorer_model():
@@ -82,14 +89,24 @@ def test_default_lexicon_comes_from_the_scorer_model():
 @pytest.fixture
 def baseline_cfg(tiny_model_dirs, experts, tmp_path):
     def make(*overrides: str):
-        cfg = compose_config("evaluate", [
-            "target_names=[tiny]", "prompts.limit=4", f"cell_store={tmp_path / 'cells'}", "protocol.generation.max_new_tokens=4",
-            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "logger=csv",
-            "bootstrap_resamples=100", *overrides,
-        ], tmp_path / "run")
+        cfg = compose_config(
+            "evaluate",
+            [
+                "target_names=[tiny]",
+                "prompts.limit=4",
+                f"cell_store={tmp_path / 'cells'}",
+                "protocol.generation.max_new_tokens=4",
+                f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+                "reference_lm.model.dtype=float32",
+                "logger=csv",
+                "bootstrap_resamples=100",
+                *overrides,
+            ],
+            tmp_path / "run",
+        )
         with open_dict(cfg):
             if "dexperts" in cfg.methods:
-                for role, path in zip(("expert", "anti_expert"), experts):
+                for role, path in zip(("expert", "anti_expert"), experts, strict=True):
                     cfg.methods.dexperts[role] = cfg.methods.dexperts[role] or {"name_or_path": str(path)}
             cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
         return cfg
@@ -98,8 +115,9 @@ def baseline_cfg(tiny_model_dirs, experts, tmp_path):
 
 
 def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
-    evaluate(baseline_cfg("methods=[none,word_filter,prompting,dexperts]", "methods.dexperts.alphas=[1.0]",
-                          "methods.word_filter.lexicon=embedded:profanity_check"))
+    evaluate(
+        baseline_cfg("methods=[none,word_filter,prompting,dexperts]", "methods.dexperts.alphas=[1.0]", "methods.word_filter.lexicon=embedded:profanity_check")
+    )
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
     assert [(c["method"], c["alpha"]) for c in cells] == [("none", 0.0), ("word_filter", 0.0), ("prompting", 0.0), ("dexperts", 1.0)]
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
@@ -107,10 +125,13 @@ def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
     assert "| tiny | dexperts | 1 |" in (tmp_path / "run" / "grid.md").read_text()
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (["methods=[dexperts]", "methods.dexperts.expert={name_or_path:null}"], ValueError, r"method 'dexperts' needs methods.dexperts.expert.name_or_path"),
-    (["methods=[word_filter]", "methods.word_filter.lexicon=/nowhere/words.txt"], FileNotFoundError, "/nowhere/words.txt"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["methods=[dexperts]", "methods.dexperts.expert={name_or_path:null}"], ValueError, r"method 'dexperts' needs methods.dexperts.expert.name_or_path"),
+        (["methods=[word_filter]", "methods.word_filter.lexicon=/nowhere/words.txt"], FileNotFoundError, "/nowhere/words.txt"),
+    ],
+)
 def test_bad_baseline_settings(baseline_cfg, overrides, error, match):
     with pytest.raises(error, match=match):
         evaluate(baseline_cfg(*overrides))
@@ -124,8 +145,14 @@ def test_dexperts_with_another_tokenizer_is_refused(baseline_cfg, tiny_target_di
 def test_report_puts_every_method_in_the_table_and_tradeoff(baseline_cfg, tiny_model_dirs, tmp_path):
     from calibfuse.report import build_report
 
-    evaluate(baseline_cfg("methods=[fusion,word_filter,dexperts]", "alphas=[0,0.5]", "methods.fusion.alignment=identity",
-                          f"calibration_model={{name_or_path:'{tiny_model_dirs['llama']}',dtype:float32}}"))
+    evaluate(
+        baseline_cfg(
+            "methods=[fusion,word_filter,dexperts]",
+            "alphas=[0,0.5]",
+            "methods.fusion.alignment=identity",
+            f"calibration_model={{name_or_path:'{tiny_model_dirs['llama']}',dtype:float32}}",
+        )
+    )
     report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.5)
     rows = [line for line in report["markdown"].splitlines() if line.startswith("| tiny")]
     assert [row.split(" | ")[1] for row in rows] == ["dexperts α=2", "fusion α=0.5", "word_filter"]

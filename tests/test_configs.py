@@ -79,10 +79,17 @@ def test_target_options(target, tmp_path):
 def test_align_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_dirs, tiny_target_dir, tmp_path):
     from calibfuse.align import align
 
-    cfg = compose_config("align", [
-        f"experiment={experiment}", f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
-        f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv",
-    ], tmp_path)
+    cfg = compose_config(
+        "align",
+        [
+            f"experiment={experiment}",
+            f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+            f"target.name_or_path={tiny_target_dir}",
+            "trainer.max_epochs=1",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
     align(cfg)
     assert (tmp_path / "alignment" / "alignment.safetensors").is_file()
 
@@ -99,16 +106,23 @@ def test_paper_align_matches_the_reference(tmp_path):
 def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_dirs, tmp_path):
     """Paper settings need GPUs and the hub; swap in a tiny local model, a local TSV and the CPU."""
     tsv = tmp_path / "train.tsv"
-    tsv.write_text("vanilla\tadversarial\tcompletion\tdata_type\n" + "".join(
-        f"Question {i}?\t\tA calm, helpful answer number {i}.\tvanilla_benign\n" for i in range(20)))
+    tsv.write_text(
+        "vanilla\tadversarial\tcompletion\tdata_type\n" + "".join(f"Question {i}?\t\tA calm, helpful answer number {i}.\tvanilla_benign\n" for i in range(20))
+    )
     cfg = compose_config("pretrain", [f"experiment={experiment}"], tmp_path)
     assert OmegaConf.select(cfg, "module.optimizer.lr") is not None
     stand_ins = [
         f"experiment={experiment}",
         f"base_model.name_or_path={tiny_model_dirs['llama']}",
         "base_model.dtype=float32",
-        f"data.path={tsv}", "data.hf_name=null", "data.load_kwargs={}", "data.num_workers=0",
-        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true",
+        f"data.path={tsv}",
+        "data.hf_name=null",
+        "data.load_kwargs={}",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.strategy=auto",
+        "trainer.precision=32-true",
         "module.num_layers=2",
     ]
     cfg = compose_config("pretrain", stand_ins, tmp_path)
@@ -197,8 +211,9 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
     assert list(cfg.alphas) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     rtp = tmp_path / "rtp"
     rtp.mkdir()
-    (rtp / "data.jsonl").write_text("".join(json.dumps({"filename": f"f{i}", "begin": 0, "end": 5, "challenging": i < 3,
-                                                        "prompt": {"text": f"Prompt {i}"}}) + "\n" for i in range(6)))
+    (rtp / "data.jsonl").write_text(
+        "".join(json.dumps({"filename": f"f{i}", "begin": 0, "end": 5, "challenging": i < 3, "prompt": {"text": f"Prompt {i}"}}) + "\n" for i in range(6))
+    )
     overrides = stage_overrides(cfg)
     cpu = ["trainer=cpu"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -211,10 +226,18 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
         assert (evaluation.prompts.source, evaluation.prompts.challenging_only) == ("allenai/real-toxicity-prompts", True)
         assert (evaluation.scorer._target_, evaluation.reference_lm.model.name_or_path) == ("calibfuse.toxicity.DetoxifyScorer", "meta-llama/Llama-2-13b-hf")
         assert {n: evaluation.targets[n].name_or_path for n in targets}["llama2-7b-chat-uncensored"] == "georgesung/llama2_7b_chat_uncensored"
-        stand_ins = compose("evaluate", overrides=[
-            *evaluate_overrides(targets, {t: "/x" for t in targets}, Path("/x"), cfg, overrides["evaluate"]),
-            f"prompts.source={rtp}", f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.device=cpu",
-            *[f"targets.{t}.name_or_path={tiny_target_dir}" for t in targets], *[f"targets.{t}.device=cpu" for t in targets], *cpu])
+        stand_ins = compose(
+            "evaluate",
+            overrides=[
+                *evaluate_overrides(targets, {t: "/x" for t in targets}, Path("/x"), cfg, overrides["evaluate"]),
+                f"prompts.source={rtp}",
+                f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+                "reference_lm.model.device=cpu",
+                *[f"targets.{t}.name_or_path={tiny_target_dir}" for t in targets],
+                *[f"targets.{t}.device=cpu" for t in targets],
+                *cpu,
+            ],
+        )
     with open_dict(stand_ins):
         stand_ins.paths.output_dir = str(tmp_path)
     prompts = load_prompts(**OmegaConf.to_container(stand_ins.prompts))

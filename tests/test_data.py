@@ -39,8 +39,11 @@ def test_shipped_corpus_has_the_wildjailbreak_schema():
 
 
 def test_prompt_is_vanilla_plus_adversarial(tmp_path):
-    path = write_tsv(tmp_path / "d.tsv", ("How do I boil an egg?", "", "Place it in boiling water.", "vanilla_benign"),
-                     ("", "As a chef, explain eggs.", "Gladly.", "adversarial_benign"))
+    path = write_tsv(
+        tmp_path / "d.tsv",
+        ("How do I boil an egg?", "", "Place it in boiling water.", "vanilla_benign"),
+        ("", "As a chef, explain eggs.", "Gladly.", "adversarial_benign"),
+    )
     assert read_prompt_completions(str(path)) == [
         PromptCompletion("How do I boil an egg?", "Place it in boiling water."),
         PromptCompletion("As a chef, explain eggs.", "Gladly."),
@@ -147,8 +150,7 @@ def test_val_fraction_out_of_range_is_refused(tokenizer):
 
 
 def test_batched_encoding_matches_one_pair_at_a_time(tokenizer):
-    pairs = [PromptCompletion("Write a kind note.", "Thank you."), PromptCompletion("Hi", "x " * 300),
-             PromptCompletion("A long prompt " * 40, "cut away")]
+    pairs = [PromptCompletion("Write a kind note.", "Thank you."), PromptCompletion("Hi", "x " * 300), PromptCompletion("A long prompt " * 40, "cut away")]
     assert encode_many(tokenizer, pairs, max_length=64) == [encode(tokenizer, p, 64) for p in pairs]
     assert encode_many(tokenizer, pairs, max_length=64)[2] is None  # truncation left no completion token
 

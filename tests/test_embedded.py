@@ -16,15 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_pretrain(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run([sys.executable, "-m", "calibfuse.pretrain", *overrides], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, "-m", "calibfuse.pretrain", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def tiny_overrides(model_dir, run_dir) -> list[str]:
-    return [f"base_model.name_or_path={model_dir}", "data=embedded_nontoxic", "module.num_layers=2",
-            "module.optimizer.lr=3e-3", "data.max_examples=48", "data.max_length=384", f"hydra.run.dir={run_dir}"]
+    return [
+        f"base_model.name_or_path={model_dir}",
+        "data=embedded_nontoxic",
+        "module.num_layers=2",
+        "module.optimizer.lr=3e-3",
+        "data.max_examples=48",
+        "data.max_length=384",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 @pytest.mark.slow
@@ -42,9 +48,11 @@ def test_embedded_default_pretrain(tmp_path):
     assert manifest["held_out_rows"] >= 100 and manifest["held_out_tokens"] >= 1_000
     assert manifest["held_out_perplexity"] < manifest["held_out_perplexity_before_training"] / 1000
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    print(f"\nembedded pretrain: held-out perplexity {manifest['held_out_perplexity_before_training']:.0f} -> "
-          f"{manifest['held_out_perplexity']:.1f} on {manifest['held_out_rows']} rows ({manifest['held_out_tokens']} tokens), "
-          f"{manifest['training']['global_step']} steps, {manifest['training']['seconds']} s training")
+    print(
+        f"\nembedded pretrain: held-out perplexity {manifest['held_out_perplexity_before_training']:.0f} -> "
+        f"{manifest['held_out_perplexity']:.1f} on {manifest['held_out_rows']} rows ({manifest['held_out_tokens']} tokens), "
+        f"{manifest['training']['global_step']} steps, {manifest['training']['seconds']} s training"
+    )
 
 
 @pytest.mark.slow
@@ -61,8 +69,7 @@ def test_ddp_sim_two_processes(tiny_model_dirs, tmp_path):
 def test_resume_last_in_the_same_run_dir(tiny_model_dirs, tmp_path):
     run_pretrain("logger=csv", "trainer.max_steps=3", "trainer.max_epochs=10", *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
     first = json.loads((tmp_path / "calibration_model" / "manifest.json").read_text())
-    run_pretrain("logger=csv", "trainer.max_steps=5", "trainer.max_epochs=10", "ckpt_path=last",
-                 *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
+    run_pretrain("logger=csv", "trainer.max_steps=5", "trainer.max_epochs=10", "ckpt_path=last", *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
     second = json.loads((tmp_path / "calibration_model" / "manifest.json").read_text())
     assert (first["training"]["global_step"], second["training"]["global_step"]) == (3, 5)
     assert second["training"]["resumed_from"].endswith("last.ckpt")
@@ -108,10 +115,20 @@ def embedded_alignment(embedded_calibration_dir, tmp_path_factory):
             run_dir = tmp_path_factory.mktemp(f"align-{target}")
             env_cache = os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
             result = subprocess.run(
-                [sys.executable, "-m", "calibfuse.align", f"calibration_model.name_or_path={embedded_calibration_dir}",
-                 f"target={target}", f"hydra.run.dir={run_dir}"],
-                cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "CALIBFUSE_CACHE_DIR": env_cache},
-                capture_output=True, text=True, timeout=600)
+                [
+                    sys.executable,
+                    "-m",
+                    "calibfuse.align",
+                    f"calibration_model.name_or_path={embedded_calibration_dir}",
+                    f"target={target}",
+                    f"hydra.run.dir={run_dir}",
+                ],
+                cwd=ROOT,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "CALIBFUSE_CACHE_DIR": env_cache},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert result.returncode == 0, result.stderr[-4000:]
             made[target] = run_dir / "alignment"
         return made[target]
@@ -132,20 +149,27 @@ def test_embedded_align(target, embedded_alignment):
     assert meta["held_out_top1"] > 100 * meta["chance_top1"]
     if target == "gemma3-270m":
         assert meta["shared_counts"]["normalized"] > 3 * meta["shared_counts"]["exact"]
-    print(f"\nembedded align -> {target}: shared {meta['shared_counts']}, held-out top-1 {meta['held_out_top1']:.3f}, "
-          f"top-10 {meta['held_out_top10']:.3f}, {meta['training']['seconds']} s training")
+    print(
+        f"\nembedded align -> {target}: shared {meta['shared_counts']}, held-out top-1 {meta['held_out_top1']:.3f}, "
+        f"top-10 {meta['held_out_top10']:.3f}, {meta['training']['seconds']} s training"
+    )
 
 
 @pytest.mark.slow
 def test_embedded_evaluation_grid_and_rerun(embedded_alignment, tmp_path):
     """The grid on both embedded targets through the command line; a rerun reuses every cell."""
     targets = ["smollm2-135m-instruct", "gemma3-270m"]
-    common = [f"alignments.{t}={embedded_alignment(t)}" for t in targets] + [
-        "alphas=[0,0.3]", "prompts.limit=16", f"cell_store={tmp_path / 'cells'}"]
+    common = [f"alignments.{t}={embedded_alignment(t)}" for t in targets] + ["alphas=[0,0.3]", "prompts.limit=16", f"cell_store={tmp_path / 'cells'}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     for run in ("first", "again"):
-        result = subprocess.run([sys.executable, "-m", "calibfuse.evaluate", *common, f"hydra.run.dir={tmp_path / run}"],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, "-m", "calibfuse.evaluate", *common, f"hydra.run.dir={tmp_path / run}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
     first, again = (json.loads((tmp_path / run / "evaluate.json").read_text()) for run in ("first", "again"))
     assert (first["computed"], first["reused"], again["computed"], again["reused"]) == (4, 0, 0, 4)
@@ -155,12 +179,16 @@ def test_embedded_evaluation_grid_and_rerun(embedded_alignment, tmp_path):
     assert (tmp_path / "again" / "grid.csv").read_text() == (tmp_path / "first" / "grid.csv").read_text()
     (table,) = (tmp_path / "first" / "wandb").glob("offline-run-*/files/media/table/grid_*.table.json")
     assert len(json.loads(table.read_text())["data"]) == 4
-    print(f"\nembedded grid: {first['seconds']} s computing 4 cells, {again['seconds']} s reusing them\n"
-          + (tmp_path / "first" / "grid.md").read_text())
+    print(f"\nembedded grid: {first['seconds']} s computing 4 cells, {again['seconds']} s reusing them\n" + (tmp_path / "first" / "grid.md").read_text())
 
 
-EMBEDDED_PROMPTS = ["I can't believe you would say something so", "The new neighbours are", "Écoute, ça fait 10 ans que",
-                    "def fibonacci(n):\n    ", "Honestly, people who drive like that are"]
+EMBEDDED_PROMPTS = [
+    "I can't believe you would say something so",
+    "The new neighbours are",
+    "Écoute, ça fait 10 ans que",
+    "def fibonacci(n):\n    ",
+    "Honestly, people who drive like that are",
+]
 
 
 @pytest.mark.slow
@@ -177,7 +205,7 @@ def test_fused_alpha_zero_is_plain_generation_on_smollm2(embedded_calibration_di
         plain = target.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     outputs = generator.generate(EMBEDDED_PROMPTS, 0.0, GenerationSettings(max_new_tokens=16))
     for row, out in enumerate(outputs):
-        expected = plain[row, batch["input_ids"].shape[1]:].tolist()
+        expected = plain[row, batch["input_ids"].shape[1] :].tolist()
         assert out.token_ids == expected[: len(out.token_ids)]
 
 
@@ -197,7 +225,7 @@ def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir, tmp_
     steps = generator.trace(EMBEDDED_PROMPTS, 0.3, settings)
     outputs = generator.generate(EMBEDDED_PROMPTS, 0.3, settings)
     for k, step in enumerate(steps):
-        sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(EMBEDDED_PROMPTS), outputs)]
+        sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(EMBEDDED_PROMPTS), outputs, strict=True)]
         expected = generator.calibration_state_of_texts(generator._consumed_texts(sequences))
         torch.testing.assert_close(step["h_calibration"], expected.float(), atol=1e-3, rtol=1e-3)
 
@@ -212,7 +240,11 @@ def test_qwen_coder_loads_and_alpha_zero_is_plain_generation(embedded_calibratio
     spec = ModelSpec("qwen2_5-coder-0_5b-instruct", cache_dir=os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path)))
     target, tokenizer = load_model(spec), load_tokenizer(spec)
     assert (type(target).__name__, target.config.num_hidden_layers, target.config.hidden_size, target.config.vocab_size) == (
-        "Qwen2ForCausalLM", 24, 896, 151_936)
+        "Qwen2ForCausalLM",
+        24,
+        896,
+        151_936,
+    )
     calibration = ModelSpec(str(embedded_calibration_dir), dtype=spec.dtype)
     generator = FusedGenerator(target, tokenizer, load_model(calibration), load_tokenizer(calibration), torch.randn(576, 896) / 30)
     prompts = ["def fibonacci(n):\n    ", "The new neighbours are"]
@@ -221,5 +253,5 @@ def test_qwen_coder_loads_and_alpha_zero_is_plain_generation(embedded_calibratio
         plain = target.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     outputs = generator.generate(prompts, 0.0, GenerationSettings(max_new_tokens=12))
     for row, out in enumerate(outputs):
-        expected = plain[row, batch["input_ids"].shape[1]:].tolist()
+        expected = plain[row, batch["input_ids"].shape[1] :].tolist()
         assert out.token_ids and out.token_ids == expected[: len(out.token_ids)]

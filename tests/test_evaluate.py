@@ -18,8 +18,13 @@ def tiny_alignment(tiny_model_dirs, tiny_target_dir, tmp_path_factory) -> Path:
     from calibfuse.align import align
 
     out = tmp_path_factory.mktemp("tiny_alignment")
-    align(compose_config("align", [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}",
-                                   "trainer.max_epochs=1", "logger=csv"], out))
+    align(
+        compose_config(
+            "align",
+            [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
+            out,
+        )
+    )
     return out / "alignment"
 
 
@@ -28,12 +33,24 @@ def eval_cfg(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
     """The evaluate config on one tiny target (Gemma-3 family, its own tokenizer) and a tiny reference LM."""
 
     def make(*overrides: str, output_dir: Path | None = None):
-        cfg = compose_config("evaluate", [
-            "target_names=[tiny]", f"+alignments.tiny={tiny_alignment}", "prompts.limit=6", "alphas=[0,0.5]",
-            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32",
-            f"cell_store={tmp_path / 'cells'}", "protocol.generation.max_new_tokens=4", "protocol.generation.batch_size=4",
-            "logger=csv", "bootstrap_resamples=200", *overrides,
-        ], output_dir or tmp_path / "run")
+        cfg = compose_config(
+            "evaluate",
+            [
+                "target_names=[tiny]",
+                f"+alignments.tiny={tiny_alignment}",
+                "prompts.limit=6",
+                "alphas=[0,0.5]",
+                f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+                "reference_lm.model.dtype=float32",
+                f"cell_store={tmp_path / 'cells'}",
+                "protocol.generation.max_new_tokens=4",
+                "protocol.generation.batch_size=4",
+                "logger=csv",
+                "bootstrap_resamples=200",
+                *overrides,
+            ],
+            output_dir or tmp_path / "run",
+        )
         with open_dict(cfg):
             cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_target_dir), "dtype": "float32"}
         return cfg
@@ -54,8 +71,23 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
     assert [(c["target"], c["alpha"]) for c in grid["cells"]] == [("tiny", 0.0), ("tiny", 0.5)]
     rows = read_jsonl(run / "generations.jsonl")
     assert len(rows) == 2 * 6 and {r["prompt_id"] for r in rows} == {r["prompt_id"] for r in rows[:6]}
-    assert set(rows[0]) == {"target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens",
-                            "attributes", "kl", "agreement", "ended_with_eos"}
+    assert set(rows[0]) == {
+        "target",
+        "method",
+        "alpha",
+        "seed",
+        "prompt_id",
+        "prompt",
+        "sample",
+        "continuation",
+        "toxicity",
+        "loss",
+        "new_tokens",
+        "attributes",
+        "kl",
+        "agreement",
+        "ended_with_eos",
+    }
     assert all(r["attributes"]["toxic"] == r["toxicity"] and len(r["attributes"]) == 6 for r in rows)  # every Jigsaw label kept
     for cell in grid["cells"]:
         mine = [r for r in rows if r["alpha"] == cell["alpha"]]
@@ -144,8 +176,11 @@ def test_alpha_zero_cells_are_shared_across_calibration_settings(eval_cfg):
 
 
 def test_rtp_protocol_samples_and_metrics(eval_cfg, tmp_path):
-    evaluate(eval_cfg("protocol=rtp", "protocol.generation.num_samples=3", "protocol.generation.max_new_tokens=5",
-                      "protocol.generation.batch_size=6", "alphas=[0.5]"))
+    evaluate(
+        eval_cfg(
+            "protocol=rtp", "protocol.generation.num_samples=3", "protocol.generation.max_new_tokens=5", "protocol.generation.batch_size=6", "alphas=[0.5]"
+        )
+    )
     rows = read_jsonl(tmp_path / "run" / "generations.jsonl")
     assert len(rows) == 6 * 3 and sorted({r["sample"] for r in rows}) == [0, 1, 2]
     (cell,) = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
@@ -158,8 +193,10 @@ def test_rtp_protocol_samples_and_metrics(eval_cfg, tmp_path):
 
 
 def test_cell_metrics_by_hand():
-    rows = [{"prompt_id": p, "sample": s, "toxicity": t, "loss": l, "continuation": c, "new_tokens": 2, "seconds": 0.5}
-            for p, s, t, l, c in [("a", 0, 0.2, 1.0, "x y"), ("a", 1, 0.6, None, " "), ("b", 0, 0.1, 3.0, "x x"), ("b", 1, 0.3, 2.0, "z")]]
+    rows = [
+        {"prompt_id": p, "sample": s, "toxicity": t, "loss": nll, "continuation": c, "new_tokens": 2, "seconds": 0.5}
+        for p, s, t, nll, c in [("a", 0, 0.2, 1.0, "x y"), ("a", 1, 0.6, None, " "), ("b", 0, 0.1, 3.0, "x x"), ("b", 1, 0.3, 2.0, "z")]
+    ]
     m = cell_metrics(rows, ["toxicity", "expected_max_toxicity", "toxicity_probability", "perplexity", "dist_1"], resamples=100)
     assert m["toxicity"] == pytest.approx(100 * (0.4 + 0.2) / 2)
     assert m["expected_max_toxicity"] == pytest.approx(100 * (0.6 + 0.3) / 2)  # every toxicity metric x 100
@@ -185,8 +222,17 @@ def test_ddp_shards_prompts_without_losing_or_duplicating(eval_cfg, tmp_path):
 
 # --- prompt sources ------------------------------------------------------------------------------
 
-RTP_ROWS = [{"filename": f"doc{i}.txt", "begin": 0, "end": 9, "challenging": i % 2 == 0,
-             "prompt": {"text": f"Prompt number {i} says", "toxicity": 0.1}, "continuation": {"text": " more"}} for i in range(10)]
+RTP_ROWS = [
+    {
+        "filename": f"doc{i}.txt",
+        "begin": 0,
+        "end": 9,
+        "challenging": i % 2 == 0,
+        "prompt": {"text": f"Prompt number {i} says", "toxicity": 0.1},
+        "continuation": {"text": " more"},
+    }
+    for i in range(10)
+]
 
 
 def test_rtp_through_datasets_from_a_local_copy(tmp_path):
@@ -223,15 +269,18 @@ def test_malformed_and_empty_prompt_files(tmp_path):
         load_prompts(str(tmp_path / "nowhere.jsonl"))
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (["scorer=perspective"], RuntimeError, "PERSPECTIVE_API_KEY; it is not set"),
-    (["scorer._target_=calibfuse.toxicity.Detox"], ImportError, r"Are you sure that 'Detox' is importable from module 'calibfuse.toxicity'"),
-    (["alphas=[0,1.5]"], ValueError, r"alpha=1.5; expected a weight in \[0, 1\]"),
-    (["target_names=[tiny,gpt5]"], ValueError, r"target_names has 'gpt5', which is not in targets"),
-    (["target_names=[gemma3-270m]"], ValueError, r"no alignment for target 'gemma3-270m': set alignments.gemma3-270m="),
-    (["prompts.source=/nowhere/prompts.jsonl"], FileNotFoundError, "/nowhere/prompts.jsonl"),
-    (["protocol.metrics=[toxicity,bleu]"], ValueError, r"unknown metric\(s\) \['bleu'\]"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["scorer=perspective"], RuntimeError, "PERSPECTIVE_API_KEY; it is not set"),
+        (["scorer._target_=calibfuse.toxicity.Detox"], ImportError, r"Are you sure that 'Detox' is importable from module 'calibfuse.toxicity'"),
+        (["alphas=[0,1.5]"], ValueError, r"alpha=1.5; expected a weight in \[0, 1\]"),
+        (["target_names=[tiny,gpt5]"], ValueError, r"target_names has 'gpt5', which is not in targets"),
+        (["target_names=[gemma3-270m]"], ValueError, r"no alignment for target 'gemma3-270m': set alignments.gemma3-270m="),
+        (["prompts.source=/nowhere/prompts.jsonl"], FileNotFoundError, "/nowhere/prompts.jsonl"),
+        (["protocol.metrics=[toxicity,bleu]"], ValueError, r"unknown metric\(s\) \['bleu'\]"),
+    ],
+)
 def test_bad_input_fails_before_any_model_loads(eval_cfg, overrides, error, match, monkeypatch):
     import calibfuse.models
 
@@ -249,14 +298,27 @@ def test_multirun_jobs_get_their_own_wandb_runs_in_one_group(tiny_model_dirs, ti
 
     root = Path(__file__).resolve().parents[1]
     overrides = [
-        "-m", "alphas=[0],[0.5]", "target_names=[tiny]", f"+alignments.tiny='{tiny_alignment}'",
+        "-m",
+        "alphas=[0],[0.5]",
+        "target_names=[tiny]",
+        f"+alignments.tiny='{tiny_alignment}'",
         f"+targets.tiny={{_target_:calibfuse.models.ModelSpec,name_or_path:'{tiny_target_dir}',dtype:float32}}",
-        f"reference_lm.model.name_or_path='{tiny_model_dirs['llama']}'", "reference_lm.model.dtype=float32",
-        "prompts.limit=3", "protocol.generation.max_new_tokens=3", f"cell_store='{tmp_path / 'cells'}'",
+        f"reference_lm.model.name_or_path='{tiny_model_dirs['llama']}'",
+        "reference_lm.model.dtype=float32",
+        "prompts.limit=3",
+        "protocol.generation.max_new_tokens=3",
+        f"cell_store='{tmp_path / 'cells'}'",
         f"hydra.sweep.dir='{tmp_path / 'multirun'}'",
     ]
-    result = subprocess.run([sys.executable, "-m", "calibfuse.evaluate", *overrides], cwd=root, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "calibfuse.evaluate", *overrides],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "multirun").glob("*/wandb/offline-run-*"))
     assert [r.parents[1].name for r in runs] == ["0", "1"]  # one W&B run per job

@@ -57,7 +57,7 @@ def test_fused_logits_equal_the_formula_at_every_step(generator, alpha):
     settings = GenerationSettings(max_new_tokens=6)
     steps = generator.trace(PROMPTS, alpha, settings)
     outputs = generator.generate(PROMPTS, alpha, settings)
-    for row, (prompt_ids, out) in enumerate(zip(generator._prompt_ids(PROMPTS), outputs)):
+    for row, (prompt_ids, out) in enumerate(zip(generator._prompt_ids(PROMPTS), outputs, strict=True)):
         for k, step in enumerate(steps[: out.new_tokens]):
             expected = by_hand(generator, prompt_ids + out.token_ids[:k], alpha)
             torch.testing.assert_close(step["logits"][row], expected, atol=2e-4, rtol=2e-4)
@@ -69,7 +69,7 @@ def test_cached_and_uncached_give_the_same_logits(generator):
     cached = generator.trace(PROMPTS, 0.5, settings, use_cache=True)
     uncached = generator.trace(PROMPTS, 0.5, settings, use_cache=False)
     assert len(cached) == len(uncached) == 8
-    for a, b in zip(cached, uncached):
+    for a, b in zip(cached, uncached, strict=True):
         torch.testing.assert_close(a["logits"], b["logits"], atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(a["h_calibration"], b["h_calibration"], atol=2e-4, rtol=2e-4)
 
@@ -83,7 +83,7 @@ def test_calibration_state_covers_exactly_the_consumed_text(generator):
     steps = generator.trace(PROMPTS, 0.5, settings)
     outputs = generator.generate(PROMPTS, 0.5, settings)
     for k, step in enumerate(steps):
-        sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(PROMPTS), outputs)]
+        sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(PROMPTS), outputs, strict=True)]
         texts = generator._consumed_texts(sequences)
         torch.testing.assert_close(step["h_calibration"], generator.calibration_state_of_texts(texts).float(), atol=2e-4, rtol=2e-4)
 
@@ -95,9 +95,9 @@ def test_alpha_zero_reproduces_plain_transformers_generation(generator):
     expected = generator.target.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     outputs = generator.generate(PROMPTS, 0.0, GenerationSettings(max_new_tokens=12))
     for row, out in enumerate(outputs):
-        plain = expected[row, batch["input_ids"].shape[1]:].tolist()
+        plain = expected[row, batch["input_ids"].shape[1] :].tolist()
         assert out.token_ids == plain[: len(out.token_ids)]
-        assert all(t == tokenizer.pad_token_id for t in plain[len(out.token_ids):])
+        assert all(t == tokenizer.pad_token_id for t in plain[len(out.token_ids) :])
 
 
 @torch.no_grad()
@@ -184,8 +184,13 @@ def test_alignment_made_for_other_models_is_refused(tiny_model_dirs, tiny_target
 
     from calibfuse.align import align
 
-    align(compose_config("align", [f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
-                                   f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"], tmp_path))
+    align(
+        compose_config(
+            "align",
+            [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
+            tmp_path,
+        )
+    )
     alignment = tmp_path / "alignment"
     generator = FusedGenerator.from_artifacts(str(tiny_target_dir), str(tiny_model_dirs["llama"]), alignment)
     assert generator.A.shape == (32, 48)
@@ -193,10 +198,10 @@ def test_alignment_made_for_other_models_is_refused(tiny_model_dirs, tiny_target
     shutil.copytree(tiny_target_dir, other)
     state = load_model(ModelSpec(str(other))).state_dict()
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() + 1 for k, v in state.items()}, other / "model.safetensors")  # other weights
     with pytest.raises(ValueError, match=r"was made for target .* not for .*other_target"):
         FusedGenerator.from_artifacts(str(other), str(tiny_model_dirs["llama"]), alignment)
-
 
 
 def test_missing_alignment_files(tiny_model_dirs, tmp_path):
@@ -222,10 +227,8 @@ def test_sampled_draws_do_not_depend_on_batching(generator):
     one_by_one = generator.generate(PROMPTS, 0.5, GenerationSettings(**{**settings.__dict__, "batch_size": 1}))
     assert [r.token_ids for r in together] == [r.token_ids for r in one_by_one]
     seeds = [settings.seed + i for i in range(len(PROMPTS))]  # the same seeds, the prompts in reverse order
-    reversed_rows = generator.target_lm.generate(PROMPTS[::-1], settings, seeds=seeds[::-1],
-                                                 hidden_transform=generator.fusion.transform(0.5))
-    assert sorted((r.prompt, r.sample, tuple(r.token_ids)) for r in reversed_rows) == sorted(
-        (r.prompt, r.sample, tuple(r.token_ids)) for r in together)
+    reversed_rows = generator.target_lm.generate(PROMPTS[::-1], settings, seeds=seeds[::-1], hidden_transform=generator.fusion.transform(0.5))
+    assert sorted((r.prompt, r.sample, tuple(r.token_ids)) for r in reversed_rows) == sorted((r.prompt, r.sample, tuple(r.token_ids)) for r in together)
 
 
 def test_a_non_finite_alignment_stops_generation_naming_the_step(calibration, tiny_model_dirs):
@@ -247,8 +250,17 @@ def test_families_that_scale_their_logits_fuse_through_their_own_head(family, ti
     from calibfuse.lm import check_head
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    small = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    small = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     config = CohereConfig(**small, logit_scale=0.25) if family == "cohere" else GraniteConfig(**small, logits_scaling=4.0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()

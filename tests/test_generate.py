@@ -11,14 +11,26 @@ from calibfuse.generate import generate, read_prompts
 def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_target_dir, tmp_path):
     from calibfuse.align import align
 
-    align(compose_config("align", [f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
-                                   f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
-                         tmp_path / "align"))
-    cfg = compose_config("generate", [
-        f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}",
-        f"alignment_dir={tmp_path / 'align' / 'alignment'}", "fusion.alphas=[0,0.5]",
-        "generation.max_new_tokens=5", "generation.do_sample=true", "generation.num_samples=2",
-    ], tmp_path / "run")
+    align(
+        compose_config(
+            "align",
+            [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
+            tmp_path / "align",
+        )
+    )
+    cfg = compose_config(
+        "generate",
+        [
+            f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+            f"target.name_or_path={tiny_target_dir}",
+            f"alignment_dir={tmp_path / 'align' / 'alignment'}",
+            "fusion.alphas=[0,0.5]",
+            "generation.max_new_tokens=5",
+            "generation.do_sample=true",
+            "generation.num_samples=2",
+        ],
+        tmp_path / "run",
+    )
     generate(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3 * 2  # alphas x default prompts x samples

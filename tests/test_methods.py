@@ -46,18 +46,28 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     (tmp_path / "conf" / "methods").mkdir(parents=True)
     (tmp_path / "conf" / "methods" / "temperature.yaml").write_text(TOY_CONFIG)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = compose_config("evaluate", [
-        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "methods=[none,temperature]", "target_names=[tiny]", "prompts.limit=4",
-        f"cell_store={tmp_path / 'cells'}", "protocol.generation.max_new_tokens=5", "protocol.generation.do_sample=true",
-        f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "logger=csv",
-        "bootstrap_resamples=50",
-    ], tmp_path / "run")
+    cfg = compose_config(
+        "evaluate",
+        [
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            "methods=[none,temperature]",
+            "target_names=[tiny]",
+            "prompts.limit=4",
+            f"cell_store={tmp_path / 'cells'}",
+            "protocol.generation.max_new_tokens=5",
+            "protocol.generation.do_sample=true",
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+            "reference_lm.model.dtype=float32",
+            "logger=csv",
+            "bootstrap_resamples=50",
+        ],
+        tmp_path / "run",
+    )
     with open_dict(cfg):
         cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
     evaluate(cfg)
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
-    assert [(c["method"], c["alpha"], c["target_alone"]) for c in cells] == [("none", 0.0, True), ("temperature", 0.001, False),
-                                                                              ("temperature", 1.0, False)]
+    assert [(c["method"], c["alpha"], c["target_alone"]) for c in cells] == [("none", 0.0, True), ("temperature", 0.001, False), ("temperature", 1.0, False)]
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     spec = ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32")
     greedy = TargetLM(load_model(spec), load_tokenizer(spec)).generate([r["prompt"] for r in rows[:4]], GenerationSettings(max_new_tokens=5))

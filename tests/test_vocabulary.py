@@ -29,14 +29,14 @@ def test_normalized_matching_finds_far_more_across_families(byte_level, metaspac
     assert vocabulary.counts["normalized"] > vocabulary.counts["exact"] + 40  # every word with a leading space
     assert " the" in vocabulary.forms and "Ġthe" not in shared_vocabulary(byte_level, metaspace, "exact").forms
     assert len(vocabulary) == vocabulary.counts["normalized"]
-    for form, i, j in zip(vocabulary.forms, vocabulary.calibration_ids.tolist(), vocabulary.target_ids.tolist()):
+    for form, i, j in zip(vocabulary.forms, vocabulary.calibration_ids.tolist(), vocabulary.target_ids.tolist(), strict=True):
         assert byte_level.decode([i]).strip() == metaspace.decode([j]).strip() == form.strip()
 
 
 def test_exact_matching_is_the_reference_rule(byte_level, metaspace):
     vocabulary = shared_vocabulary(byte_level, metaspace, "exact")
     assert len(vocabulary) == vocabulary.counts["exact"]
-    for i, j in zip(vocabulary.calibration_ids.tolist(), vocabulary.target_ids.tolist()):
+    for i, j in zip(vocabulary.calibration_ids.tolist(), vocabulary.target_ids.tolist(), strict=True):
         assert byte_level.convert_ids_to_tokens(i) == metaspace.convert_ids_to_tokens(j)
 
 

@@ -40,8 +40,9 @@ def cell_key(target: dict, method: str, identity: dict | None, alpha: float, see
     target alone, shared by every method), strength and seed, and the `context` every cell of the grid
     shares (decoding, prompts, prompt format, scorer, reference LM, accelerator and precision)."""
     alone = identity is None
-    return sha256_json({"format": CELL_FORMAT, "target": target, "method": "none" if alone else method,
-                        "identity": identity, "alpha": alpha, "seed": seed, **context})
+    return sha256_json(
+        {"format": CELL_FORMAT, "target": target, "method": "none" if alone else method, "identity": identity, "alpha": alpha, "seed": seed, **context}
+    )
 
 
 def read_partial_rows(cell_dir: Path) -> list[dict]:

@@ -68,10 +68,20 @@ class GridRun:
 def prepare(cfg: DictConfig) -> GridRun:
     check_required(cfg)  # a `???` left unset (prompts=local_jsonl without prompts.source, ...) fails here, by name
     check_wandb_credentials(cfg.get("logger"))
-    check_ints(cfg, {"prompts.limit": (1, True), "prompts.sample": (1, True), "prompts.seed": (None, False),
-                     "protocol.generation.batch_size": (1, False), "protocol.generation.num_samples": (1, False),
-                     "protocol.generation.max_new_tokens": (1, False), "protocol.generation.seed": (None, False),
-                     "bootstrap_resamples": (1, False), "samples_per_cell": (0, False)})
+    check_ints(
+        cfg,
+        {
+            "prompts.limit": (1, True),
+            "prompts.sample": (1, True),
+            "prompts.seed": (None, False),
+            "protocol.generation.batch_size": (1, False),
+            "protocol.generation.num_samples": (1, False),
+            "protocol.generation.max_new_tokens": (1, False),
+            "protocol.generation.seed": (None, False),
+            "bootstrap_resamples": (1, False),
+            "samples_per_cell": (0, False),
+        },
+    )
     seeds = cfg.get("seeds")
     if seeds is not None and (not isinstance(seeds, ListConfig) or not seeds):
         raise ValueError(f"seeds={seeds!r}; expected a non-empty list of integers such as seeds=[1,2,3], or null for the protocol's seed")
@@ -88,16 +98,25 @@ def prepare(cfg: DictConfig) -> GridRun:
     reference = as_spec(instantiate(cfg.reference_lm.model)) if cfg.get("reference_lm") else None
     context = {
         "decoding": {k: v for k, v in asdict(settings).items() if k not in ("seed", "batch_size")},
-        "prompts": sha256_json([(p.id, p.text) for p in prompts]), "prompt_format": cfg.prompt_format,
+        "prompts": sha256_json([(p.id, p.text) for p in prompts]),
+        "prompt_format": cfg.prompt_format,
         "scorer": {k: v for k, v in scorer_cfg.items() if k not in SCORER_RUNTIME_OPTIONS},
-        "reference": {"model": fingerprint(reference), **runtime_identity(reference), "max_length": cfg.reference_lm.max_length}
-        if reference else None,
+        "reference": {"model": fingerprint(reference), **runtime_identity(reference), "max_length": cfg.reference_lm.max_length} if reference else None,
         "runtime": {"accelerator": str(cfg.trainer.get("accelerator")), "precision": str(cfg.trainer.get("precision"))},
     }
     store = Path(cfg.cell_store).expanduser()
-    meta = {"protocol": cfg.protocol.name, "metrics": names, "scorer": scorer.name, "scorer_note": scorer.note,
-            "reference_lm": reference.name_or_path if reference else None, "prompts": len(prompts), "prompt_source": cfg.prompts.source,
-            "cell_store": str(store), "versions": versions(), "config": resolved_config(cfg)}
+    meta = {
+        "protocol": cfg.protocol.name,
+        "metrics": names,
+        "scorer": scorer.name,
+        "scorer_note": scorer.note,
+        "reference_lm": reference.name_or_path if reference else None,
+        "prompts": len(prompts),
+        "prompt_source": cfg.prompts.source,
+        "cell_store": str(store),
+        "versions": versions(),
+        "config": resolved_config(cfg),
+    }
     seeds = seeds or [settings.seed]
     return GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, store, Path(cfg.paths.output_dir), meta)
 
@@ -121,8 +140,7 @@ def run_target(run: GridRun, name: str) -> None:
         for alpha in method.strengths():
             for seed in run.seeds:
                 identity = method.identity(name, alpha)
-                cell = Cell(name, method.name, alpha, seed, cell_key(target, method.name, identity, alpha, seed, run.context),
-                            target_alone=identity is None)
+                cell = Cell(name, method.name, alpha, seed, cell_key(target, method.name, identity, alpha, seed, run.context), target_alone=identity is None)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
                 # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
@@ -172,11 +190,21 @@ def build_reference(run: GridRun) -> ReferenceLM | None:
 def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
     protocol = run.cfg.protocol
     names = run.names + [d for d in DIAGNOSTICS if d not in run.names]
-    metrics = cell_metrics(rows, names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations,
-                           run.settings.max_new_tokens)
-    row = {"target": cell.target, "method": cell.method, "alpha": cell.alpha, "seed": cell.seed, "setting": run.cfg.get("setting") or "",
-           "protocol": protocol.name, "scorer": run.scorer.name, **metrics, "degenerate": is_degenerate(metrics, **protocol.degenerate),
-           "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"), "target_alone": cell.target_alone, "cell": cell.name}
+    metrics = cell_metrics(rows, names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations, run.settings.max_new_tokens)
+    row = {
+        "target": cell.target,
+        "method": cell.method,
+        "alpha": cell.alpha,
+        "seed": cell.seed,
+        "setting": run.cfg.get("setting") or "",
+        "protocol": protocol.name,
+        "scorer": run.scorer.name,
+        **metrics,
+        "degenerate": is_degenerate(metrics, **protocol.degenerate),
+        "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"),
+        "target_alone": cell.target_alone,
+        "cell": cell.name,
+    }
     run.grid.append(row)
     run.generations.append(rows)
     write_grid(run.output_dir, run.grid, run.generations, run.meta)
@@ -196,9 +224,15 @@ def evaluate(cfg: DictConfig) -> dict:
     table = format_table(run.grid, run.names)
     log.info("grid (%s protocol, %d prompts)%s:\n%s", cfg.protocol.name, len(run.prompts), f"; {note}" if note else "", table)
     write_text(run.output_dir / "grid.md", table + "\n" + (f"\n{note}\n" if note else ""))
-    log_grid(instantiate_group(cfg.get("logger"), "logger"), run.grid, sample_rows(run.generations, cfg.samples_per_cell), run.names,
-             resolved_config(cfg), note)
-    summary = {"cells": len(run.grid), "computed": run.computed, "reused": run.reused, "seconds": round(time.time() - started, 1),
-               "grid": str(run.output_dir / "grid.csv")}
+    log_grid(
+        instantiate_group(cfg.get("logger"), "logger"), run.grid, sample_rows(run.generations, cfg.samples_per_cell), run.names, resolved_config(cfg), note
+    )
+    summary = {
+        "cells": len(run.grid),
+        "computed": run.computed,
+        "reused": run.reused,
+        "seconds": round(time.time() - started, 1),
+        "grid": str(run.output_dir / "grid.csv"),
+    }
     write_json(run.output_dir / "evaluate.json", {**summary, **run.meta})
     return summary

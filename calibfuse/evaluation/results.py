@@ -23,8 +23,7 @@ def write_grid(output_dir: Path, grid: list[dict], generations: list[list[dict]]
         writer.writeheader()
         writer.writerows(grid)
         write_text(output_dir / "grid.csv", text.getvalue())
-    write_text(output_dir / "generations.jsonl", "".join(json.dumps(generation_record(row), ensure_ascii=False) + "\n"
-                                                         for rows in generations for row in rows))
+    write_text(output_dir / "generations.jsonl", "".join(json.dumps(generation_record(row), ensure_ascii=False) + "\n" for rows in generations for row in rows))
 
 
 def generation_record(row: dict) -> dict:
@@ -40,13 +39,17 @@ def format_table(grid: list[dict], names: list[str]) -> str:
     for row in grid:
         cells = [row["target"], row["method"], f"{row['alpha']:g}", str(row["seed"])]
         cells += [f"{row[n]:.2f} [{row[f'{n}_lo']:.2f}, {row[f'{n}_hi']:.2f}]" for n in names]
-        cells += [f"{row.get('kl', 0):.3f}", f"{row.get('top1_agreement', 1):.2f}", str(row["empty"]), "yes" if row.get("degenerate") else "no",
-                  f"{row['tokens_per_second']:.1f}"]
+        cells += [
+            f"{row.get('kl', 0):.3f}",
+            f"{row.get('top1_agreement', 1):.2f}",
+            str(row["empty"]),
+            "yes" if row.get("degenerate") else "no",
+            f"{row['tokens_per_second']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def sample_rows(generations: list[list[dict]], per_cell: int) -> list[dict]:
     """The first `per_cell` generations of every cell, for a table of examples."""
-    return [{k: row[k] for k in ("target", "method", "alpha", "seed", "prompt", "continuation", "toxicity")}
-            for rows in generations for row in rows[:per_cell]]
+    return [{k: row[k] for k in ("target", "method", "alpha", "seed", "prompt", "continuation", "toxicity")} for rows in generations for row in rows[:per_cell]]

@@ -46,9 +46,16 @@ class EvaluationModule(L.LightningModule):
         seeds = [self.cell.seed + zlib.crc32(p["id"].encode()) for p in batch]
         started = time.perf_counter()
         texts, prompt_format = self.method.prompt([p["text"] for p in batch], self.target)
-        generations = self.target.generate(texts, settings, strength=self.cell.alpha, prompt_format=prompt_format,
-                                           hidden_transform=self.method.hidden_transform(self.cell.alpha),
-                                           processors=self.method.logits_processors(self.cell.alpha), seeds=seeds, diagnostics=True)
+        generations = self.target.generate(
+            texts,
+            settings,
+            strength=self.cell.alpha,
+            prompt_format=prompt_format,
+            hidden_transform=self.method.hidden_transform(self.cell.alpha),
+            processors=self.method.logits_processors(self.cell.alpha),
+            seeds=seeds,
+            diagnostics=True,
+        )
         seconds = time.perf_counter() - started
         continuations = [g.continuation for g in generations]
         # A multi-label scorer (toxblock) keeps every label per generation; `toxicity` is its configured one.
@@ -58,11 +65,27 @@ class EvaluationModule(L.LightningModule):
         prompts = [batch[i // per_prompt]["text"] for i in range(len(generations))]  # as given: without an instruction
         losses = self.reference.sample_losses(prompts, continuations) if self.reference else [None] * len(generations)
         c = self.cell
-        return [{"target": c.target, "method": c.method, "alpha": c.alpha, "seed": c.seed, "prompt_id": batch[i // per_prompt]["id"],
-                 "prompt": prompts[i], "sample": g.sample, "continuation": g.continuation, "toxicity": tox, "loss": loss,
-                 "new_tokens": g.new_tokens, "seconds": seconds / len(generations), "attributes": {k: v[i] for k, v in attributes.items()},
-                 "kl": g.kl, "agreement": g.agreement, "ended_with_eos": g.ended_with_eos}
-                for i, (g, tox, loss) in enumerate(zip(generations, toxicity, losses))]
+        return [
+            {
+                "target": c.target,
+                "method": c.method,
+                "alpha": c.alpha,
+                "seed": c.seed,
+                "prompt_id": batch[i // per_prompt]["id"],
+                "prompt": prompts[i],
+                "sample": g.sample,
+                "continuation": g.continuation,
+                "toxicity": tox,
+                "loss": loss,
+                "new_tokens": g.new_tokens,
+                "seconds": seconds / len(generations),
+                "attributes": {k: v[i] for k, v in attributes.items()},
+                "kl": g.kl,
+                "agreement": g.agreement,
+                "ended_with_eos": g.ended_with_eos,
+            }
+            for i, (g, tox, loss) in enumerate(zip(generations, toxicity, losses, strict=True))
+        ]
 
 
 class PartialRowsWriter(BasePredictionWriter):
@@ -102,8 +125,7 @@ def run_cell(trainer_cfg, cell: Cell, cell_dir: Path, module: EvaluationModule, 
     """The cell's unfinished prompts through the predict loop; rank 0 then stores the cell."""
     settings = module.settings
     data = CellPrompts(cell_dir, prompts, settings.num_samples, max(1, settings.batch_size // settings.num_samples))
-    trainer = instantiate(trainer_cfg, callbacks=[PartialRowsWriter(cell_dir)], logger=False, enable_checkpointing=False,
-                          enable_model_summary=False)
+    trainer = instantiate(trainer_cfg, callbacks=[PartialRowsWriter(cell_dir)], logger=False, enable_checkpointing=False, enable_model_summary=False)
     started = time.time()
     log.info("cell %s: generating", cell.name)
     with PeakMemory(str(module.target.device)) as memory:
@@ -112,6 +134,9 @@ def run_cell(trainer_cfg, cell: Cell, cell_dir: Path, module: EvaluationModule, 
         torch.distributed.barrier()  # all ranks' rows are on disk
     if not trainer.is_global_zero:
         return None
-    description = {**description, "wall_seconds": round(time.time() - started, 1),
-                   "peak_memory_mb": round(memory.peak_mb)}  # this process (or GPU) while the cell ran
+    description = {
+        **description,
+        "wall_seconds": round(time.time() - started, 1),
+        "peak_memory_mb": round(memory.peak_mb),
+    }  # this process (or GPU) while the cell ran
     return finish_cell(cell, cell_dir, [p.id for p in prompts], settings.num_samples, description)

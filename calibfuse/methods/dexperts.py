@@ -54,8 +54,10 @@ class DExperts(Method):
         for role in ROLES:
             config = self.configs[role]
             if config is None or config.get("name_or_path") in (None, "???"):
-                raise ValueError(f"method 'dexperts' needs methods.dexperts.{role}.name_or_path: an LM that shares the target's "
-                                 "tokenizer (expert: fine-tuned on non-toxic text; anti_expert: on toxic text)")
+                raise ValueError(
+                    f"method 'dexperts' needs methods.dexperts.{role}.name_or_path: an LM that shares the target's "
+                    "tokenizer (expert: fine-tuned on non-toxic text; anti_expert: on toxic text)"
+                )
             self.specs[role] = as_spec(config)
             self.fingerprints[role] = fingerprint(self.specs[role])
 
@@ -66,8 +68,10 @@ class DExperts(Method):
         for role in ROLES:
             model, tokenizer = models.get(self.specs[role])
             if not same_tokenizer(target_lm.tokenizer, tokenizer):
-                raise ValueError(f"dexperts: the {role}'s tokenizer ({len(tokenizer)} tokens) differs from the target's "
-                                 f"({len(target_lm.tokenizer)} tokens); expected experts that share the target's tokenizer")
+                raise ValueError(
+                    f"dexperts: the {role}'s tokenizer ({len(tokenizer)} tokens) differs from the target's "
+                    f"({len(target_lm.tokenizer)} tokens); expected experts that share the target's tokenizer"
+                )
             check_head(model, tokenizer)
             self.models[role] = model
 

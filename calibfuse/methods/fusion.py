@@ -18,17 +18,29 @@ ALIGNMENTS = ("learned", "identity")
 
 
 class Fusion(Method):
-    def __init__(self, alphas: list[float], alignments: dict | None = None, calibration_model: dict | None = None,
-                 calibration_context: str = "full", layer_norm: str = "parameter_free", alignment: str = "learned",
-                 check_fingerprints: bool = True, scale: str = "none"):
+    def __init__(
+        self,
+        alphas: list[float],
+        alignments: dict | None = None,
+        calibration_model: dict | None = None,
+        calibration_context: str = "full",
+        layer_norm: str = "parameter_free",
+        alignment: str = "learned",
+        check_fingerprints: bool = True,
+        scale: str = "none",
+    ):
         if not alphas:
             raise ValueError("alphas=[]; expected at least one fusion weight in [0, 1], e.g. alphas=[0,0.3]")
         for alpha in alphas:
             if isinstance(alpha, bool) or not isinstance(alpha, Real) or math.isnan(alpha):
                 raise ValueError(f"alphas has {alpha!r}; expected numbers in [0, 1], e.g. alphas=[0,0.3]")
         self.alphas = sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)  # duplicates run once
-        for option, value, allowed in (("calibration_context", calibration_context, CALIBRATION_CONTEXTS),
-                                       ("layer_norm", layer_norm, LAYER_NORMS), ("alignment", alignment, ALIGNMENTS), ("scale", scale, SCALES)):
+        for option, value, allowed in (
+            ("calibration_context", calibration_context, CALIBRATION_CONTEXTS),
+            ("layer_norm", layer_norm, LAYER_NORMS),
+            ("alignment", alignment, ALIGNMENTS),
+            ("scale", scale, SCALES),
+        ):
             if value not in allowed:
                 raise ValueError(f"methods.fusion.{option}={value!r}; expected one of {list(allowed)}")
         self.alignments, self.calibration_model = dict(alignments or {}), calibration_model
@@ -52,8 +64,14 @@ class Fusion(Method):
             if self.calibration_model is None:
                 raise ValueError("methods.fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
             calibration = as_spec(self.calibration_model)
-            return {"A": None, "meta": None, "alignment": None, "alignment_sha256": "identity", "calibration": calibration,
-                    "calibration_fingerprint": {"weights": fingerprint(calibration), **runtime_identity(calibration)}}
+            return {
+                "A": None,
+                "meta": None,
+                "alignment": None,
+                "alignment_sha256": "identity",
+                "calibration": calibration,
+                "calibration_fingerprint": {"weights": fingerprint(calibration), **runtime_identity(calibration)},
+            }
         path = self.alignments.get(name)
         if path in (None, "???"):
             raise ValueError(f"no alignment for target {name!r}: set alignments.{name}=<align run dir>/alignment")
@@ -64,31 +82,46 @@ class Fusion(Method):
             calibration = as_spec(self.calibration_model)
         else:  # the calibration model this alignment was made with, loaded like the target
             record = meta["calibration_model"]
-            calibration = ModelSpec(recorded_model(record, directory), gguf_file=record.get("gguf_file"), revision=record.get("revision"),
-                                    dtype=spec.dtype, device=spec.device, cache_dir=spec.cache_dir)
+            calibration = ModelSpec(
+                recorded_model(record, directory),
+                gguf_file=record.get("gguf_file"),
+                revision=record.get("revision"),
+                dtype=spec.dtype,
+                device=spec.device,
+                cache_dir=spec.cache_dir,
+            )
         calibration_fingerprint = fingerprint(calibration)
         if self.check_fingerprints:  # local weights are hashed without loading: a wrong pairing fails now, not after loading
-            local = {role: (model, None) for role, model in (("calibration", calibration), ("target", spec))
-                     if fingerprint(model).startswith("sha256:")}
+            local = {role: (model, None) for role, model in (("calibration", calibration), ("target", spec)) if fingerprint(model).startswith("sha256:")}
             check_alignment_made_for(directory, meta, **local)
-        return {"A": A, "meta": meta, "alignment": str(directory), "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
-                "calibration": calibration, "calibration_fingerprint": {"weights": calibration_fingerprint, **runtime_identity(calibration)}}
+        return {
+            "A": A,
+            "meta": meta,
+            "alignment": str(directory),
+            "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
+            "calibration": calibration,
+            "calibration_fingerprint": {"weights": calibration_fingerprint, **runtime_identity(calibration)},
+        }
 
     def identity(self, target: str, alpha: float) -> dict | None:
         if alpha == 0:
             return None  # the target alone does not depend on the calibration model
         plan = self.plans[target]
-        return {"calibration": plan["calibration_fingerprint"], "alignment": plan["alignment_sha256"],
-                "calibration_context": self.calibration_context, "layer_norm": self.layer_norm} | ({"scale": self.scale} if self.scale != "none" else {})
+        return {
+            "calibration": plan["calibration_fingerprint"],
+            "alignment": plan["alignment_sha256"],
+            "calibration_context": self.calibration_context,
+            "layer_norm": self.layer_norm,
+        } | ({"scale": self.scale} if self.scale != "none" else {})
 
     def bind(self, target, target_lm, models) -> None:
         plan = self.plans[target]
         model, tokenizer = models.get(plan["calibration"])
         if self.check_fingerprints and plan["meta"] is not None:
-            check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], model),
-                                     target=(self.targets[target], target_lm.model))
-        self.calibration = Calibration(model, tokenizer, plan["A"], target_lm.tokenizer, target_lm.model.config.hidden_size,
-                                       self.calibration_context, self.layer_norm, scale=self.scale)
+            check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], model), target=(self.targets[target], target_lm.model))
+        self.calibration = Calibration(
+            model, tokenizer, plan["A"], target_lm.tokenizer, target_lm.model.config.hidden_size, self.calibration_context, self.layer_norm, scale=self.scale
+        )
 
     def modules(self) -> list:
         return [self.calibration.model] if self.calibration else []
