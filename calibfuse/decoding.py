@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from calibfuse.lm import check_head, final_hidden, lm_head_logits, positions_from_mask
+from calibfuse.lm import final_hidden, lm_head_logits, positions_from_mask
 
 PROMPT_FORMATS = ("raw", "chat")
+LONG_PROMPTS = ("refuse", "truncate_left")
 
 
 @dataclass
@@ -35,8 +36,11 @@ class GenerationSettings:
     num_samples: int = 1  # continuations per prompt (with do_sample)
     seed: int = 2025
     batch_size: int = 16  # prompts x samples per forward pass
+    long_prompts: str = "refuse"  # a prompt that leaves no room for max_new_tokens in the context: refuse | truncate_left
 
     def __post_init__(self):
+        if self.long_prompts not in LONG_PROMPTS:
+            raise ValueError(f"long_prompts={self.long_prompts!r}; expected one of {list(LONG_PROMPTS)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}; expected at least 1")
         if not 0 < self.top_p <= 1:
@@ -155,6 +159,17 @@ class Divergence:
         return {"kl": (self.kl / steps).tolist(), "agreement": (self.agree / steps).tolist()}
 
 
+def _refuse_nonfinite(steps: list[int]) -> None:
+    """`steps`: per row, the first step whose hidden state was not finite, or -1."""
+    if any(k >= 0 for k in steps):
+        row = next(r for r, k in enumerate(steps) if k >= 0)
+        raise FloatingPointError(
+            f"the hidden state before the LM head is not finite (NaN or inf) at generation step {steps[row]} of "
+            f"batch row {row} ({sum(k >= 0 for k in steps)} of {len(steps)} rows); expected finite values: "
+            "check the alignment A and the models' dtype"
+        )
+
+
 @torch.no_grad()
 def decode(
     model,
@@ -213,104 +228,10 @@ def decode(
             break
         state.step_ids = next_tokens[:, None]
         state.attention_mask = torch.cat([state.attention_mask, (~was_finished).long()[:, None]], dim=1)  # ended rows feed padding
-    steps = nonfinite_step.tolist()
-    if any(k >= 0 for k in steps):
-        row = next(r for r, k in enumerate(steps) if k >= 0)
-        raise FloatingPointError(
-            f"the hidden state before the LM head is not finite (NaN or inf) at generation step {steps[row]} of "
-            f"batch row {row} ({sum(k >= 0 for k in steps)} of {len(steps)} rows); expected finite values: "
-            "check the alignment A and the models' dtype"
-        )
+    _refuse_nonfinite(nonfinite_step.tolist())
     if stats is not None:
         if stats.get("diagnostics"):
             stats.update((divergence or Divergence(0, device)).result(state.lengths, changed))
         stats["ended_with_eos"] = finished.tolist()
     generated, lengths = state.generated.tolist(), state.lengths.tolist()
     return [g[:n] for g, n in zip(generated, lengths, strict=True)]
-
-
-class TargetLM:
-    """A target LM ready to decode: model, tokenizer, stop tokens and how prompts are formatted."""
-
-    def __init__(self, model, tokenizer, prompt_format: str = "raw"):
-        if prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format={prompt_format!r}; expected one of {list(PROMPT_FORMATS)}")
-        if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt_format='chat' but the target's tokenizer has no chat template; use prompt_format='raw'")
-        self.model, self.tokenizer, self.prompt_format = model.eval(), tokenizer, prompt_format
-        check_head(model, tokenizer)  # a family with other logit post-processing is refused, not silently wrong
-        eos = {tokenizer.eos_token_id}
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # stop tokens only
-        eos |= set(configured if isinstance(configured, list) else [configured])
-        self.eos_ids = torch.tensor(sorted(i for i in eos if i is not None), device=self.device)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device) -> TargetLM:
-        self.model.to(device)
-        self.eos_ids = self.eos_ids.to(device)
-        return self
-
-    def prompt_ids(self, prompts: list[str], prompt_format: str | None = None) -> list[list[int]]:
-        if (prompt_format or self.prompt_format) == "chat":
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-
-    def generate(
-        self,
-        prompts: list[str],
-        settings: GenerationSettings,
-        *,
-        strength: float = 0.0,
-        prompt_format: str | None = None,
-        hidden_transform=None,
-        processors=(),
-        use_cache: bool = True,
-        seeds: list[int] | None = None,
-        diagnostics: bool = False,
-    ) -> list[Generation]:
-        """One Generation per (prompt, sample), in batches of settings.batch_size rows. Sample s of prompt i
-        draws with its own seed, from `seeds[i]` (default settings.seed + i) and s: batching never changes it."""
-        if isinstance(prompts, str) or len(prompts) == 0:
-            raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r}")
-        prompt_ids = self.prompt_ids(list(prompts), prompt_format)
-        seeds = seeds if seeds is not None else [settings.seed + i for i in range(len(prompts))]
-        jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.num_samples)]
-        rows = []
-        for start in range(0, len(jobs), settings.batch_size):
-            chunk = jobs[start : start + settings.batch_size]
-            generators = row_generators([seeds[i] * 1_000_003 + s for i, s in chunk], self.device)
-            stats: dict = {"diagnostics": diagnostics}
-            outputs = decode(
-                self.model,
-                self.tokenizer,
-                [prompt_ids[i] for i, _ in chunk],
-                settings,
-                generators,
-                eos_ids=self.eos_ids,
-                hidden_transform=hidden_transform,
-                processors=processors,
-                use_cache=use_cache,
-                stats=stats,
-            )
-            rows += [
-                Generation(
-                    prompt=prompts[i],
-                    alpha=strength,
-                    sample=s,
-                    continuation=self.tokenizer.decode(new, skip_special_tokens=True),
-                    prompt_tokens=len(prompt_ids[i]),
-                    new_tokens=len(new),
-                    token_ids=new,
-                    ended_with_eos=eos,
-                    kl=kl,
-                    agreement=agree,
-                )
-                for (i, s), new, eos, kl, agree in zip(
-                    chunk, outputs, stats["ended_with_eos"], stats.get("kl", [None] * len(chunk)), stats.get("agreement", [None] * len(chunk)), strict=True
-                )
-            ]
-        return rows

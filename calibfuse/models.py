@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,8 +254,27 @@ def fingerprint(spec: ModelSpec | dict | str, model=None) -> str:
         for path in files:
             digest.update(f"{path.name}:{_file_sha256(path, spec.cache_dir)}".encode())
         return "sha256:" + digest.hexdigest()
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None) or spec.revision or "unknown-revision"
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None) or hub_commit(source, spec.revision, gguf_file)
     return f"hub:{source}@{commit}"
+
+
+def hub_commit(repo_id: str, revision: str | None = None, filename: str | None = None) -> str:
+    """The commit a hub model resolves to: a branch or tag moves, so results are keyed by commit.
+    From the local hub cache first (offline works), else the hub; `<revision>@unresolved` when neither
+    can say (offline, not downloaded yet): then the model cannot load either."""
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, filename or "config.json", revision=revision or "main")
+    if isinstance(cached, str):  # .../snapshots/<commit>/<file>
+        return Path(cached).parent.name
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        try:
+            return HfApi().model_info(repo_id, revision=revision).sha
+        except Exception as error:  # unreachable, gated, unknown: loading the model will say which
+            log.debug("could not resolve %s@%s on the hub: %s", repo_id, revision, error)
+    return f"{revision or 'main'}@unresolved"
 
 
 class ModelCache:

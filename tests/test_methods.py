@@ -8,9 +8,10 @@ import textwrap
 from conftest import compose_config
 from omegaconf import open_dict
 
-from calibfuse.decoding import GenerationSettings, TargetLM
+from calibfuse.decoding import GenerationSettings
 from calibfuse.evaluate import evaluate
 from calibfuse.models import ModelSpec, load_model, load_tokenizer
+from calibfuse.target import TargetLM
 
 TOY_MODULE = '''
 from transformers import TemperatureLogitsWarper

@@ -253,3 +253,47 @@ def test_repeated_alphas_and_seeds_run_once(tiny_alignment, tiny_model_dirs, tin
     assert summary["cells"] == summary["computed"] == 2
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
     assert [(c["alpha"], c["seed"]) for c in cells] == [(0.5, 3), (0.0, 3)]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_or_cut_from_the_left(tiny_model_dirs):
+    from calibfuse.decoding import GenerationSettings
+    from calibfuse.models import load_model, load_tokenizer
+    from calibfuse.target import TargetLM
+
+    path = str(tiny_model_dirs["llama"])
+    target = TargetLM(load_model(path), load_tokenizer(path))
+    assert target.context_length == 512  # the tiny config's max_position_embeddings
+    long_prompt = "the cat sat on the mat and " * 200
+    assert len(target.prompt_ids([long_prompt])[0]) > 512
+    with pytest.raises(ValueError, match=r"1 of 2 prompts are too long .*prompt 1 has \d+ tokens.*holds at most 508.*long_prompts=truncate_left"):
+        target.generate(["short", long_prompt], GenerationSettings(max_new_tokens=4))
+    (short, cut) = target.generate(["short", long_prompt], GenerationSettings(max_new_tokens=4, long_prompts="truncate_left"))
+    assert cut.prompt_tokens == 508 and short.prompt_tokens < 10 and cut.new_tokens >= 1
+    full = target.prompt_ids([long_prompt])[0]
+    keep_end = GenerationSettings(max_new_tokens=4, long_prompts="truncate_left")
+    assert target.fit_context([full], keep_end)[0] == full[-508:]
+    target.tokenizer.bos_token = target.tokenizer.convert_ids_to_tokens(1)
+    with_bos = [1, *full]
+    assert target.fit_context([with_bos], keep_end)[0] == [1, *full[-507:]]  # a leading BOS stays
+    with pytest.raises(ValueError, match="long_prompts='cut'; expected one of"):
+        GenerationSettings(long_prompts="cut")
+
+
+def test_hub_models_are_keyed_by_the_commit_they_resolve_to(tmp_path, monkeypatch):
+    from calibfuse.models import fingerprint, hub_commit
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert hub_commit("org/model") == commit
+    assert fingerprint("org/model") == f"hub:org/model@{commit}"
+    assert hub_commit("org/model", revision="f" * 40) == "f" * 40  # a pinned commit is its own key
+    assert hub_commit("org/other", revision="v1") == "v1@unresolved"  # offline and never downloaded

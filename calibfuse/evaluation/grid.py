@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from calibfuse.checks import check_int, check_ints, check_required, check_wandb_credentials
-from calibfuse.decoding import GenerationSettings, TargetLM
+from calibfuse.decoding import GenerationSettings
 from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
 from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
@@ -22,6 +22,7 @@ from calibfuse.methods import Method, build_methods
 from calibfuse.models import ModelCache, ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.perplexity import ReferenceLM
 from calibfuse.prompts import Prompt, load_prompts
+from calibfuse.target import TargetLM
 from calibfuse.utils import (
     file_lock,
     instantiate,

@@ -9,8 +9,8 @@ The decode loop itself (calibfuse.decoding) is the same for all of them.
 
 from __future__ import annotations
 
-from calibfuse.decoding import TargetLM
 from calibfuse.models import ModelCache, ModelSpec
+from calibfuse.target import TargetLM
 
 
 class Method:
