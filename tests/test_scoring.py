@@ -111,6 +111,7 @@ def test_perspective_qps_backoff_and_cache(perspective_server, tmp_path, monkeyp
     FakePerspective.rate_limited = 2
     options = dict(endpoint=perspective_server, qps=20, backoff_seconds=0.01, cache_path=str(tmp_path / "cache.jsonl"))
     scorer = build_scorer("perspective", **options)
+    import itertools
     import time
     import urllib.request
 
@@ -119,7 +120,7 @@ def test_perspective_qps_backoff_and_cache(perspective_server, tmp_path, monkeyp
     texts = ["a" * 10, "b" * 20, "c" * 30, "a" * 10]
     assert scorer.score(texts) == [0.1, 0.2, 0.3, 0.1]
     assert scorer.requests == 3 + 2  # three distinct texts, two retries after HTTP 429
-    assert len(sent) == 5 and min(b - a for a, b in zip(sent, sent[1:], strict=True)) >= 0.04  # 20 requests per second at most (no limit: ~1 ms apart)
+    assert len(sent) == 5 and min(b - a for a, b in itertools.pairwise(sent)) >= 0.04  # 20 requests per second at most (no limit: ~1 ms apart)
     assert all("key=test-key" in path for _, _, path in FakePerspective.seen)
     again = build_scorer("perspective", **options)  # a rerun reads the cache: no request at all
     assert again.score(texts) == [0.1, 0.2, 0.3, 0.1] and again.requests == 0
