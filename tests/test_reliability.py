@@ -297,3 +297,13 @@ def test_hub_models_are_keyed_by_the_commit_they_resolve_to(tmp_path, monkeypatc
     assert fingerprint("org/model") == f"hub:org/model@{commit}"
     assert hub_commit("org/model", revision="f" * 40) == "f" * 40  # a pinned commit is its own key
     assert hub_commit("org/other", revision="v1") == "v1@unresolved"  # offline and never downloaded
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".tsv"])
+def test_a_binary_prompt_file_is_named(suffix, tmp_path):
+    from calibfuse.prompts import load_prompts
+
+    path = tmp_path / f"prompts{suffix}"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
+    with pytest.raises(ValueError, match=rf"{path.name}.*not UTF-8 text"):
+        load_prompts(str(path))
