@@ -75,3 +75,46 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     near_zero = [r["continuation"] for r in rows if r["alpha"] == 0.001]
     assert near_zero == [g.continuation for g in greedy]  # the processor ran: temperature -> 0 is greedy
     assert near_zero != [r["continuation"] for r in rows if r["alpha"] == 1.0]
+
+
+def test_the_calibration_model_alone_is_a_row_of_its_own(tiny_model_dirs, tiny_target_dir, tmp_path):
+    """Its own continuations (its own tokenizer), scored like any cell; no KL against the target."""
+    from calibfuse.align import align
+
+    align(
+        compose_config(
+            "align",
+            [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
+            tmp_path / "align",
+        )
+    )
+    cfg = compose_config(
+        "evaluate",
+        [
+            "target_names=[tiny]",
+            f"+alignments.tiny={tmp_path / 'align' / 'alignment'}",
+            "methods=[fusion,calibration_alone]",
+            "alphas=[0]",
+            "prompts.limit=4",
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+            "reference_lm.model.dtype=float32",
+            f"cell_store={tmp_path / 'cells'}",
+            "protocol.generation.max_new_tokens=4",
+            "logger=csv",
+            "bootstrap_resamples=50",
+        ],
+        tmp_path / "run",
+    )
+    with open_dict(cfg):
+        cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_target_dir), "dtype": "float32"}
+    evaluate(cfg)
+    cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
+    alone = next(c for c in cells if c["method"] == "calibration_alone")
+    assert not alone["target_alone"] and alone["kl"] is None  # not applicable (NaN, written as null): another LM generated
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    calibration = load_model(str(tiny_model_dirs["llama"]))
+    expected = TargetLM(calibration, load_tokenizer(str(tiny_model_dirs["llama"]))).generate(
+        [rows[0]["prompt"]], GenerationSettings(max_new_tokens=4, batch_size=1)
+    )[0]
+    mine = next(r for r in rows if r["method"] == "calibration_alone" and r["prompt"] == rows[0]["prompt"])
+    assert mine["continuation"] == expected.continuation  # exactly the calibration model's own greedy continuation

@@ -68,7 +68,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(pipeline_cfg, tmp_path, caps
     first = run(pipeline_cfg())
     assert (Path(first["pretrain"]) / "calibration_model" / "model.safetensors").is_file()
     assert set(first["alignments"]) == {"smollm2-135m-instruct"}
-    assert first["evaluate"]["computed"] == 2
+    assert first["evaluate"]["computed"] == 3  # alpha 0, alpha 0.5 and the calibration model alone
     report = tmp_path / "run" / "report"
     assert {p.name for p in report.iterdir()} >= {"table.md", "table.tex", "toxicity_vs_alpha.png", "perplexity_vs_alpha.png", "tradeoff.png"}
     assert "| smollm2-135m-instruct |" in capsys.readouterr().out  # the table is printed
@@ -76,7 +76,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(pipeline_cfg, tmp_path, caps
     stages = sorted(p.name for p in (tmp_path / "stages").iterdir())
     again = run(pipeline_cfg("alphas=[0,0.3,0.5]", output_dir=tmp_path / "again"))
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == stages  # stages 1-2 reused, nothing new built
-    assert (again["evaluate"]["computed"], again["evaluate"]["reused"]) == (1, 2)  # only the new alpha is generated
+    assert (again["evaluate"]["computed"], again["evaluate"]["reused"]) == (1, 3)  # only the new alpha is generated
 
 
 def test_a_corrupted_stage_artifact_is_set_aside_and_rebuilt(pipeline_cfg, tmp_path, caplog):
@@ -95,8 +95,8 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
     run(pipeline_cfg())
     grid = json.loads((tmp_path / "run" / "evaluate" / "grid.json").read_text())["cells"]
     report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.5)
-    base, fused = (next(c for c in grid if c["alpha"] == a) for a in (0.0, 0.5))
-    row = next(line for line in report["markdown"].splitlines() if line.startswith("| smollm2"))
+    base, fused = (next(c for c in grid if c["method"] == "fusion" and c["alpha"] == a) for a in (0.0, 0.5))
+    row = next(line for line in report["markdown"].splitlines() if line.startswith("| smollm2-135m-instruct | fusion"))
     for cell in (base, fused):
         assert f"{cell['toxicity']:.2f} [{cell['toxicity_lo']:.2f}, {cell['toxicity_hi']:.2f}]" in row
         assert f"{cell['perplexity']:.2f}" in row

@@ -83,12 +83,12 @@ METRICS: dict[str, Metric] = {
         # Diagnostics: is a change detoxification, or degeneration? (docs/method.md, "Diagnostics")
         Metric(
             "kl",
-            lambda groups, _: [M.mean([r.get("kl", 0.0) for r in g]) for g in groups],
-            description="mean KL(method || target) of the next-token distributions per generated step",
+            lambda groups, _: [M.mean(_diagnostic(g, "kl", 0.0)) for g in groups],
+            description="mean KL(method || target) of the next-token distributions per generated step (n/a for another LM's own continuations)",
         ),
         Metric(
             "top1_agreement",
-            lambda groups, _: [M.mean([r.get("agreement", 1.0) for r in g]) for g in groups],
+            lambda groups, _: [M.mean(_diagnostic(g, "agreement", 1.0)) for g in groups],
             higher_is_better=True,
             description="share of generated steps whose top token is the one the target alone ranks first",
         ),
@@ -104,6 +104,15 @@ METRICS: dict[str, Metric] = {
         ),
     ]
 }
+
+
+def _diagnostic(rows: list[dict], key: str, before_diagnostics: float) -> list[float]:
+    """A per-row diagnostic; rows stored before diagnostics existed were the target alone, and None
+    (another LM generated, e.g. the calibration model alone) is left out."""
+    values = [r.get(key, before_diagnostics) for r in rows]
+    return [v for v in values if v is not None]
+
+
 DIAGNOSTICS = ("kl", "top1_agreement", "early_eos_rate", "repetition", "dist_1", "dist_2", "dist_3")
 
 

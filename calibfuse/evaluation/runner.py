@@ -46,8 +46,9 @@ class EvaluationModule(L.LightningModule):
         settings = replace(self.settings, batch_size=len(batch) * self.settings.num_samples)
         seeds = [self.cell.seed + zlib.crc32(p["id"].encode()) for p in batch]
         started = time.perf_counter()
-        texts, prompt_format = self.method.prompt([p["text"] for p in batch], self.target)
-        generations = self.target.generate(
+        lm = self.method.generator(self.target)
+        texts, prompt_format = self.method.prompt([p["text"] for p in batch], lm)
+        generations = lm.generate(
             texts,
             settings,
             strength=self.cell.alpha,
@@ -55,7 +56,7 @@ class EvaluationModule(L.LightningModule):
             hidden_transform=self.method.hidden_transform(self.cell.alpha),
             processors=self.method.logits_processors(self.cell.alpha),
             seeds=seeds,
-            diagnostics=True,
+            diagnostics=lm is self.target,  # KL and agreement with the target: only when the target generates
         )
         seconds = time.perf_counter() - started
         continuations = [g.continuation for g in generations]

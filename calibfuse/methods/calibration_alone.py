@@ -1,0 +1,35 @@
+"""The calibration model alone, as a grid row: its own continuations (its own tokenizer and LM head)
+scored like every other cell, so a reader sees what fusion mixes into the target. It is read from the
+same alignments as fusion (each records the calibration model it was made with)."""
+
+from __future__ import annotations
+
+from calibfuse.methods.fusion import Fusion
+from calibfuse.target import TargetLM
+
+
+class CalibrationAlone(Fusion):
+    def __init__(self, alignments: dict | None = None, calibration_model: dict | None = None, check_fingerprints: bool = True):
+        super().__init__(alphas=[0.0], alignments=alignments, calibration_model=calibration_model, check_fingerprints=check_fingerprints)
+        self.lm: TargetLM | None = None
+
+    def identity(self, target: str, strength: float) -> dict | None:
+        return {"generator": "calibration_model", "calibration": self.plans[target]["calibration_fingerprint"]}
+
+    def bind(self, target, target_lm, models) -> None:
+        model, tokenizer = models.get(self.plans[target]["calibration"])
+        self.lm = TargetLM(model, tokenizer, prompt_format=target_lm.prompt_format)
+
+    def generator(self, target_lm: TargetLM) -> TargetLM:
+        return self.lm
+
+    def modules(self) -> list:
+        return [self.lm.model] if self.lm else []
+
+    def to(self, device) -> CalibrationAlone:
+        if self.lm is not None:
+            self.lm.to(device)
+        return self
+
+    def hidden_transform(self, alpha: float):
+        return None
