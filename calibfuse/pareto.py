@@ -95,3 +95,33 @@ def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def summary_rows(settings: dict[tuple, dict], toxicity: str) -> list[dict]:
+    """One flat row per (target, method, setting, strength): its metrics, diagnostics and whether it is
+    on its target's frontier (the report's W&B summary table)."""
+    rows = []
+    for target, points in sorted(by_target(settings).items()):
+        best = {id(r) for _, r in frontier(points, toxicity)}
+        for alpha, r in sorted(points, key=lambda p: (p[1]["method"], p[1]["setting"], p[0])):
+            values = {
+                k: _finite_or_none(r.get(k))
+                for k in (toxicity, f"{toxicity}_lo", f"{toxicity}_hi", "perplexity", "perplexity_lo", "perplexity_hi", *DIAGNOSTIC_COLUMNS)
+            }
+            rows.append(
+                {
+                    "target": target,
+                    "label": label(r, alpha),
+                    "method": r["method"],
+                    "setting": r["setting"],
+                    "alpha": alpha,
+                    **values,
+                    "degenerate": bool(r.get("degenerate")),
+                    "on_frontier": id(r) in best,
+                }
+            )
+    return rows
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -28,13 +28,31 @@ from calibfuse.align import align
 from calibfuse.checks import check_required
 from calibfuse.evaluate import evaluate
 from calibfuse.pretrain import pretrain
-from calibfuse.report import build_report
+from calibfuse.report import build_report, log_summary
 from calibfuse.utils import file_lock, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "align", "evaluate", "report")
 # Keys that never change a stage's artifact: where it is written, how it is logged.
+# The pipeline's knobs: what a setting is made of (logged as flat W&B config keys by the grid).
+KNOBS = (
+    "targets",
+    "alphas",
+    "methods",
+    "seeds",
+    "prompts",
+    "prompt_sample",
+    "train_seed",
+    "calibration_layers",
+    "num_negatives",
+    "matching",
+    "embedding_source",
+    "alignment",
+    "layer_norm",
+    "calibration_context",
+    "scale",
+)
 VOLATILE_KEYS = ("paths", "logger", "callbacks", "tags", "ckpt_path", "task_name")
 
 
@@ -161,9 +179,11 @@ def pipeline(cfg: DictConfig) -> dict:
         with open_dict(evaluate_cfg):
             evaluate_cfg.paths.output_dir = str(output_dir / "evaluate")
             evaluate_cfg.setting = cfg.get("setting") or sweep_setting()
+            evaluate_cfg.knobs = {knob: OmegaConf.to_container(cfg[knob]) if OmegaConf.is_config(cfg[knob]) else cfg[knob] for knob in KNOBS}
         result["evaluate"] = evaluate(evaluate_cfg)
     if cfg.until == "report":
         report = build_report([output_dir / "evaluate"], output_dir / "report", alpha=cfg.report.alpha)
+        log_summary(report, report_logger(evaluate_cfg, output_dir / "report"))
         print(
             f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {output_dir / 'report'}"
         )
@@ -171,6 +191,17 @@ def pipeline(cfg: DictConfig) -> dict:
     result["seconds"] = round(time.time() - started, 1)
     write_json(output_dir / "pipeline.json", result)
     return result
+
+
+def report_logger(evaluate_cfg: DictConfig, out_dir: Path) -> DictConfig | None:
+    """The grid's loggers, writing the report's run into the report dir (job type `report`)."""
+    logger = evaluate_cfg.get("logger")
+    if not logger or "wandb" not in logger:
+        return None
+    logger = OmegaConf.create(OmegaConf.to_container(logger, resolve=True))
+    logger = OmegaConf.create({"wandb": logger.wandb})
+    logger.wandb.save_dir, logger.wandb.job_type = str(out_dir), "report"
+    return logger
 
 
 def sweep_setting() -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier
+from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, summary_rows
+from calibfuse.utils import finish_wandb, instantiate_group
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +204,39 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
     plots = plot(settings, toxicity, out_dir) + [plot_frontier(settings, toxicity, out_dir)]
     best = frontier_table(settings, toxicity)
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
+    summary = summary_rows(settings, toxicity)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
-    return {"markdown": markdown, "latex": latex, "frontier": best, "plots": [str(p) for p in plots], "cells": len(cells), "out_dir": str(out_dir)}
+    return {
+        "summary": summary,
+        "markdown": markdown,
+        "latex": latex,
+        "frontier": best,
+        "plots": [str(p) for p in plots],
+        "cells": len(cells),
+        "out_dir": str(out_dir),
+    }
+
+
+def log_summary(report: dict, logger_cfg: DictConfig | None) -> None:
+    """The report to W&B (a run of its own, job type `report`): every setting as one summary table with
+    its frontier flag, the frontier table and the Pareto plot."""
+    for logger in instantiate_group(logger_cfg, "logger"):
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        import wandb
+
+        rows = report["summary"]
+        table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+        logger.experiment.log({"summary": table, "pareto": wandb.Image(str(Path(report["out_dir"]) / "pareto.png"))})
+        logger.finalize("success")
+    finish_wandb()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha)
+    log_summary(report, cfg.get("logger"))
     print(f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {report['out_dir']}")
 
 

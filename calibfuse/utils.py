@@ -41,6 +41,21 @@ def run_group(task_name: str) -> str:
 OmegaConf.register_new_resolver("run_group", run_group, replace=True)  # used by conf/logger/wandb.yaml
 
 
+def sweep_knobs() -> dict[str, str]:
+    """In a Hydra multirun, the job's own overrides as {key: value} (what sets this job apart); else {}."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):
+        return {}
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    pairs = (o.split("=", 1) for o in hydra_cfg.overrides.task if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs if not k.startswith("hydra.")}
+
+
 def run_id() -> str:
     """A run dir's name: the start time and 6 random hex digits, so two runs started in the same
     second (parallel jobs, a script's loop) never share a dir and overwrite each other's files."""

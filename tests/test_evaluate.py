@@ -113,7 +113,7 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
 def test_wandb_run_holds_the_grid_table_plots_and_samples(eval_cfg, tmp_path):
     import wandb
 
-    evaluate(eval_cfg("logger=wandb", "alphas=[0,0.3,0.5]"))
+    evaluate(eval_cfg("logger=wandb", "alphas=[0,0.3,0.5]", "setting=layers_3", "+knobs.calibration_layers=3", "+knobs.scale=none"))
     assert wandb.run is None  # finished: the next Hydra job gets its own run
     (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     (table,) = run.glob("files/media/table/grid_*.table.json")
@@ -131,6 +131,8 @@ def test_wandb_run_holds_the_grid_table_plots_and_samples(eval_cfg, tmp_path):
             break
         time.sleep(0.5)
     assert b"plots/toxicity_vs_alpha" in record and b"plots/perplexity_vs_alpha" in record
+    assert b"knob/calibration_layers" in record and b"knob/scale" in record  # flat keys for grouping and parallel coordinates
+    assert b"layers_3" in record  # the run is named after its setting
 
 
 def test_a_killed_run_resumes_without_redoing_or_duplicating(eval_cfg, tmp_path, monkeypatch):

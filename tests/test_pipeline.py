@@ -103,6 +103,21 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
     assert "\\begin{tabular}" in (tmp_path / "report" / "table.tex").read_text()
     for png in report["plots"]:
         assert matplotlib.image.imread(png).shape[0] > 100
+    summary = {(r["method"], r["alpha"]): r for r in report["summary"]}
+    assert summary[("fusion", 0.5)]["perplexity"] == pytest.approx(fused["perplexity"]) and ("calibration_alone", 0.0) in summary
+    assert any(r["on_frontier"] for r in report["summary"])
+
+    import wandb
+
+    from calibfuse.report import log_summary
+
+    cfg = compose_config("report", [f"runs=[{tmp_path / 'run'}]", "logger=wandb"], tmp_path / "report_run")
+    log_summary(report, cfg.logger)
+    assert wandb.run is None
+    (offline,) = (tmp_path / "report_run" / "wandb").glob("offline-run-*")
+    (table,) = offline.glob("files/media/table/summary_*.table.json")
+    data = json.loads(table.read_text())
+    assert "on_frontier" in data["columns"] and len(data["data"]) == len(report["summary"])
 
 
 def test_report_bad_input(pipeline_cfg, tmp_path):

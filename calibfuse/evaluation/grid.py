@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from calibfuse.checks import check_int, check_ints, check_required, check_wandb_credentials
 from calibfuse.decoding import GenerationSettings
@@ -30,6 +30,7 @@ from calibfuse.utils import (
     redact_secrets,
     resolved_config,
     sha256_json,
+    sweep_knobs,
     task_wrapper,
     versions,
     write_json,
@@ -225,9 +226,13 @@ def evaluate(cfg: DictConfig) -> dict:
     table = format_table(run.grid, run.names)
     log.info("grid (%s protocol, %d prompts)%s:\n%s", cfg.protocol.name, len(run.prompts), f"; {note}" if note else "", table)
     write_text(run.output_dir / "grid.md", table + "\n" + (f"\n{note}\n" if note else ""))
-    log_grid(
-        instantiate_group(cfg.get("logger"), "logger"), run.grid, sample_rows(run.generations, cfg.samples_per_cell), run.names, resolved_config(cfg), note
-    )
+    knobs = dict(cfg.get("knobs") or {}) or sweep_knobs()
+    logger_cfg = cfg.get("logger")
+    if logger_cfg and logger_cfg.get("wandb") and logger_cfg.wandb.get("name") is None and cfg.get("setting"):
+        with open_dict(cfg):
+            logger_cfg.wandb.name = cfg.setting  # the run is named after its setting in the dashboard
+    grid_samples = sample_rows(run.generations, cfg.samples_per_cell)
+    log_grid(instantiate_group(logger_cfg, "logger"), run.grid, grid_samples, run.names, resolved_config(cfg), note, knobs)
     summary = {
         "cells": len(run.grid),
         "computed": run.computed,

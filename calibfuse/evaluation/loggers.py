@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 
 
-def log_grid(loggers: list, grid: list[dict], samples: list[dict], names: list[str], config: dict, note: str | None) -> None:
+def log_grid(loggers: list, grid: list[dict], samples: list[dict], names: list[str], config: dict, note: str | None, knobs: dict | None = None) -> None:
+    """`knobs`: the setting's knobs (a pipeline's, or a multirun job's overrides), logged as flat
+    `knob/<name>` config keys, so W&B's grouping and parallel-coordinates views can use them."""
+    flat = {f"knob/{k}": v for k, v in (knobs or {}).items()}
     for logger in loggers:
-        logger.log_hyperparams(config)
+        logger.log_hyperparams({**config, **flat})
         for step, row in enumerate(grid):
             logger.log_metrics({f"{row['target']}/{n}": row[n] for n in names if not math.isnan(row[n])} | {"alpha": row["alpha"]}, step=step)
         if type(logger).__name__ == "WandbLogger":
