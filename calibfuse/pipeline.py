@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from calibfuse.align import align
 from calibfuse.checks import check_required
 from calibfuse.evaluate import evaluate
+from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
 from calibfuse.report import build_report, log_summary
 from calibfuse.utils import file_lock, sha256_json, write_json
@@ -39,7 +40,7 @@ STAGES = ("pretrain", "align", "evaluate", "report")
 KNOBS = (
     "targets",
     "alphas",
-    "methods",
+    "method_names",
     "seeds",
     "prompts",
     "prompt_sample",
@@ -52,6 +53,8 @@ KNOBS = (
     "layer_norm",
     "calibration_context",
     "scale",
+    "fusion_head",
+    "fusion_head_alpha",
 )
 VOLATILE_KEYS = ("paths", "logger", "callbacks", "tags", "ckpt_path", "task_name")
 
@@ -133,10 +136,11 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
             f"alignment.matching={cfg.matching}",
             f"alignment.embedding_source={cfg.embedding_source}",
         ],
-        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.methods)}]", f"prompts={cfg.prompts}"]
+        "fusion_head": [f"seed={cfg.train_seed}", f"alpha={cfg.fusion_head_alpha}", f"layer_norm={cfg.layer_norm}", f"scale={cfg.scale}"],
+        "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.method_names)}]", f"prompts={cfg.prompts}"]
         + ([f"prompts.sample={cfg.prompt_sample}"] if cfg.get("prompt_sample") else []),
     }
-    if "fusion" in cfg.methods:  # fusion's own options exist only when it is selected
+    if "fusion" in cfg.method_names:  # fusion's own options exist only when it is selected
         knobs["evaluate"] += [
             f"methods.fusion.layer_norm={cfg.layer_norm}",
             f"methods.fusion.calibration_context={cfg.calibration_context}",
@@ -171,7 +175,10 @@ def pipeline(cfg: DictConfig) -> dict:
     if cfg.alignment == "learned" and cfg.until != "pretrain":
         for target in targets:
             align_cfg = compose_stage("align", [f"target={target}", f"calibration_model.name_or_path={calibration}", *overrides["align"]])
-            directory, _, _ = run_stage("align", align_cfg, store, {"pretrain": pretrain_key}, align)
+            directory, align_key, _ = run_stage("align", align_cfg, store, {"pretrain": pretrain_key}, align)
+            if cfg.fusion_head:  # the variant: A trained further on the fused LM loss at fusion_head_alpha
+                head_cfg = compose_stage("fusion_head", [f"alignment_dir={directory / 'alignment'}", *overrides["fusion_head"]])
+                directory, _, _ = run_stage("fusion_head", head_cfg, store, {"align": align_key}, train_fusion_head)
             alignments[target] = directory / "alignment"
     result["alignments"] = {k: str(v) for k, v in alignments.items()}
     if STAGES.index(cfg.until) >= STAGES.index("evaluate"):

@@ -89,6 +89,15 @@ def test_a_corrupted_stage_artifact_is_set_aside_and_rebuilt(pipeline_cfg, tmp_p
     assert list((tmp_path / "stages").glob("pretrain-*.broken-*"))  # the old dir is kept, not deleted
 
 
+def test_the_fusion_head_variant_is_a_stage_between_align_and_evaluate(pipeline_cfg, tmp_path):
+    head = "['data=embedded_nontoxic','trainer.max_steps=2','trainer.val_check_interval=2','val_rows=8','max_length=24','logger=csv']"
+    result = run(pipeline_cfg("fusion_head=true", f"fusion_head_overrides={head}", "alphas=[0,0.5]", "method_names=[fusion]"))
+    (stage,) = (tmp_path / "stages").glob("fusion_head-*")
+    assert result["alignments"]["smollm2-135m-instruct"] == str(stage / "alignment")  # the grid fuses with the trained A
+    meta = json.loads((stage / "alignment" / "alignment.json").read_text())
+    assert meta["stage"] == "fusion_head" and meta["fusion_head"]["alpha"] == 0.3 and meta["training"]["global_step"] == 2
+
+
 def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
     import matplotlib.image
 

@@ -1,0 +1,62 @@
+"""The trained fusion head: A trained on the fused LM loss at a fixed alpha, written as an alignment
+that fusion uses unchanged; calibration states matched to target positions by characters."""
+
+import json
+
+import pytest
+import torch
+from conftest import compose_config
+
+from calibfuse.fusion_head import char_matched_positions, train_fusion_head
+
+
+def test_char_matching_reads_only_what_the_target_has_read():
+    # text "ab cd": source tokens "ab", " c", "d" (+ padding); target tokens "a", "b c", "d"
+    source = torch.tensor([[[0, 2], [2, 4], [4, 5], [0, 0]]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    target = torch.tensor([[[0, 1], [1, 4], [4, 5]]])
+    assert char_matched_positions(source, mask, target).tolist() == [[0, 1, 2]]  # "a": nothing complete yet -> the first
+
+
+@pytest.fixture
+def alignment(tiny_model_dirs, tiny_target_dir, tmp_path):
+    from calibfuse.align import align
+
+    cfg = compose_config(
+        "align",
+        [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
+        tmp_path / "align",
+    )
+    align(cfg)
+    return tmp_path / "align" / "alignment"
+
+
+def test_a_trained_head_lowers_the_fused_loss_and_is_an_alignment(alignment, tmp_path):
+    from calibfuse.artifacts import load_alignment
+
+    cfg = compose_config(
+        "fusion_head",
+        [
+            f"alignment_dir={alignment}",
+            "data=embedded_nontoxic",
+            "alpha=0.5",
+            "trainer.max_steps=12",
+            "trainer.val_check_interval=12",
+            "val_rows=16",
+            "max_length=32",
+            "optimizer.lr=0.01",
+            "logger=csv",
+        ],
+        tmp_path / "head",
+    )
+    metrics = train_fusion_head(cfg)
+    A, meta = load_alignment(tmp_path / "head" / "alignment")
+    head = meta["fusion_head"]
+    assert metrics["global_step"] == 12 and head["alpha"] == 0.5
+    assert head["val_fused_perplexity"] < head["val_fused_perplexity_before"]  # training helped the fused model
+    stage2, _ = load_alignment(alignment)
+    assert A.shape == stage2.shape and not torch.equal(A, stage2)
+    original = json.loads((alignment / "alignment.json").read_text())
+    assert meta["target"]["fingerprint"] == original["target"]["fingerprint"]  # fusion's check accepts it for the same models
+    with pytest.raises(ValueError, match="alpha=1.5; expected a weight in"):
+        train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", "alpha=1.5", "logger=csv"], tmp_path / "bad"))
