@@ -70,6 +70,22 @@ def check_wandb_credentials(logger_cfg: DictConfig | None) -> None:
                 "letters, digits or underscores (optionally after an on-prem prefix such as 'local-'), as shown at "
                 "https://wandb.ai/authorize"
             )
+        verify_wandb_key(key, where)
+
+
+def verify_wandb_key(key: str, where: str, timeout: int = 20) -> None:
+    """Ask W&B whether the key is valid, so a revoked key or an unreachable server stops the run before
+    any work rather than when it logs at the end."""
+    import wandb
+
+    try:
+        wandb.login(key=key, verify=True, relogin=True, timeout=timeout, prompt=False)
+    except wandb.errors.AuthenticationError as e:
+        raise RuntimeError(
+            f"logger.wandb.offline=false but W&B refused the API key in {where} ({e}); expected a valid key from https://wandb.ai/authorize"
+        ) from None
+    except (wandb.errors.CommError, OSError) as e:
+        raise RuntimeError(f"logger.wandb.offline=false but W&B is unreachable ({e}); keep the default offline mode and `wandb sync` later") from None
 
 
 def leaves(node: Any, path: str = ""):

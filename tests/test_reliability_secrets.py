@@ -28,10 +28,31 @@ ONLINE = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.wand
 
 @pytest.fixture
 def online_wandb(monkeypatch, tmp_path):
+    import wandb
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: True)  # W&B's verdict on a well-formed key; tests never touch the network
     return tmp_path / "netrc"
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [("AuthenticationError", "W&B refused the API key in WANDB_API_KEY"), ("CommError", "W&B is unreachable")],
+)
+def test_a_revoked_key_or_an_unreachable_server_stops_before_any_work(error, message, online_wandb, monkeypatch):
+    import wandb
+
+    def login(**kwargs):
+        assert kwargs["verify"] and kwargs["key"] == "0123456789abcdef0123456789abcdef01234567"
+        raise getattr(wandb.errors, error)("nope")
+
+    monkeypatch.setattr(wandb, "login", login)
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    with pytest.raises(RuntimeError, match=message) as refused:
+        check_wandb_credentials(ONLINE)
+    assert "0123456789abcdef0123456789abcdef01234567" not in str(refused.value)
 
 
 @pytest.mark.parametrize(
