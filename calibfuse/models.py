@@ -130,7 +130,8 @@ def load_tokenizer(spec: ModelSpec | dict | str, padding_side: str = "right"):
     if cached is not None and cached.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(cached)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        with _named_hub_errors(source):
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         if cached is not None:
             _save_converted(tokenizer, cached)
     if tokenizer.pad_token_id is None:
@@ -157,7 +158,9 @@ def load_model(spec: ModelSpec | dict | str):
         return (model if spec.device == "auto" else model.to(spec.device)).eval()
     if gguf_file is not None:
         log.info("de-quantising %s once (later loads use the saved conversion)", Path(source) / gguf_file)
-    with _quiet_gguf_load():
+    elif Path(source).is_dir():
+        check_model_dir(Path(source))
+    with _quiet_gguf_load(), _named_hub_errors(source):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if gguf_file is not None:
         # GGUF weights are dequantised to plain tensors on load; a leftover quantization_config would
@@ -172,6 +175,39 @@ def load_model(spec: ModelSpec | dict | str):
     if spec.device != "auto":
         model.to(spec.device)
     return model.eval()
+
+
+def check_model_dir(directory: Path) -> None:
+    """A save_pretrained folder that can load: its config.json, and weight files whose headers read
+    (a truncated or corrupted file is named here, not deep inside transformers)."""
+    from safetensors import safe_open
+
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(directory)!r} has no config.json; expected a save_pretrained folder (config.json and weights)")
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights and not any(directory.glob("*.bin")):
+        raise FileNotFoundError(f"model directory {str(directory)!r} has no weight files; expected model.safetensors (or shards) beside config.json")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as error:  # noqa: BLE001 - whatever safetensors says, the file is unusable
+            raise ValueError(f"weight file {str(path)!r} cannot be read ({error}); it is truncated or corrupted: copy or save it again") from None
+
+
+@contextlib.contextmanager
+def _named_hub_errors(source: str):
+    """A hub id that cannot be fetched: say which model, and whether the hub is offline or unreachable."""
+    try:
+        yield
+    except OSError as error:
+        if Path(source).exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "the hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else f"it could not be fetched from the hub ({error})"
+        raise OSError(
+            f"model {source!r} is not a local path, and {why}; expected a local model dir, an embedded name ({sorted(EMBEDDED_MODELS)}) or a reachable hub id"
+        ) from None
 
 
 class _DropGgufDtypeNote(logging.Filter):

@@ -307,3 +307,25 @@ def test_a_binary_prompt_file_is_named(suffix, tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
     with pytest.raises(ValueError, match=rf"{path.name}.*not UTF-8 text"):
         load_prompts(str(path))
+
+
+def test_unloadable_model_dirs_and_offline_hub_ids_are_named(tiny_model_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    from calibfuse.models import load_model, load_tokenizer
+
+    no_config = tmp_path / "no_config"
+    shutil.copytree(tiny_model_dirs["llama"], no_config)
+    (no_config / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_config' has no config.json"):
+        load_model(str(no_config))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dirs["llama"], truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(ValueError, match=r"truncated/model.safetensors' cannot be read .* truncated or corrupted"):
+        load_model(str(truncated))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(OSError, match=r"model 'no-such-org/no-such-model' is not a local path, and the hub is offline here"):
+            load("no-such-org/no-such-model")
