@@ -121,7 +121,7 @@ def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_
         "data.num_workers=0",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
-        "trainer.strategy=auto",
+        "++trainer.strategy=auto",
         "trainer.precision=32-true",
         "module.num_layers=2",
     ]
