@@ -33,7 +33,7 @@ def context_length(model, tokenizer=None) -> int | None:
 class TargetLM:
     """A target LM ready to decode: model, tokenizer, stop tokens and how prompts are formatted."""
 
-    def __init__(self, model, tokenizer, prompt_format: str = "raw"):
+    def __init__(self, model, tokenizer, prompt_format: str = "raw", name: str | None = None):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format={prompt_format!r}; expected one of {list(PROMPT_FORMATS)}")
         if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -45,7 +45,7 @@ class TargetLM:
         eos |= set(configured if isinstance(configured, list) else [configured])
         self.eos_ids = torch.tensor(sorted(i for i in eos if i is not None), device=self.device)
         self.context_length = context_length(model, tokenizer)
-        self.name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        self.name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
 
     @property
     def device(self) -> torch.device:

@@ -151,7 +151,7 @@ def run_target(run: GridRun, name: str) -> None:
                     rows = stored_rows(cell_dir)
                     if not rank_zero_decides(rows is not None):
                         if target_lm is None:  # load lazily: a fully finished target loads nothing
-                            target_lm = TargetLM(*run.models.get(run.targets[name]), prompt_format=run.cfg.prompt_format)
+                            target_lm = TargetLM(*run.models.get(run.targets[name]), prompt_format=run.cfg.prompt_format, name=name)
                             reference = build_reference(run)
                         if method.name not in bound:
                             method.bind(name, target_lm, run.models)
