@@ -142,6 +142,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars for every model load
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's terminal notes (git root, offline URL, sync hints); finish_wandb says where the run went
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLibraryTips) for f in logger.filters):
