@@ -123,6 +123,8 @@ def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in rows if r["method"] == "prompting"} == {r["prompt"] for r in rows if r["method"] == "none"}
     assert "| tiny | dexperts | 1 |" in (tmp_path / "run" / "grid.md").read_text()
+    kl = {c["method"]: c["kl"] for c in cells}
+    assert kl["none"] == 0 and kl["word_filter"] > 0 and kl["prompting"] is None  # n/a: the target alone would read another prompt
 
 
 @pytest.mark.parametrize(

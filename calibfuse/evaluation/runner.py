@@ -47,7 +47,11 @@ class EvaluationModule(L.LightningModule):
         seeds = [self.cell.seed + zlib.crc32(p["id"].encode()) for p in batch]
         started = time.perf_counter()
         lm = self.method.generator(self.target)
-        texts, prompt_format = self.method.prompt([p["text"] for p in batch], lm)
+        given = [p["text"] for p in batch]
+        texts, prompt_format = self.method.prompt(given, lm)
+        # KL and agreement compare with the target on the same input: not applicable when another LM
+        # generates or the method rewrote the prompt (the target alone would read other text).
+        diagnostics = lm is self.target and texts == given and prompt_format is None
         generations = lm.generate(
             texts,
             settings,
@@ -56,7 +60,7 @@ class EvaluationModule(L.LightningModule):
             hidden_transform=self.method.hidden_transform(self.cell.alpha),
             processors=self.method.logits_processors(self.cell.alpha),
             seeds=seeds,
-            diagnostics=lm is self.target,  # KL and agreement with the target: only when the target generates
+            diagnostics=diagnostics,
         )
         seconds = time.perf_counter() - started
         continuations = [g.continuation for g in generations]
