@@ -37,6 +37,8 @@ from calibfuse.utils import instantiate, resolved_config, task_wrapper
 
 log = logging.getLogger(__name__)
 
+INITS = ("stage2", "hidden_states")  # where A starts: stage 2's embedding alignment, or fitted on paired hidden states
+
 
 def char_matched_positions(source_offsets: torch.Tensor, source_mask: torch.Tensor, target_offsets: torch.Tensor) -> torch.Tensor:
     """For every target token, the index of the last source token that ends within the characters read
@@ -145,6 +147,7 @@ class ExportFusionHead(ExportArtifact):
             "layer_norm": pl_module.layer_norm,
             "scale": pl_module.scale,
             "initial_alignment": str(self.stage2_dir.resolve()),
+            "init": self.config.get("init", "stage2"),
             "val_fused_perplexity_before": math.exp(pl_module.val_before) if pl_module.val_before is not None else None,
             "val_fused_perplexity": math.exp(after),
             "val_target_perplexity": self.models.get("target_val_perplexity"),
@@ -166,6 +169,23 @@ class ExportFusionHead(ExportArtifact):
         }
 
 
+def fit_on_hidden_states(module: FusionHeadModule, texts: list[str], batch_size: int, ridge: float) -> torch.Tensor:
+    """The alignment-space variant: A minimising ||h_c A - h_T||^2 + ridge * mean(diag) * ||A||^2 over every
+    target position of paired text (the same text through both models, positions matched by characters),
+    in closed form. Final hidden states, not embeddings, are what fusion mixes."""
+    d_c, d_t = module.A.shape
+    xtx, xty = torch.zeros(d_c, d_c, dtype=torch.float64), torch.zeros(d_c, d_t, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            h_t, h_c, _, mask = module._states(texts[start : start + batch_size])
+            keep = mask.bool()
+            x, y = h_c[keep].double().cpu(), h_t[keep].double().cpu()
+            xtx += x.T @ x
+            xty += x.T @ y
+    penalty = ridge * xtx.diagonal().mean() * torch.eye(d_c, dtype=torch.float64)
+    return torch.linalg.solve(xtx + penalty, xty).float()
+
+
 def held_out_loss(module: FusionHeadModule, texts: list[str], batch_size: int, alpha: float | None = None) -> float:
     total = count = 0.0
     with torch.no_grad():
@@ -181,6 +201,8 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     check_alpha(cfg.alpha)
     check_wandb_credentials(cfg.get("logger"))
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.init not in INITS:
+        raise ValueError(f"init={cfg.init!r}; expected one of {list(INITS)}")
     if cfg.layer_norm not in LAYER_NORMS or cfg.scale not in SCALES:
         raise ValueError(f"layer_norm={cfg.layer_norm!r}, scale={cfg.scale!r}; expected one of {list(LAYER_NORMS)} and {list(SCALES)}")
     stage2 = Path(cfg.alignment_dir).expanduser()
@@ -197,6 +219,10 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
     module = FusionHeadModule(A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer))
     module.attach(loaded["target"][1], tokenizers["target"], loaded["calibration_model"][1], tokenizers["calibration_model"])
+    if cfg.init == "hidden_states":
+        rows = datamodule.train[: cfg.init_rows]
+        module.A.data.copy_(fit_on_hidden_states(module, rows, cfg.batch_size, cfg.ridge))
+        log.info("A fitted on the hidden states of %d paired texts (ridge %g)", len(rows), cfg.ridge)
     module.val_before = held_out_loss(module, datamodule.val, cfg.batch_size)
     models = {role: (spec, model, tokenizers[role]) for role, (spec, model) in loaded.items()}
     models["target_val_perplexity"] = math.exp(held_out_loss(module, datamodule.val, cfg.batch_size, alpha=0.0))

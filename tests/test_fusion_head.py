@@ -60,3 +60,35 @@ def test_a_trained_head_lowers_the_fused_loss_and_is_an_alignment(alignment, tmp
     assert meta["target"]["fingerprint"] == original["target"]["fingerprint"]  # fusion's check accepts it for the same models
     with pytest.raises(ValueError, match="alpha=1.5; expected a weight in"):
         train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", "alpha=1.5", "logger=csv"], tmp_path / "bad"))
+
+
+def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, tmp_path):
+    """The alignment-space variant: A fitted in closed form on final hidden states of the same texts."""
+    from calibfuse.artifacts import load_alignment
+    from calibfuse.fusion_head import FusionHeadModule, fit_on_hidden_states
+    from calibfuse.models import load_model, load_tokenizer
+
+    cfg = compose_config(
+        "fusion_head",
+        [f"alignment_dir={alignment}", "data=embedded_nontoxic", "init=hidden_states", "init_rows=64", "trainer.max_steps=1",
+         "trainer.val_check_interval=1", "val_rows=8", "max_length=32", "logger=csv"],
+        tmp_path / "fitted",
+    )
+    train_fusion_head(cfg)
+    _, meta = load_alignment(tmp_path / "fitted" / "alignment")
+    assert meta["fusion_head"]["init"] == "hidden_states"
+    stage2, meta2 = load_alignment(alignment)
+    paths = {role: meta2[role]["absolute_path"] for role in ("target", "calibration_model")}
+    module = FusionHeadModule(stage2, 0.5, "parameter_free", "none", 32, optimizer=None)
+    module.attach(load_model(paths["target"]), load_tokenizer(paths["target"]), load_model(paths["calibration_model"]), load_tokenizer(paths["calibration_model"]))
+    texts = ["The weather was calm and the sea was blue.", "She wrote a kind letter to her old teacher."] * 4
+    fitted = fit_on_hidden_states(module, texts, batch_size=4, ridge=1e-3)
+    h_t, h_c, _, mask = module._states(texts)
+    keep = mask.bool()
+
+    def residual(A):
+        return float(((h_c[keep].float() @ A - h_t[keep].float()) ** 2).mean())
+
+    assert residual(fitted) < residual(stage2)
+    with pytest.raises(ValueError, match="init='zeros'; expected one of"):
+        train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", "init=zeros", "logger=csv"], tmp_path / "bad"))
