@@ -70,8 +70,17 @@ def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, 
 
     cfg = compose_config(
         "fusion_head",
-        [f"alignment_dir={alignment}", "data=embedded_nontoxic", "init=hidden_states", "init_rows=64", "trainer.max_steps=1",
-         "trainer.val_check_interval=1", "val_rows=8", "max_length=32", "logger=csv"],
+        [
+            f"alignment_dir={alignment}",
+            "data=embedded_nontoxic",
+            "init=hidden_states",
+            "init_rows=64",
+            "trainer.max_steps=1",
+            "trainer.val_check_interval=1",
+            "val_rows=8",
+            "max_length=32",
+            "logger=csv",
+        ],
         tmp_path / "fitted",
     )
     train_fusion_head(cfg)
@@ -80,7 +89,9 @@ def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, 
     stage2, meta2 = load_alignment(alignment)
     paths = {role: meta2[role]["absolute_path"] for role in ("target", "calibration_model")}
     module = FusionHeadModule(stage2, 0.5, "parameter_free", "none", 32, optimizer=None)
-    module.attach(load_model(paths["target"]), load_tokenizer(paths["target"]), load_model(paths["calibration_model"]), load_tokenizer(paths["calibration_model"]))
+    module.attach(
+        load_model(paths["target"]), load_tokenizer(paths["target"]), load_model(paths["calibration_model"]), load_tokenizer(paths["calibration_model"])
+    )
     texts = ["The weather was calm and the sea was blue.", "She wrote a kind letter to her old teacher."] * 4
     fitted = fit_on_hidden_states(module, texts, batch_size=4, ridge=1e-3)
     h_t, h_c, _, mask = module._states(texts)
