@@ -118,7 +118,7 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         run = wandb.run
-        offline = run.settings.mode == "offline"
+        offline = bool(getattr(run, "offline", False) or run.settings.mode == "offline")
         run_dir = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>
         wandb.finish()
         log.info("W&B run %s: %s%s", run.id, run_dir if offline else run.url, f" (offline; upload with `wandb sync {run_dir}`)" if offline else "")

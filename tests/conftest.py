@@ -137,3 +137,15 @@ def tiny_pretrain_cfg(tiny_model_dirs, tmp_path):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_alignment(tiny_model_dirs, tiny_target_dir, tmp_path_factory) -> Path:
+    """A stage-2 alignment of the tiny Llama calibration model with the tiny Gemma-3 target (read-only:
+    a test that changes it works on a copy)."""
+    from calibfuse.align import align
+
+    out = tmp_path_factory.mktemp("tiny_alignment")
+    overrides = [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"]
+    align(compose_config("align", overrides, out))
+    return out / "alignment"

@@ -13,21 +13,6 @@ from calibfuse.evaluate import EvaluationModule, cell_metrics, evaluate
 from calibfuse.prompts import load_prompts
 
 
-@pytest.fixture(scope="module")
-def tiny_alignment(tiny_model_dirs, tiny_target_dir, tmp_path_factory) -> Path:
-    from calibfuse.align import align
-
-    out = tmp_path_factory.mktemp("tiny_alignment")
-    align(
-        compose_config(
-            "align",
-            [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
-            out,
-        )
-    )
-    return out / "alignment"
-
-
 @pytest.fixture
 def eval_cfg(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
     """The evaluate config on one tiny target (Gemma-3 family, its own tokenizer) and a tiny reference LM."""

@@ -19,16 +19,8 @@ def test_char_matching_reads_only_what_the_target_has_read():
 
 
 @pytest.fixture
-def alignment(tiny_model_dirs, tiny_target_dir, tmp_path):
-    from calibfuse.align import align
-
-    cfg = compose_config(
-        "align",
-        [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
-        tmp_path / "align",
-    )
-    align(cfg)
-    return tmp_path / "align" / "alignment"
+def alignment(tiny_alignment):
+    return tiny_alignment
 
 
 def test_a_trained_head_lowers_the_fused_loss_and_is_an_alignment(alignment, tmp_path):

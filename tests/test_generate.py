@@ -8,22 +8,13 @@ from conftest import compose_config
 from calibfuse.generate import generate, read_prompts
 
 
-def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_target_dir, tmp_path):
-    from calibfuse.align import align
-
-    align(
-        compose_config(
-            "align",
-            [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
-            tmp_path / "align",
-        )
-    )
+def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
     cfg = compose_config(
         "generate",
         [
             f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
             f"target.name_or_path={tiny_target_dir}",
-            f"alignment_dir={tmp_path / 'align' / 'alignment'}",
+            f"alignment_dir={tiny_alignment}",
             "fusion.alphas=[0,0.5]",
             "generation.max_new_tokens=5",
             "generation.do_sample=true",

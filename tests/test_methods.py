@@ -77,22 +77,13 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     assert near_zero != [r["continuation"] for r in rows if r["alpha"] == 1.0]
 
 
-def test_the_calibration_model_alone_is_a_row_of_its_own(tiny_model_dirs, tiny_target_dir, tmp_path):
+def test_the_calibration_model_alone_is_a_row_of_its_own(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
     """Its own continuations (its own tokenizer), scored like any cell; no KL against the target."""
-    from calibfuse.align import align
-
-    align(
-        compose_config(
-            "align",
-            [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"],
-            tmp_path / "align",
-        )
-    )
     cfg = compose_config(
         "evaluate",
         [
             "target_names=[tiny]",
-            f"+alignments.tiny={tmp_path / 'align' / 'alignment'}",
+            f"+alignments.tiny={tiny_alignment}",
             "methods=[fusion,calibration_alone]",
             "alphas=[0]",
             "prompts.limit=4",

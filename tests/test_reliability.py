@@ -30,11 +30,6 @@ def align_tiny(calibration: str, target: Path, output_dir: Path, *overrides: str
     return output_dir / "alignment"
 
 
-@pytest.fixture(scope="module")
-def tiny_alignment(tiny_model_dirs, tiny_target_dir, tmp_path_factory) -> Path:
-    return align_tiny(str(tiny_model_dirs["llama"]), tiny_target_dir, tmp_path_factory.mktemp("reliab_alignment"))
-
-
 def grid_cfg(alignment: Path, target: Path, reference: Path, tmp_path: Path, *overrides: str):
     """The evaluate config on one tiny target, two prompts, three new tokens."""
     cfg = compose_config(

@@ -32,6 +32,11 @@ def generation_record(row: dict) -> dict:
     return {k: row[k] for k in GENERATION_FIELDS} | diagnostics | ({"attributes": row["attributes"]} if row.get("attributes") else {})
 
 
+def _number(value, spec: str) -> str:
+    """A diagnostic, or – where it does not apply (NaN, None: another LM generated, or the prompt was rewritten)."""
+    return "–" if value is None or value != value else format(value, spec)
+
+
 def format_table(grid: list[dict], names: list[str]) -> str:
     """The grid as a Markdown table, each metric with its interval."""
     header = ["target", "method", "alpha", "seed", *names, "KL", "top-1 agree", "empty", "degenerate", "tok/s"]
@@ -40,8 +45,8 @@ def format_table(grid: list[dict], names: list[str]) -> str:
         cells = [row["target"], row["method"], f"{row['alpha']:g}", str(row["seed"])]
         cells += [f"{row[n]:.2f} [{row[f'{n}_lo']:.2f}, {row[f'{n}_hi']:.2f}]" for n in names]
         cells += [
-            f"{row.get('kl', 0):.3f}",
-            f"{row.get('top1_agreement', 1):.2f}",
+            _number(row.get("kl", 0.0), ".3f"),
+            _number(row.get("top1_agreement", 1.0), ".2f"),
             str(row["empty"]),
             "yes" if row.get("degenerate") else "no",
             f"{row['tokens_per_second']:.1f}",
