@@ -30,7 +30,7 @@ from calibfuse.evaluate import evaluate
 from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
 from calibfuse.report import build_report, log_summary
-from calibfuse.utils import file_lock, sha256_json, write_json
+from calibfuse.utils import file_lock, sha256_json, sweep_setting, write_json
 
 log = logging.getLogger(__name__)
 
@@ -205,22 +205,9 @@ def report_logger(evaluate_cfg: DictConfig, out_dir: Path) -> DictConfig | None:
     logger = evaluate_cfg.get("logger")
     if not logger or "wandb" not in logger:
         return None
-    logger = OmegaConf.create(OmegaConf.to_container(logger, resolve=True))
-    logger = OmegaConf.create({"wandb": logger.wandb})
+    logger = OmegaConf.create({"wandb": OmegaConf.to_container(logger.wandb, resolve=True)})
     logger.wandb.save_dir, logger.wandb.job_type = str(out_dir), "report"
     return logger
-
-
-def sweep_setting() -> str:
-    """In a multirun, the job's own overrides (e.g. `calibration_layers=1`): the label reports group by."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
-        return ""
-    return hydra_cfg.job.override_dirname if hydra_cfg.mode == RunMode.MULTIRUN else ""
 
 
 def evaluate_overrides(targets: list[str], alignments: dict, calibration: Path, cfg: DictConfig, extra: list[str]) -> list[str]:

@@ -24,35 +24,38 @@ log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(api_?key|secret|password|credentials?|(^|_)(hf|auth|access|api)_?token)$", re.IGNORECASE)
 
 
-def run_group(task_name: str) -> str:
-    """W&B group of a job: `<task>-<multirun dir name>` for the jobs of one multirun, `<task>` otherwise."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-    except (ImportError, ValueError):  # composed outside a Hydra app (tests, notebooks)
-        return task_name
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return f"{task_name}-{Path(hydra_cfg.sweep.dir).name}"
-    return task_name
-
-
-OmegaConf.register_new_resolver("run_group", run_group, replace=True)  # used by conf/logger/wandb.yaml
-
-
-def sweep_knobs() -> dict[str, str]:
-    """In a Hydra multirun, the job's own overrides as {key: value} (what sets this job apart); else {}."""
+def multirun_job():
+    """Hydra's config of this job when it is one job of a multirun; None otherwise (a single run, or
+    composed outside a Hydra app: tests, notebooks)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
     except (ImportError, ValueError):
-        return {}
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {}
-    pairs = (o.split("=", 1) for o in hydra_cfg.overrides.task if "=" in o)
+        return None
+    return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def run_group(task_name: str) -> str:
+    """W&B group of a job: `<task>-<multirun dir name>` for the jobs of one multirun, `<task>` otherwise."""
+    job = multirun_job()
+    return f"{task_name}-{Path(job.sweep.dir).name}" if job is not None else task_name
+
+
+OmegaConf.register_new_resolver("run_group", run_group, replace=True)  # used by conf/logger/wandb.yaml
+
+
+def sweep_setting() -> str:
+    """In a multirun, the job's own overrides (e.g. `calibration_layers=1`): the label reports group by."""
+    job = multirun_job()
+    return job.job.override_dirname if job is not None else ""
+
+
+def sweep_knobs() -> dict[str, str]:
+    """In a multirun, the job's own overrides as {key: value} (what sets this job apart); else {}."""
+    job = multirun_job()
+    pairs = (o.split("=", 1) for o in (job.overrides.task if job is not None else []) if "=" in o)
     return {k.lstrip("+~"): v for k, v in pairs if not k.startswith("hydra.")}
 
 
