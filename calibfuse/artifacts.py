@@ -7,6 +7,7 @@ are the ones it was made for."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -60,6 +61,22 @@ def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
             "expected finite values: align again (a diverged run: lower alignment.optimizer.lr)"
         )
     return A, json.loads(meta.read_text())
+
+
+def alignment_gain(path: str | Path) -> float:
+    """The scalar gain a fusion head learned with A (methods.fusion.scale=learned)."""
+    directory = Path(path).expanduser()
+    weights = (directory.parent if directory.is_file() else directory) / "alignment.safetensors"
+    tensors = load_file(weights)
+    if "gain" not in tensors:
+        raise ValueError(
+            f"alignment file {str(weights)!r} has no learned gain; expected an alignment from calibfuse.fusion_head scale=learned "
+            "(or methods.fusion.scale=none|target_rms)"
+        )
+    gain = float(tensors["gain"])
+    if not math.isfinite(gain):
+        raise ValueError(f"alignment file {str(weights)!r} holds a non-finite gain ({gain}); expected a finite scalar: train the head again")
+    return gain
 
 
 def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, object]) -> None:

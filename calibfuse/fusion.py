@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calibfuse.artifacts import check_alignment_made_for, load_alignment
+from calibfuse.artifacts import alignment_gain, check_alignment_made_for, load_alignment
 from calibfuse.calibration import CalibrationStream
 from calibfuse.decoding import DecodeState, Generation, GenerationSettings, decode, forward_step, row_generators
 from calibfuse.lm import final_hidden, positions_from_mask, same_tokenizer
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_CONTEXTS = ("full", "last_token")
 LAYER_NORMS = ("parameter_free", "none")
-SCALES = ("none", "target_rms")
+SCALES = ("none", "target_rms", "learned")  # learned: a scalar gain trained by calibfuse.fusion_head, stored with A
 
 
 def check_alpha(alpha: float) -> float:
@@ -56,17 +56,21 @@ def fuse(
     layer_norm: str = "parameter_free",
     eps: float = 1e-5,
     scale: str = "none",
+    gain: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """alpha * LN(h_c A) + (1 - alpha) * h_T, in fp32, returned in the target's dtype.
 
     scale="target_rms" (a variant): LN(h_c A) has unit RMS while h_T carries the target's final-norm
-    scale, so the same alpha mixes differently per target; rescale it to h_T's RMS at each position."""
+    scale, so the same alpha mixes differently per target; rescale it to h_T's RMS at each position.
+    scale="learned" (a variant): LN(h_c A) times `gain`, a scalar trained with A (calibfuse.fusion_head)."""
     mapped = h_calibration.float() @ A
     if layer_norm == "parameter_free":  # the reference's fresh nn.LayerNorm: weight 1, bias 0, never trained
         mapped = F.layer_norm(mapped, (mapped.shape[-1],), eps=eps)
     target = h_target.float()
     if scale == "target_rms":
         mapped = mapped * (target.pow(2).mean(-1, keepdim=True).sqrt() / mapped.pow(2).mean(-1, keepdim=True).add(eps).sqrt())
+    elif scale == "learned":
+        mapped = mapped * gain
     return (alpha * mapped + (1.0 - alpha) * target).to(h_target.dtype)
 
 
@@ -85,6 +89,7 @@ class Calibration:
         layer_norm: str = "parameter_free",
         layer_norm_eps: float = 1e-5,
         scale: str = "none",
+        gain: float | None = None,
     ):
         if scale not in SCALES:
             raise ValueError(f"scale={scale!r}; expected one of {list(SCALES)}")
@@ -92,6 +97,11 @@ class Calibration:
             raise ValueError(f"calibration_context={calibration_context!r}; expected one of {list(CALIBRATION_CONTEXTS)}")
         if layer_norm not in LAYER_NORMS:
             raise ValueError(f"layer_norm={layer_norm!r}; expected one of {list(LAYER_NORMS)}")
+        if scale == "learned" and gain is None:
+            raise ValueError(
+                "scale='learned' needs the gain a fusion head learned (alignment.safetensors 'gain'); "
+                "expected an alignment from calibfuse.fusion_head scale=learned"
+            )
         d_c = model.config.hidden_size
         if alignment is None:
             if d_c != target_width:
@@ -106,6 +116,7 @@ class Calibration:
         self.A = alignment.float().to(next(model.parameters()).device)
         self.calibration_context, self.layer_norm, self.layer_norm_eps, self.scale = calibration_context, layer_norm, layer_norm_eps, scale
         self.shared_tokenizer = same_tokenizer(target_tokenizer, tokenizer)
+        self.gain = 1.0 if gain is None else float(gain)
 
     def to(self, device) -> Calibration:
         self.model.to(device)
@@ -172,7 +183,7 @@ class FusionTransform:
         if state.record is not None:
             state.record["h_calibration"] = h_c.float().cpu()
         c = self.calibration
-        return fuse(h_target, h_c, c.A, self.alpha, c.layer_norm, c.layer_norm_eps, c.scale)
+        return fuse(h_target, h_c, c.A, self.alpha, c.layer_norm, c.layer_norm_eps, c.scale, c.gain)
 
 
 class FusedGenerator:
@@ -190,10 +201,20 @@ class FusedGenerator:
         prompt_format: str = "raw",
         layer_norm_eps: float = 1e-5,
         scale: str = "none",
+        gain: float | None = None,
     ):
         self.target_lm = TargetLM(target, target_tokenizer, prompt_format)
         self.fusion = Calibration(
-            calibration, calibration_tokenizer, alignment, target_tokenizer, target.config.hidden_size, calibration_context, layer_norm, layer_norm_eps, scale
+            calibration,
+            calibration_tokenizer,
+            alignment,
+            target_tokenizer,
+            target.config.hidden_size,
+            calibration_context,
+            layer_norm,
+            layer_norm_eps,
+            scale,
+            gain,
         )
         self.target, self.target_tokenizer = self.target_lm.model, target_tokenizer
         self.calibration, self.calibration_tokenizer = self.fusion.model, calibration_tokenizer
@@ -216,6 +237,8 @@ class FusedGenerator:
             A, meta = load_alignment(alignment)
             if check_fingerprints:
                 check_alignment_made_for(alignment, meta, calibration=(calibration_spec, calibration_model), target=(target_spec, target_model))
+            if options.get("scale") == "learned":
+                options["gain"] = alignment_gain(alignment)
         return cls(target_model, load_tokenizer(target_spec), calibration_model, load_tokenizer(calibration_spec), A, **options)
 
     @property
@@ -237,7 +260,8 @@ class FusedGenerator:
         return self
 
     def fuse(self, h_target: torch.Tensor, h_calibration: torch.Tensor, alpha: float) -> torch.Tensor:
-        return fuse(h_target, h_calibration, self.A, alpha, self.fusion.layer_norm, self.fusion.layer_norm_eps, self.fusion.scale)
+        f = self.fusion
+        return fuse(h_target, h_calibration, self.A, alpha, f.layer_norm, f.layer_norm_eps, f.scale, f.gain)
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         return self.target_lm.prompt_ids(prompts)

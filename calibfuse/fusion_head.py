@@ -4,8 +4,10 @@ so that the fused model predicts non-toxic text well at a fixed alpha, target an
     python -m calibfuse.fusion_head alignment_dir=<align run>/alignment alpha=0.3
     python -m calibfuse.pipeline fusion_head=true             # after stage 2, for every target
 
-Only A trains, starting from stage 2's A: the loss is the fused model's next-token loss on stage 1's
-non-toxic corpus, read through the target's tokenizer. Across tokenizers, the calibration state at a
+Only A trains (with scale=learned, also a scalar gain on LN(h_c A)), starting from stage 2's A: the loss
+is the fused model's next-token loss on stage 1's non-toxic corpus, read through the target's tokenizer.
+With `toxic_data` (an extension, not in the paper), it adds unlikelihood, -log(1 - p_fused), on the
+completion tokens of toxic text, so the head also learns what to steer away from. Across tokenizers, the calibration state at a
 target position is the calibration model's state at its last token that ends within the characters the
 target has read (character offsets), as the calibration stream reads it at inference. The result is an
 alignment artifact like stage 2's (`alignment/`), so `methods.fusion` uses it unchanged.
@@ -21,12 +23,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from calibfuse.artifacts import load_alignment, model_record, recorded_model
+from calibfuse.artifacts import alignment_gain, load_alignment, model_record, recorded_model
 from calibfuse.checks import check_required, check_wandb_credentials
 from calibfuse.data import read_prompt_completions
 from calibfuse.export import ExportArtifact, fit_and_export
@@ -49,15 +50,24 @@ def char_matched_positions(source_offsets: torch.Tensor, source_mask: torch.Tens
 
 
 class FusionHeadModule(L.LightningModule):
-    """A as the only parameter; the frozen models are held outside the module (not in checkpoints)."""
+    """A (and, with scale="learned", a log-gain) as the only parameters; the frozen models are held
+    outside the module (not in checkpoints). With toxic text, the loss adds unlikelihood on its completions."""
 
-    def __init__(self, A: torch.Tensor, alpha: float, layer_norm: str, scale: str, max_length: int, optimizer):
+    def __init__(
+        self, A: torch.Tensor, alpha: float, layer_norm: str, scale: str, max_length: int, optimizer, gain: float = 1.0, unlikelihood_weight: float = 0.0
+    ):
         super().__init__()
         self.A = torch.nn.Parameter(A.detach().clone().float())
+        self.log_gain = torch.nn.Parameter(torch.tensor(math.log(gain))) if scale == "learned" else None
         self.alpha, self.layer_norm, self.scale, self.max_length = check_alpha(alpha), layer_norm, scale, max_length
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.unlikelihood_weight = optimizer, unlikelihood_weight
         self.frozen: dict = {}
         self.val_before: float | None = None
+        self.toxic_val: tuple[list[str], list[int]] | None = None  # held-out toxic rows for toxic_completion_nll
+
+    @property
+    def gain(self) -> torch.Tensor | float:  # a tensor that trains with scale=learned, else 1
+        return self.log_gain.exp() if self.log_gain is not None else 1.0
 
     def attach(self, target, target_tokenizer, calibration, calibration_tokenizer) -> None:
         for model in (target, calibration):
@@ -68,10 +78,13 @@ class FusionHeadModule(L.LightningModule):
         for key in ("target", "calibration"):
             self.frozen[key].to(self.device)
 
+    def _encode(self, tokenizer, texts: list[str]):
+        kwargs = dict(padding=True, padding_side="right", truncation=True, max_length=self.max_length, return_tensors="pt")
+        return tokenizer(texts, return_offsets_mapping=True, **kwargs)
+
     def _states(self, texts: list[str]):
         f, device = self.frozen, self.device
-        kwargs = dict(return_offsets_mapping=True, padding=True, padding_side="right", truncation=True, max_length=self.max_length, return_tensors="pt")
-        t, c = f["target_tokenizer"](texts, **kwargs), f["calibration_tokenizer"](texts, **kwargs)
+        t, c = self._encode(f["target_tokenizer"], texts), self._encode(f["calibration_tokenizer"], texts)
         with torch.no_grad():
             h_t, _ = final_hidden(f["target"], input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device), use_cache=False)
             h_c, _ = final_hidden(f["calibration"], input_ids=c["input_ids"].to(device), attention_mask=c["attention_mask"].to(device), use_cache=False)
@@ -79,20 +92,38 @@ class FusionHeadModule(L.LightningModule):
         h_c = torch.gather(h_c, 1, index[..., None].expand(-1, -1, h_c.shape[-1]))
         return h_t, h_c, t["input_ids"].to(device), t["attention_mask"].to(device)
 
-    def losses(self, texts: list[str], alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token loss of the fused model and the number of predicted tokens."""
+    def _token_logprobs(self, texts: list[str], alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p_fused(next token) at every position of the target's tokenization, and the label mask."""
         h_t, h_c, ids, mask = self._states(texts)
         alpha = self.alpha if alpha is None else alpha
-        fused = fuse(h_t, h_c, self.A, alpha, layer_norm=self.layer_norm, scale=self.scale) if alpha > 0 else h_t
-        logits = lm_head_logits(self.frozen["target"], fused.float()).float()
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        return loss, (labels != -100).sum()
+        fused = fuse(h_t, h_c, self.A, alpha, layer_norm=self.layer_norm, scale=self.scale, gain=self.gain) if alpha > 0 else h_t
+        logits = lm_head_logits(self.frozen["target"], fused.float()).float()[:, :-1]
+        return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0], mask[:, 1:].bool()
 
-    def training_step(self, texts: list[str], batch_idx: int):
-        total, count = self.losses(texts)
+    def losses(self, texts: list[str], alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss of the fused model and the number of predicted tokens."""
+        logp, keep = self._token_logprobs(texts, alpha)
+        return -logp[keep].sum(), keep.sum()
+
+    def toxic_losses(self, texts: list[str], starts: list[int], alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the completion tokens of toxic rows (those reaching past character `start`): summed unlikelihood
+        -log(1 - p), summed NLL, and their number."""
+        logp, keep = self._token_logprobs(texts, alpha)
+        ends = self._encode(self.frozen["target_tokenizer"], texts)["offset_mapping"][:, 1:, 1].to(logp.device)
+        keep = keep & (ends > torch.tensor(starts, device=logp.device)[:, None])
+        unlikely = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+        return unlikely[keep].sum(), -logp[keep].sum(), keep.sum()
+
+    def training_step(self, batch, batch_idx: int):
+        clean, toxic = (batch["clean"], batch["toxic"]) if isinstance(batch, dict) else (batch, None)
+        total, count = self.losses(clean)
         loss = total / count.clamp(min=1)
-        self.log("train/fused_loss", loss, prog_bar=True, batch_size=len(texts))
+        self.log("train/fused_loss", loss, prog_bar=True, batch_size=len(clean))
+        if toxic is not None:
+            unlikely, _, n = self.toxic_losses(*toxic)
+            unlikely = unlikely / n.clamp(min=1)
+            self.log("train/unlikelihood", unlikely, prog_bar=True, batch_size=len(toxic[0]))
+            loss = loss + self.unlikelihood_weight * unlikely
         return loss
 
     def validation_step(self, texts: list[str], batch_idx: int):
@@ -100,13 +131,14 @@ class FusionHeadModule(L.LightningModule):
         self.log("val/fused_loss", total / count.clamp(min=1), batch_size=int(count), reduce_fx="mean")
 
     def configure_optimizers(self):
-        return self.optimizer_factory(params=[self.A])
+        return self.optimizer_factory(params=[self.A] + ([self.log_gain] if self.log_gain is not None else []))
 
 
 class TextData(L.LightningDataModule):
-    """Stage 1's corpus as plain text (prompt, newline, completion): a seeded held-out slice and the rest."""
+    """Stage 1's corpus as plain text (prompt, newline, completion): a seeded held-out slice and the rest.
+    With toxic rows ((text, completion start) pairs), each training batch also carries a batch of them."""
 
-    def __init__(self, texts: list[str], val_rows: int, batch_size: int, seed: int):
+    def __init__(self, texts: list[str], val_rows: int, batch_size: int, seed: int, toxic: list[tuple[str, int]] | None = None):
         super().__init__()
         if len(texts) <= val_rows:
             raise ValueError(f"the corpus has {len(texts)} rows; expected more than val_rows={val_rows}")
@@ -114,13 +146,37 @@ class TextData(L.LightningDataModule):
         random.Random(seed).shuffle(order)
         self.val = [texts[i] for i in order[:val_rows]]
         self.train = [texts[i] for i in order[val_rows:]]
+        self.toxic_train = self.toxic_val = None
+        if toxic:
+            if len(toxic) <= val_rows:
+                raise ValueError(f"the toxic data has {len(toxic)} rows; expected more than val_rows={val_rows}")
+            toxic = random.Random(seed + 1).sample(toxic, len(toxic))
+            self.toxic_val, self.toxic_train = toxic[:val_rows], toxic[val_rows:]
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=list)
+        clean = DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=list)
+        if self.toxic_train is None:
+            return clean
+        toxic = DataLoader(self.toxic_train, batch_size=self.batch_size, shuffle=True, collate_fn=unzip)
+        return {"clean": clean, "toxic": toxic}  # Lightning cycles the shorter one
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=self.batch_size, collate_fn=list)
+
+
+def unzip(rows: list[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    return [text for text, _ in rows], [start for _, start in rows]
+
+
+def toxic_rows(pairs) -> list[tuple[str, int]]:
+    """Toxic prompt/completion rows as one text each, the completion continuing the prompt's sentence,
+    and the character where the completion starts."""
+    rows = []
+    for p in pairs:
+        context = p.prompt if not p.prompt or p.prompt[-1].isspace() else p.prompt + " "
+        rows.append((context + p.completion, len(context)))
+    return rows
 
 
 class ExportFusionHead(ExportArtifact):
@@ -133,19 +189,22 @@ class ExportFusionHead(ExportArtifact):
         self.stage2_dir, self.stage2_meta, self.models = stage2_dir, stage2_meta, models
 
     def gather(self, trainer, pl_module: FusionHeadModule):
-        A = pl_module.A.detach().cpu()
-        if not torch.isfinite(A).all():
-            raise RuntimeError(f"the trained A has non-finite entries; refusing to write {self.out_dir} (lower optimizer.lr)")
-        return A
+        A, gain = pl_module.A.detach().cpu(), float(torch.as_tensor(pl_module.gain).detach())
+        if not (torch.isfinite(A).all() and math.isfinite(gain)):
+            raise RuntimeError(f"the trained A or gain has non-finite entries; refusing to write {self.out_dir} (lower optimizer.lr)")
+        return A, gain
 
-    def write(self, trainer, pl_module: FusionHeadModule, A: torch.Tensor) -> dict:
-        tensors = load_file(self.stage2_dir / "alignment.safetensors")
-        save_file({**tensors, "A": A.contiguous()}, self.out_dir / "alignment.safetensors", metadata={"format": "calibfuse.alignment/1"})
+    def write(self, trainer, pl_module: FusionHeadModule, gathered: tuple[torch.Tensor, float]) -> dict:
+        (A, gain), learned = gathered, pl_module.log_gain is not None
+        tensors = {k: v for k, v in load_file(self.stage2_dir / "alignment.safetensors").items() if k != "gain"}
+        tensors |= {"A": A.contiguous()} | ({"gain": torch.tensor(gain)} if learned else {})
+        save_file(tensors, self.out_dir / "alignment.safetensors", metadata={"format": "calibfuse.alignment/1"})
         after = trainer.callback_metrics["val/fused_loss"].item()
         head = {
             "alpha": pl_module.alpha,
             "layer_norm": pl_module.layer_norm,
             "scale": pl_module.scale,
+            "gain": gain if learned else None,
             "initial_alignment": str(self.stage2_dir.resolve()),
             "init": self.config.get("init", "stage2"),
             "val_fused_perplexity_before": math.exp(pl_module.val_before) if pl_module.val_before is not None else None,
@@ -160,6 +219,10 @@ class ExportFusionHead(ExportArtifact):
             head["val_fused_perplexity"],
             head["val_target_perplexity"] or math.nan,
         )
+        if pl_module.toxic_val is not None:  # what the unlikelihood did: NLL of held-out toxic completions
+            nll = dict(self.models["toxic_nll"], fused_after=toxic_nll(pl_module, *pl_module.toxic_val, batch_size=8))
+            head |= {"unlikelihood_weight": pl_module.unlikelihood_weight, "toxic_rows": self.models["toxic_rows"], "toxic_completion_nll": nll}
+            log.info("held-out toxic completions, NLL per token: target %.2f, fused %.2f -> %.2f", nll["target"], nll["fused_before"], nll["fused_after"])
         records = {role: model_record(*self.models[role], self.out_dir) for role in ("calibration_model", "target")}
         return {
             **{k: v for k, v in self.stage2_meta.items() if k not in ("config", "training", "versions", "created")},
@@ -195,6 +258,15 @@ def held_out_loss(module: FusionHeadModule, texts: list[str], batch_size: int, a
     return total / max(count, 1)
 
 
+def toxic_nll(module: FusionHeadModule, texts: list[str], starts: list[int], batch_size: int, alpha: float | None = None) -> float:
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            _, nll, n = module.toxic_losses(texts[i : i + batch_size], starts[i : i + batch_size], alpha)
+            total, count = total + nll.item(), count + n.item()
+    return total / max(count, 1)
+
+
 @task_wrapper
 def train_fusion_head(cfg: DictConfig) -> dict:
     check_required(cfg)
@@ -205,6 +277,8 @@ def train_fusion_head(cfg: DictConfig) -> dict:
         raise ValueError(f"init={cfg.init!r}; expected one of {list(INITS)}")
     if cfg.layer_norm not in LAYER_NORMS or cfg.scale not in SCALES:
         raise ValueError(f"layer_norm={cfg.layer_norm!r}, scale={cfg.scale!r}; expected one of {list(LAYER_NORMS)} and {list(SCALES)}")
+    if not cfg.unlikelihood_weight >= 0:
+        raise ValueError(f"unlikelihood_weight={cfg.unlikelihood_weight}; expected a number >= 0")
     stage2 = Path(cfg.alignment_dir).expanduser()
     A, meta = load_alignment(stage2)
     stage2 = stage2.parent if stage2.is_file() else stage2
@@ -213,11 +287,13 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     }
     pairs = read_prompt_completions(**instantiate(cfg.data, tokenizer=None).source)
     texts = [f"{p.prompt}\n{p.completion}" for p in pairs]
-    datamodule = TextData(texts[: cfg.max_rows] if cfg.get("max_rows") else texts, cfg.val_rows, cfg.batch_size, cfg.seed)
+    toxic = toxic_rows(read_prompt_completions(**instantiate(cfg.toxic_data, tokenizer=None).source)) if cfg.get("toxic_data") else None
+    datamodule = TextData(texts[: cfg.max_rows] if cfg.get("max_rows") else texts, cfg.val_rows, cfg.batch_size, cfg.seed, toxic)
 
     loaded = {role: (spec, load_model(spec)) for role, spec in specs.items()}
     tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
-    module = FusionHeadModule(A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer))
+    gain = alignment_gain(stage2) if cfg.scale == "learned" and "gain" in load_file(stage2 / "alignment.safetensors") else 1.0
+    module = FusionHeadModule(A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer), gain, cfg.unlikelihood_weight)
     module.attach(loaded["target"][1], tokenizers["target"], loaded["calibration_model"][1], tokenizers["calibration_model"])
     if cfg.init == "hidden_states":
         rows = datamodule.train[: cfg.init_rows]
@@ -226,6 +302,11 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     module.val_before = held_out_loss(module, datamodule.val, cfg.batch_size)
     models = {role: (spec, model, tokenizers[role]) for role, (spec, model) in loaded.items()}
     models["target_val_perplexity"] = math.exp(held_out_loss(module, datamodule.val, cfg.batch_size, alpha=0.0))
+    if toxic:
+        module.toxic_val = unzip(datamodule.toxic_val)
+        models["toxic_rows"] = len(toxic)
+        before = {"target": 0.0, "fused_before": None}  # alpha None: the head's own
+        models["toxic_nll"] = {when: toxic_nll(module, *module.toxic_val, batch_size=cfg.batch_size, alpha=a) for when, a in before.items()}
     export = ExportFusionHead(Path(cfg.paths.output_dir) / "alignment", resolved_config(cfg), stage2, meta, models)
     return fit_and_export(cfg, module, datamodule, export)
 

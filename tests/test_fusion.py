@@ -290,3 +290,13 @@ def test_target_rms_scale_variant_by_hand():
     assert torch.allclose(fuse(h_t, h_c, A, 0.4, scale="target_rms"), 0.4 * rescaled + 0.6 * h_t, atol=1e-5)
     assert torch.allclose(rescaled.pow(2).mean(-1).sqrt(), h_t.pow(2).mean(-1).sqrt(), rtol=1e-4)
     assert torch.equal(fuse(h_t, h_c, A, 0.4), (0.4 * mapped + 0.6 * h_t))  # the faithful default is unchanged
+
+
+def test_learned_scale_multiplies_the_normalised_calibration_state_by_its_gain():
+    from calibfuse.fusion import fuse
+
+    torch.manual_seed(0)
+    h_t, h_c, A = torch.randn(2, 3, 8), torch.randn(2, 3, 6), torch.randn(6, 8)
+    mapped = torch.nn.functional.layer_norm(h_c @ A, (8,), eps=1e-5)
+    assert torch.allclose(fuse(h_t, h_c, A, 0.3, scale="learned", gain=2.5), 0.3 * 2.5 * mapped + 0.7 * h_t, atol=1e-6)
+    assert torch.allclose(fuse(h_t, h_c, A, 0.3, scale="learned", gain=1.0), fuse(h_t, h_c, A, 0.3), atol=0)

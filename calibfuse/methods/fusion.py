@@ -8,7 +8,7 @@ import math
 from numbers import Real
 from pathlib import Path
 
-from calibfuse.artifacts import check_alignment_made_for, load_alignment, recorded_model
+from calibfuse.artifacts import alignment_gain, check_alignment_made_for, load_alignment, recorded_model
 from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alpha
 from calibfuse.methods import Method
 from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
@@ -61,6 +61,8 @@ class Fusion(Method):
     def _plan(self, name: str, spec: ModelSpec) -> dict:
         """The target's alignment and calibration model, read from their files; nothing loaded."""
         if self.alignment == "identity":  # the ablation: no learned map (equal widths only)
+            if self.scale == "learned":
+                raise ValueError("methods.fusion.scale=learned needs a fusion head's alignment (its gain); alignment=identity has none")
             if self.calibration_model is None:
                 raise ValueError("methods.fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
             calibration = as_spec(self.calibration_model)
@@ -96,6 +98,7 @@ class Fusion(Method):
             check_alignment_made_for(directory, meta, **local)
         return {
             "A": A,
+            "gain": alignment_gain(directory) if self.scale == "learned" else None,
             "meta": meta,
             "alignment": str(directory),
             "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
@@ -120,7 +123,15 @@ class Fusion(Method):
         if self.check_fingerprints and plan["meta"] is not None:
             check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], model), target=(self.targets[target], target_lm.model))
         self.calibration = Calibration(
-            model, tokenizer, plan["A"], target_lm.tokenizer, target_lm.model.config.hidden_size, self.calibration_context, self.layer_norm, scale=self.scale
+            model,
+            tokenizer,
+            plan["A"],
+            target_lm.tokenizer,
+            target_lm.model.config.hidden_size,
+            self.calibration_context,
+            self.layer_norm,
+            scale=self.scale,
+            gain=plan.get("gain"),
         )
 
     def modules(self) -> list:
