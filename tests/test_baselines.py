@@ -58,6 +58,24 @@ def test_dexperts_logits_are_the_formula_by_hand(tiny_model_dirs, experts):
         assert torch.allclose(record["logits"][0], z_t + 1.5 * (z_e - z_a), atol=1e-4)
 
 
+def test_null_calibration_is_the_target_at_temperature_one_over_one_minus_alpha(tiny_model_dirs):
+    """Fusion's formula with LN(h_c A) = 0: through a linear head, the target's logits times (1 - alpha)."""
+    from calibfuse.decoding import decode, row_generators
+    from calibfuse.methods.null_calibration import NullCalibration
+
+    generator = plain_generator(tiny_model_dirs["llama"])
+    settings, ids = GenerationSettings(max_new_tokens=3, do_sample=False), generator._prompt_ids(PROMPTS[:2])
+    traces = {}
+    for alpha in (0.0, 0.4):
+        traces[alpha] = []
+        transform = NullCalibration([0.0, 0.4]).hidden_transform(alpha)
+        common = dict(eos_ids=generator.eos_ids, hidden_transform=transform, trace=traces[alpha])
+        decode(generator.target, generator.target_tokenizer, ids, settings, row_generators([1, 2], generator.device), **common)
+    assert NullCalibration([0.0]).hidden_transform(0.0) is None  # alpha 0: the target alone, the shared cell
+    for plain, shrunk in zip(traces[0.0], traces[0.4], strict=True):  # greedy: the same tokens, so the same inputs
+        assert torch.allclose(shrunk["logits"], 0.6 * plain["logits"], atol=1e-5)
+
+
 def test_word_filter_never_emits_a_banned_token(tiny_model_dirs):
     generator = plain_generator(tiny_model_dirs["llama"])
     tokenizer = generator.target_tokenizer
@@ -116,10 +134,16 @@ def baseline_cfg(tiny_model_dirs, experts, tmp_path):
 
 def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
     evaluate(
-        baseline_cfg("methods=[none,word_filter,prompting,dexperts]", "methods.dexperts.alphas=[1.0]", "methods.word_filter.lexicon=embedded:profanity_check")
+        baseline_cfg(
+            "methods=[none,word_filter,prompting,dexperts,null_calibration]",
+            "methods.dexperts.alphas=[1.0]",
+            "methods.word_filter.lexicon=embedded:profanity_check",
+            "methods.null_calibration.alphas=[0.5]",
+        )
     )
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
-    assert [(c["method"], c["alpha"]) for c in cells] == [("none", 0.0), ("word_filter", 0.0), ("prompting", 0.0), ("dexperts", 1.0)]
+    expected = [("none", 0.0), ("word_filter", 0.0), ("prompting", 0.0), ("dexperts", 1.0), ("null_calibration", 0.5)]
+    assert [(c["method"], c["alpha"]) for c in cells] == expected
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in rows if r["method"] == "prompting"} == {r["prompt"] for r in rows if r["method"] == "none"}
     assert "| tiny | dexperts | 1 |" in (tmp_path / "run" / "grid.md").read_text()

@@ -1,0 +1,41 @@
+"""Fusion with a null calibration state, a diagnostic row: h = alpha * 0 + (1 - alpha) * h_T. Through a
+linear head (no soft-capping) that is the target at sampling temperature 1 / (1 - alpha). Fusion's formula shrinks
+h_T by (1 - alpha) whatever the calibration model says; this row shows what that alone does to
+toxicity and perplexity, so the part of fusion's effect that comes from the calibration model is
+the difference between the two rows at the same alpha."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from calibfuse.fusion import check_alpha
+from calibfuse.methods import Method
+
+
+class NullCalibration(Method):
+    def __init__(self, alphas: list[float]):
+        if not alphas or any(isinstance(a, bool) or not isinstance(a, Real) or math.isnan(a) for a in alphas):
+            raise ValueError(f"methods.null_calibration.alphas={list(alphas or [])}; expected numbers in [0, 1], e.g. [0,0.3]")
+        self.alphas = sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)
+
+    def strengths(self) -> list[float]:
+        return self.alphas
+
+    def identity(self, target: str, alpha: float) -> dict | None:
+        return None if alpha == 0 else {"hidden": "shrink_by_1_minus_alpha"}
+
+    def hidden_transform(self, alpha: float):
+        return None if alpha == 0 else Shrink(alpha)
+
+
+class Shrink:
+    """h_T -> (1 - alpha) h_T: fusion's transform with LN(h_c A) = 0."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def __call__(self, h_target: torch.Tensor, state) -> torch.Tensor:
+        return ((1.0 - self.alpha) * h_target.float()).to(h_target.dtype)
