@@ -38,6 +38,7 @@ from calibfuse.utils import instantiate, resolved_config, task_wrapper
 
 log = logging.getLogger(__name__)
 
+TOXIC_LOSSES = ("unlikelihood", "margin")  # how the head is pushed away from toxic completions
 INITS = ("stage2", "hidden_states")  # where A starts: stage 2's embedding alignment, or fitted on paired hidden states
 
 
@@ -54,13 +55,24 @@ class FusionHeadModule(L.LightningModule):
     outside the module (not in checkpoints). With toxic text, the loss adds unlikelihood on its completions."""
 
     def __init__(
-        self, A: torch.Tensor, alpha: float, layer_norm: str, scale: str, max_length: int, optimizer, gain: float = 1.0, unlikelihood_weight: float = 0.0
+        self,
+        A: torch.Tensor,
+        alpha: float,
+        layer_norm: str,
+        scale: str,
+        max_length: int,
+        optimizer,
+        gain: float = 1.0,
+        toxic_weight: float = 0.0,
+        toxic_loss: str = "unlikelihood",
+        margin: float = 2.0,
     ):
         super().__init__()
         self.A = torch.nn.Parameter(A.detach().clone().float())
         self.log_gain = torch.nn.Parameter(torch.tensor(math.log(gain))) if scale == "learned" else None
         self.alpha, self.layer_norm, self.scale, self.max_length = check_alpha(alpha), layer_norm, scale, max_length
-        self.optimizer_factory, self.unlikelihood_weight = optimizer, unlikelihood_weight
+        self.optimizer_factory, self.toxic_weight = optimizer, toxic_weight
+        self.toxic_loss, self.margin = toxic_loss, margin
         self.frozen: dict = {}
         self.val_before: float | None = None
         self.toxic_val: tuple[list[str], list[int]] | None = None  # held-out toxic rows for toxic_completion_nll
@@ -92,13 +104,22 @@ class FusionHeadModule(L.LightningModule):
         h_c = torch.gather(h_c, 1, index[..., None].expand(-1, -1, h_c.shape[-1]))
         return h_t, h_c, t["input_ids"].to(device), t["attention_mask"].to(device)
 
-    def _token_logprobs(self, texts: list[str], alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p_fused(next token) at every position of the target's tokenization, and the label mask."""
+    def _token_logprobs(self, texts: list[str], alpha: float | None, with_target: bool = False):
+        """log p_fused(next token) at every position of the target's tokenization, the label mask, and
+        (with_target) log p_target, without gradient."""
         h_t, h_c, ids, mask = self._states(texts)
         alpha = self.alpha if alpha is None else alpha
         fused = fuse(h_t, h_c, self.A, alpha, layer_norm=self.layer_norm, scale=self.scale, gain=self.gain) if alpha > 0 else h_t
-        logits = lm_head_logits(self.frozen["target"], fused.float()).float()[:, :-1]
-        return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0], mask[:, 1:].bool()
+
+        def logprobs(hidden):
+            logits = lm_head_logits(self.frozen["target"], hidden.float()).float()[:, :-1]
+            return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+
+        if not with_target:
+            return logprobs(fused), mask[:, 1:].bool()
+        with torch.no_grad():
+            target = logprobs(h_t)
+        return logprobs(fused), mask[:, 1:].bool(), target
 
     def losses(self, texts: list[str], alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss of the fused model and the number of predicted tokens."""
@@ -106,13 +127,17 @@ class FusionHeadModule(L.LightningModule):
         return -logp[keep].sum(), keep.sum()
 
     def toxic_losses(self, texts: list[str], starts: list[int], alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """On the completion tokens of toxic rows (those reaching past character `start`): summed unlikelihood
-        -log(1 - p), summed NLL, and their number."""
-        logp, keep = self._token_logprobs(texts, alpha)
+        """On the completion tokens of toxic rows (those reaching past character `start`): the summed push
+        away from them, summed NLL, and their number. The push is unlikelihood, -log(1 - p), or with
+        toxic_loss="margin", max(0, margin - (NLL_fused - NLL_target)): rare tokens still get a gradient."""
+        logp, keep, target = self._token_logprobs(texts, alpha, with_target=True)
         ends = self._encode(self.frozen["target_tokenizer"], texts)["offset_mapping"][:, 1:, 1].to(logp.device)
         keep = keep & (ends > torch.tensor(starts, device=logp.device)[:, None])
-        unlikely = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
-        return unlikely[keep].sum(), -logp[keep].sum(), keep.sum()
+        if self.toxic_loss == "margin":
+            push = torch.relu(self.margin - (target - logp))
+        else:
+            push = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+        return push[keep].sum(), -logp[keep].sum(), keep.sum()
 
     def training_step(self, batch, batch_idx: int):
         clean, toxic = (batch["clean"], batch["toxic"]) if isinstance(batch, dict) else (batch, None)
@@ -122,8 +147,8 @@ class FusionHeadModule(L.LightningModule):
         if toxic is not None:
             unlikely, _, n = self.toxic_losses(*toxic)
             unlikely = unlikely / n.clamp(min=1)
-            self.log("train/unlikelihood", unlikely, prog_bar=True, batch_size=len(toxic[0]))
-            loss = loss + self.unlikelihood_weight * unlikely
+            self.log(f"train/toxic_{self.toxic_loss}", unlikely, prog_bar=True, batch_size=len(toxic[0]))
+            loss = loss + self.toxic_weight * unlikely
         return loss
 
     def validation_step(self, texts: list[str], batch_idx: int):
@@ -221,7 +246,13 @@ class ExportFusionHead(ExportArtifact):
         )
         if pl_module.toxic_val is not None:  # what the unlikelihood did: NLL of held-out toxic completions
             nll = dict(self.models["toxic_nll"], fused_after=toxic_nll(pl_module, *pl_module.toxic_val, batch_size=8))
-            head |= {"unlikelihood_weight": pl_module.unlikelihood_weight, "toxic_rows": self.models["toxic_rows"], "toxic_completion_nll": nll}
+            head |= {
+                "toxic_loss": pl_module.toxic_loss,
+                "margin": pl_module.margin,
+                "toxic_weight": pl_module.toxic_weight,
+                "toxic_rows": self.models["toxic_rows"],
+                "toxic_completion_nll": nll,
+            }
             log.info("held-out toxic completions, NLL per token: target %.2f, fused %.2f -> %.2f", nll["target"], nll["fused_before"], nll["fused_after"])
         records = {role: model_record(*self.models[role], self.out_dir) for role in ("calibration_model", "target")}
         return {
@@ -277,8 +308,10 @@ def train_fusion_head(cfg: DictConfig) -> dict:
         raise ValueError(f"init={cfg.init!r}; expected one of {list(INITS)}")
     if cfg.layer_norm not in LAYER_NORMS or cfg.scale not in SCALES:
         raise ValueError(f"layer_norm={cfg.layer_norm!r}, scale={cfg.scale!r}; expected one of {list(LAYER_NORMS)} and {list(SCALES)}")
-    if not cfg.unlikelihood_weight >= 0:
-        raise ValueError(f"unlikelihood_weight={cfg.unlikelihood_weight}; expected a number >= 0")
+    if not cfg.toxic_weight >= 0:
+        raise ValueError(f"toxic_weight={cfg.toxic_weight}; expected a number >= 0")
+    if cfg.toxic_loss not in TOXIC_LOSSES:
+        raise ValueError(f"toxic_loss={cfg.toxic_loss!r}; expected one of {list(TOXIC_LOSSES)}")
     stage2 = Path(cfg.alignment_dir).expanduser()
     A, meta = load_alignment(stage2)
     stage2 = stage2.parent if stage2.is_file() else stage2
@@ -293,7 +326,8 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     loaded = {role: (spec, load_model(spec)) for role, spec in specs.items()}
     tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
     gain = alignment_gain(stage2) if cfg.scale == "learned" and "gain" in load_file(stage2 / "alignment.safetensors") else 1.0
-    module = FusionHeadModule(A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer), gain, cfg.unlikelihood_weight)
+    toxic_options = dict(toxic_weight=cfg.toxic_weight, toxic_loss=cfg.toxic_loss, margin=cfg.margin)
+    module = FusionHeadModule(A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer), gain, **toxic_options)
     module.attach(loaded["target"][1], tokenizers["target"], loaded["calibration_model"][1], tokenizers["calibration_model"])
     if cfg.init == "hidden_states":
         rows = datamodule.train[: cfg.init_rows]

