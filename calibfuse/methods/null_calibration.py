@@ -1,5 +1,7 @@
 """Fusion with a null calibration state, a diagnostic row: h = alpha * 0 + (1 - alpha) * h_T. Through a
-linear head (no soft-capping) that is the target at sampling temperature 1 / (1 - alpha). Fusion's formula shrinks
+linear head (no soft-capping) that is the target at sampling temperature 1 / (1 - alpha). Under greedy
+decoding (the paper protocol) it keeps the target's tokens except where rounding the shrunk state to
+the target's dtype breaks a near-tie: the row is then the grid's noise floor. Fusion's formula shrinks
 h_T by (1 - alpha) whatever the calibration model says; this row shows what that alone does to
 toxicity and perplexity, so the part of fusion's effect that comes from the calibration model is
 the difference between the two rows at the same alpha."""
