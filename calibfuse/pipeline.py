@@ -168,6 +168,8 @@ def pipeline(cfg: DictConfig) -> dict:
 
     if cfg.until not in STAGES:
         raise ValueError(f"until={cfg.until!r}; expected one of {list(STAGES)}")
+    if cfg.scale == "learned" and not (cfg.fusion_head and cfg.alignment == "learned"):
+        raise ValueError("scale=learned uses the gain a fusion head trains; expected fusion_head=true (and alignment=learned)")
     pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)
     calibration = pretrain_dir / "calibration_model"
     result = {"pretrain": str(pretrain_dir)}

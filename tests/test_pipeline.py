@@ -140,6 +140,12 @@ def test_report_bad_input(pipeline_cfg, tmp_path):
         build_report([tmp_path / "run"], tmp_path / "out", alpha=0.7)
 
 
+def test_learned_scale_without_a_fusion_head_fails_before_any_stage(pipeline_cfg, tmp_path):
+    with pytest.raises(ValueError, match="scale=learned uses the gain a fusion head trains; expected fusion_head=true"):
+        run(pipeline_cfg("scale=learned"))
+    assert not (tmp_path / "stages").exists()
+
+
 def test_unknown_experiment_lists_the_available_ones(tmp_path):
     from hydra.errors import MissingConfigException
 
