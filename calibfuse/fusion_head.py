@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from pathlib import Path
 
 import hydra
@@ -25,13 +24,13 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 
 from calibfuse.artifacts import alignment_gain, load_alignment, model_record, recorded_model
 from calibfuse.checks import check_required, check_wandb_credentials
 from calibfuse.data import read_prompt_completions
 from calibfuse.export import ExportArtifact, fit_and_export
 from calibfuse.fusion import LAYER_NORMS, SCALES, check_alpha, fuse
+from calibfuse.fusion_head_data import TextData, toxic_rows, unzip
 from calibfuse.lm import final_hidden, lm_head_logits
 from calibfuse.models import ModelSpec, load_model, load_tokenizer
 from calibfuse.utils import instantiate, resolved_config, task_wrapper
@@ -157,51 +156,6 @@ class FusionHeadModule(L.LightningModule):
 
     def configure_optimizers(self):
         return self.optimizer_factory(params=[self.A] + ([self.log_gain] if self.log_gain is not None else []))
-
-
-class TextData(L.LightningDataModule):
-    """Stage 1's corpus as plain text (prompt, newline, completion): a seeded held-out slice and the rest.
-    With toxic rows ((text, completion start) pairs), each training batch also carries a batch of them."""
-
-    def __init__(self, texts: list[str], val_rows: int, batch_size: int, seed: int, toxic: list[tuple[str, int]] | None = None):
-        super().__init__()
-        if len(texts) <= val_rows:
-            raise ValueError(f"the corpus has {len(texts)} rows; expected more than val_rows={val_rows}")
-        order = list(range(len(texts)))
-        random.Random(seed).shuffle(order)
-        self.val = [texts[i] for i in order[:val_rows]]
-        self.train = [texts[i] for i in order[val_rows:]]
-        self.toxic_train = self.toxic_val = None
-        if toxic:
-            if len(toxic) <= val_rows:
-                raise ValueError(f"the toxic data has {len(toxic)} rows; expected more than val_rows={val_rows}")
-            toxic = random.Random(seed + 1).sample(toxic, len(toxic))
-            self.toxic_val, self.toxic_train = toxic[:val_rows], toxic[val_rows:]
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        clean = DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=list)
-        if self.toxic_train is None:
-            return clean
-        toxic = DataLoader(self.toxic_train, batch_size=self.batch_size, shuffle=True, collate_fn=unzip)
-        return {"clean": clean, "toxic": toxic}  # Lightning cycles the shorter one
-
-    def val_dataloader(self):
-        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=list)
-
-
-def unzip(rows: list[tuple[str, int]]) -> tuple[list[str], list[int]]:
-    return [text for text, _ in rows], [start for _, start in rows]
-
-
-def toxic_rows(pairs) -> list[tuple[str, int]]:
-    """Toxic prompt/completion rows as one text each, the completion continuing the prompt's sentence,
-    and the character where the completion starts."""
-    rows = []
-    for p in pairs:
-        context = p.prompt if not p.prompt or p.prompt[-1].isspace() else p.prompt + " "
-        rows.append((context + p.completion, len(context)))
-    return rows
 
 
 class ExportFusionHead(ExportArtifact):
