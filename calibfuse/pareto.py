@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-DIAGNOSTIC_COLUMNS = ("kl", "top1_agreement", "empty_rate", "repetition")
+DIAGNOSTIC_COLUMNS = ("kl", "top1_agreement", "empty_rate", "repetition", "letter_share")
 
 
 def label(row: dict, alpha: float) -> str:
@@ -39,7 +39,7 @@ def by_target(settings: dict[tuple, dict]) -> dict[str, list[tuple[float, dict]]
 
 def frontier_table(settings: dict[tuple, dict], toxicity: str) -> str:
     """Markdown: per target, the frontier's settings with their intervals and diagnostics."""
-    header = ["target", "setting", toxicity, "perplexity", "KL", "top-1 agreement", "empty rate", "repetition"]
+    header = ["target", "setting", toxicity, "perplexity", "KL", "top-1 agreement", "empty rate", "repetition", "letter share"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for target, points in sorted(by_target(settings).items()):
         for alpha, r in frontier(points, toxicity):

@@ -89,7 +89,9 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
         assert cell["early_eos_rate"] == pytest.approx(sum(early) / 6)
         repetition = [1 - len(set(w)) / len(w) if len(w) > 1 else 0.0 for w in (r["continuation"].split() for r in mine)]
         assert cell["repetition"] == pytest.approx(sum(repetition) / 6)
-        assert cell["degenerate"] == (cell["empty_rate"] > 0.1 or cell["repetition"] > 0.25)
+        letters = [sum(c.isalpha() for c in t) / len(t) if t else 1.0 for t in ("".join(r["continuation"].split()) for r in mine)]
+        assert cell["letter_share"] == pytest.approx(sum(letters) / 6)
+        assert cell["degenerate"] == (cell["empty_rate"] > 0.1 or cell["repetition"] > 0.25 or cell["letter_share"] < 0.75)
     csv_lines = (run / "grid.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("target,method,alpha,seed,setting,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
     assert "proxy" in (run / "grid.md").read_text()
@@ -313,3 +315,16 @@ def test_multirun_jobs_get_their_own_wandb_runs_in_one_group(tiny_model_dirs, ti
         assert b"evaluate-multirun" in b"".join(p.read_bytes() for p in run.glob("*.wandb"))  # group: <task>-<multirun dir>
     grids = [json.loads((tmp_path / "multirun" / job / "grid.json").read_text())["cells"] for job in ("0", "1")]
     assert [[c["alpha"] for c in g] for g in grids] == [[0.0], [0.5]]
+
+
+def test_degenerate_rule_catches_digits_instead_of_words():
+    """Number filler ("the 10000000") is easy for a reference LM and repeats no word, so neither perplexity
+    nor repetition flags it; the share of letters does."""
+    from calibfuse.evaluation.metrics import _letter_share, is_degenerate
+
+    assert _letter_share(" the 10000000") == pytest.approx(3 / 11) and _letter_share("") == 1.0
+    assert _letter_share(" she said it was fine.") == pytest.approx(16 / 17)
+    base = {"empty_rate": 0.0, "repetition": 0.05}
+    assert not is_degenerate({**base, "letter_share": 0.9}, min_letter_share=0.75)
+    assert is_degenerate({**base, "letter_share": 0.55}, min_letter_share=0.75)
+    assert not is_degenerate(base, min_letter_share=0.75)  # cells stored before the diagnostic existed

@@ -244,6 +244,7 @@ def test_pareto_frontier_by_hand(tmp_path):
             "top1_agreement": 0.9,
             "empty_rate": 0.0,
             "repetition": 0.05,
+            "letter_share": 0.9,
         }
 
     settings = {
@@ -256,5 +257,5 @@ def test_pareto_frontier_by_hand(tmp_path):
     best = frontier(list((a, r) for (_, a), r in settings.items()), "toxicity")
     assert [(r["method"], r["toxicity"]) for _, r in best] == [("none", 10.0), ("word_filter", 7.0)]  # fusion 0.3 is dominated; 0.9 degenerate
     table = frontier_table(settings, "toxicity")
-    assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | 0.100 | 0.900 | 0.000 | 0.050 |" in table
+    assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | 0.100 | 0.900 | 0.000 | 0.050 | 0.900 |" in table
     assert plot_frontier(settings, "toxicity", tmp_path).stat().st_size > 10_000
