@@ -52,6 +52,8 @@ def embedding_rows(model, token_ids: torch.Tensor, source: str = "input") -> tor
     if source not in EMBEDDING_SOURCES:
         raise ValueError(f"embedding_source={source!r}; expected one of {list(EMBEDDING_SOURCES)}")
     layer = model.get_input_embeddings() if source == "input" else model.get_output_embeddings()
+    if source == "output" and layer.weight is model.get_input_embeddings().weight:
+        log.warning("%s ties its LM head to its input embeddings: embedding_source=output reads the same rows as input", model.config.model_type)
     return layer.weight.detach()[token_ids].float().clone()
 
 

@@ -135,3 +135,22 @@ def test_resume_continues_the_step_count(align_cfg, tmp_path):
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
     metrics = align(align_cfg(f"ckpt_path={checkpoint}", "trainer.max_epochs=2", output_dir=tmp_path / "second"))
     assert metrics["global_step"] == 2 * first["training"]["global_step"]
+
+
+def test_output_embeddings_of_a_tied_model_are_its_input_embeddings_and_it_says_so(caplog):
+    """All embedded models tie their LM head to the input embeddings: there, embedding_source=output
+    reads the same rows and trains the same A, so the run warns rather than pretend it is a variant."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from calibfuse.align import embedding_rows
+
+    ids = torch.arange(10)
+    tied, untied = (AutoModelForCausalLM.from_config(tiny_config(family, 384)) for family in ("llama", "mistral"))
+    with caplog.at_level("WARNING", logger="calibfuse.align"):
+        assert torch.equal(embedding_rows(tied, ids, "output"), embedding_rows(tied, ids, "input"))
+    assert "ties its LM head to its input embeddings" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="calibfuse.align"):
+        assert not torch.equal(embedding_rows(untied, ids, "output"), embedding_rows(untied, ids, "input"))
+    assert caplog.text == ""
