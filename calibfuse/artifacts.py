@@ -63,11 +63,14 @@ def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
     return A, json.loads(meta.read_text())
 
 
-def alignment_gain(path: str | Path) -> float:
-    """The scalar gain a fusion head learned with A (methods.fusion.scale=learned)."""
+def alignment_gain(path: str | Path, default: float | None = None) -> float:
+    """The scalar gain a fusion head learned with A (methods.fusion.scale=learned); `default` where there is
+    none (else an error)."""
     directory = Path(path).expanduser()
     weights = (directory.parent if directory.is_file() else directory) / "alignment.safetensors"
     tensors = load_file(weights)
+    if "gain" not in tensors and default is not None:
+        return default
     if "gain" not in tensors:
         raise ValueError(
             f"alignment file {str(weights)!r} has no learned gain; expected an alignment from calibfuse.fusion_head scale=learned "

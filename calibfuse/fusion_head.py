@@ -6,8 +6,8 @@ so that the fused model predicts non-toxic text well at a fixed alpha, target an
 
 Only A trains (with scale=learned, also a scalar gain on LN(h_c A)), starting from stage 2's A: the loss
 is the fused model's next-token loss on stage 1's non-toxic corpus, read through the target's tokenizer.
-With `toxic_data` (an extension, not in the paper), it adds unlikelihood, -log(1 - p_fused), on the
-completion tokens of toxic text, so the head also learns what to steer away from. Across tokenizers, the calibration state at a
+With `toxic_data` (an extension, not in the paper), it adds a push away from the completion tokens of
+toxic text (unlikelihood, or a margin over the target's NLL), so the head also learns what to avoid. Across tokenizers, the calibration state at a
 target position is the calibration model's state at its last token that ends within the characters the
 target has read (character offsets), as the calibration stream reads it at inference. The result is an
 alignment artifact like stage 2's (`alignment/`), so `methods.fusion` uses it unchanged.
@@ -51,7 +51,7 @@ def char_matched_positions(source_offsets: torch.Tensor, source_mask: torch.Tens
 
 class FusionHeadModule(L.LightningModule):
     """A (and, with scale="learned", a log-gain) as the only parameters; the frozen models are held
-    outside the module (not in checkpoints). With toxic text, the loss adds unlikelihood on its completions."""
+    outside the module (not in checkpoints). With toxic text, the loss adds a push away from its completions."""
 
     def __init__(
         self,
@@ -234,22 +234,22 @@ def fit_on_hidden_states(module: FusionHeadModule, texts: list[str], batch_size:
     return torch.linalg.solve(xtx + penalty, xty).float()
 
 
-def held_out_loss(module: FusionHeadModule, texts: list[str], batch_size: int, alpha: float | None = None) -> float:
+def _per_token(step, columns: tuple[list, ...], batch_size: int) -> float:
+    """Sum over batches of `step(*batch columns) -> (summed loss, tokens)`, per token, without gradient."""
     total = count = 0.0
     with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            loss, n = module.losses(texts[start : start + batch_size], alpha)
+        for i in range(0, len(columns[0]), batch_size):
+            loss, n = step(*(column[i : i + batch_size] for column in columns))
             total, count = total + loss.item(), count + n.item()
     return total / max(count, 1)
 
 
+def held_out_loss(module: FusionHeadModule, texts: list[str], batch_size: int, alpha: float | None = None) -> float:
+    return _per_token(lambda batch: module.losses(batch, alpha), (texts,), batch_size)
+
+
 def toxic_nll(module: FusionHeadModule, texts: list[str], starts: list[int], batch_size: int, alpha: float | None = None) -> float:
-    total = count = 0.0
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            _, nll, n = module.toxic_losses(texts[i : i + batch_size], starts[i : i + batch_size], alpha)
-            total, count = total + nll.item(), count + n.item()
-    return total / max(count, 1)
+    return _per_token(lambda t, s: module.toxic_losses(t, s, alpha)[1:], (texts, starts), batch_size)
 
 
 @task_wrapper
@@ -279,7 +279,7 @@ def train_fusion_head(cfg: DictConfig) -> dict:
 
     loaded = {role: (spec, load_model(spec)) for role, spec in specs.items()}
     tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
-    gain = alignment_gain(stage2) if cfg.scale == "learned" and "gain" in load_file(stage2 / "alignment.safetensors") else 1.0
+    gain = alignment_gain(stage2, default=1.0) if cfg.scale == "learned" else 1.0  # a head's gain carries on
     toxic_options = dict(toxic_weight=cfg.toxic_weight, toxic_loss=cfg.toxic_loss, margin=cfg.margin)
     module = FusionHeadModule(A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer), gain, **toxic_options)
     module.attach(loaded["target"][1], tokenizers["target"], loaded["calibration_model"][1], tokenizers["calibration_model"])

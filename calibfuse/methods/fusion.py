@@ -17,6 +17,16 @@ from calibfuse.utils import sha256_file
 ALIGNMENTS = ("learned", "identity")
 
 
+def checked_alphas(alphas: list[float]) -> list[float]:
+    """A grid's fusion weights: at least one, each a number in [0, 1]; duplicates run once, in order."""
+    if not alphas:
+        raise ValueError("alphas=[]; expected at least one fusion weight in [0, 1], e.g. alphas=[0,0.3]")
+    for alpha in alphas:
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or math.isnan(alpha):
+            raise ValueError(f"alphas has {alpha!r}; expected numbers in [0, 1], e.g. alphas=[0,0.3]")
+    return sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)
+
+
 class Fusion(Method):
     def __init__(
         self,
@@ -29,12 +39,7 @@ class Fusion(Method):
         check_fingerprints: bool = True,
         scale: str = "none",
     ):
-        if not alphas:
-            raise ValueError("alphas=[]; expected at least one fusion weight in [0, 1], e.g. alphas=[0,0.3]")
-        for alpha in alphas:
-            if isinstance(alpha, bool) or not isinstance(alpha, Real) or math.isnan(alpha):
-                raise ValueError(f"alphas has {alpha!r}; expected numbers in [0, 1], e.g. alphas=[0,0.3]")
-        self.alphas = sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)  # duplicates run once
+        self.alphas = checked_alphas(alphas)
         for option, value, allowed in (
             ("calibration_context", calibration_context, CALIBRATION_CONTEXTS),
             ("layer_norm", layer_norm, LAYER_NORMS),

@@ -8,20 +8,15 @@ the difference between the two rows at the same alpha."""
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 
-from calibfuse.fusion import check_alpha
 from calibfuse.methods import Method
+from calibfuse.methods.fusion import checked_alphas
 
 
 class NullCalibration(Method):
     def __init__(self, alphas: list[float]):
-        if not alphas or any(isinstance(a, bool) or not isinstance(a, Real) or math.isnan(a) for a in alphas):
-            raise ValueError(f"methods.null_calibration.alphas={list(alphas or [])}; expected numbers in [0, 1], e.g. [0,0.3]")
-        self.alphas = sorted({check_alpha(a) for a in alphas}, key=list(alphas).index)
+        self.alphas = checked_alphas(alphas)
 
     def strengths(self) -> list[float]:
         return self.alphas
