@@ -55,6 +55,7 @@ KNOBS = (
     "scale",
     "fusion_head",
     "fusion_head_alpha",
+    "fusion_head_init",
 )
 VOLATILE_KEYS = ("paths", "logger", "callbacks", "tags", "ckpt_path", "task_name")
 
@@ -136,7 +137,13 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
             f"alignment.matching={cfg.matching}",
             f"alignment.embedding_source={cfg.embedding_source}",
         ],
-        "fusion_head": [f"seed={cfg.train_seed}", f"alpha={cfg.fusion_head_alpha}", f"layer_norm={cfg.layer_norm}", f"scale={cfg.scale}"],
+        "fusion_head": [
+            f"seed={cfg.train_seed}",
+            f"alpha={cfg.fusion_head_alpha}",
+            f"layer_norm={cfg.layer_norm}",
+            f"scale={cfg.scale}",
+            f"init={cfg.fusion_head_init}",
+        ],
         "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.method_names)}]", f"prompts={cfg.prompts}"]
         + ([f"prompts.sample={cfg.prompt_sample}"] if cfg.get("prompt_sample") else []),
     }
@@ -170,6 +177,8 @@ def pipeline(cfg: DictConfig) -> dict:
         raise ValueError(f"until={cfg.until!r}; expected one of {list(STAGES)}")
     if cfg.scale == "learned" and not (cfg.fusion_head and cfg.alignment == "learned"):
         raise ValueError("scale=learned uses the gain a fusion head trains; expected fusion_head=true (and alignment=learned)")
+    if cfg.fusion_head_init != "stage2" and not cfg.fusion_head:
+        raise ValueError(f"fusion_head_init={cfg.fusion_head_init!r} sets where a fusion head's A starts; expected fusion_head=true with it")
     pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)
     calibration = pretrain_dir / "calibration_model"
     result = {"pretrain": str(pretrain_dir)}

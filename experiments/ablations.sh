@@ -9,6 +9,8 @@
 #   experiments/ablations.sh matching      # shared vocabulary: exact vs normalized
 #   experiments/ablations.sh scale         # fusion variant: LN(h_c A) at unit RMS vs at the target's RMS
 #   experiments/ablations.sh fusion_head   # fusion variant: stage 2's A vs A trained on the fused LM loss
+#   experiments/ablations.sh head_init     # fusion head: A from stage 2 vs from a hidden-state fit on paired text
+#   experiments/ablations.sh head_scale    # fusion head: unit-RMS LN(h_c A) vs a learned gain
 #   experiments/ablations.sh seeds         # training seeds 1 / 2 / 3
 #   experiments/ablations.sh alpha         # alpha 0 ... 1 (one job)
 # Each job is a W&B run in the group "<stage>-ablation_<name>"; unchanged stages are reused.

@@ -143,7 +143,16 @@ def test_report_bad_input(pipeline_cfg, tmp_path):
 def test_learned_scale_without_a_fusion_head_fails_before_any_stage(pipeline_cfg, tmp_path):
     with pytest.raises(ValueError, match="scale=learned uses the gain a fusion head trains; expected fusion_head=true"):
         run(pipeline_cfg("scale=learned"))
+    with pytest.raises(ValueError, match="fusion_head_init='hidden_states' sets where a fusion head's A starts; expected fusion_head=true"):
+        run(pipeline_cfg("fusion_head_init=hidden_states"))
     assert not (tmp_path / "stages").exists()
+
+
+@pytest.mark.parametrize("name", ["head_init", "head_scale"])
+def test_fusion_head_ablations_compose_with_a_head(name, tmp_path):
+    """Each fusion-head variant's experiment trains a head in every job, so each job passes the checks."""
+    cfg = compose_config("pipeline", [f"experiment=ablation_{name}"], tmp_path)
+    assert cfg.fusion_head is True and cfg.fusion_head_alpha == 0.5 and list(cfg.alphas) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
 
 def test_unknown_experiment_lists_the_available_ones(tmp_path):
