@@ -82,6 +82,25 @@ def alignment_gain(path: str | Path, default: float | None = None) -> float:
     return gain
 
 
+def alignment_norm_affine(path: str | Path, required: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The LayerNorm weight and bias a fusion head learned with A (methods.fusion.layer_norm=affine); None
+    where there are none and they are not `required` (else an error)."""
+    directory = Path(path).expanduser()
+    weights = (directory.parent if directory.is_file() else directory) / "alignment.safetensors"
+    tensors = load_file(weights)
+    if not required and "norm_weight" not in tensors:
+        return None
+    if "norm_weight" not in tensors or "norm_bias" not in tensors:
+        raise ValueError(
+            f"alignment file {str(weights)!r} has no LayerNorm weight and bias; expected an alignment from "
+            "calibfuse.fusion_head layer_norm=affine (or methods.fusion.layer_norm=parameter_free|none)"
+        )
+    affine = tensors["norm_weight"], tensors["norm_bias"]
+    if not all(torch.isfinite(t).all() for t in affine):
+        raise ValueError(f"alignment file {str(weights)!r} holds non-finite LayerNorm weights; expected finite values: train the head again")
+    return affine
+
+
 def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, object]) -> None:
     """Refuse an alignment whose recorded weight fingerprints differ from the models at hand
     (keyword: role in alignment.json -> (spec, loaded model))."""

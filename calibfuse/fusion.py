@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calibfuse.artifacts import alignment_gain, check_alignment_made_for, load_alignment
+from calibfuse.artifacts import alignment_gain, alignment_norm_affine, check_alignment_made_for, load_alignment
 from calibfuse.calibration import CalibrationStream
 from calibfuse.decoding import DecodeState, Generation, GenerationSettings, decode, forward_step, row_generators
 from calibfuse.lm import final_hidden, positions_from_mask, same_tokenizer
@@ -38,7 +38,7 @@ from calibfuse.target import TargetLM
 log = logging.getLogger(__name__)
 
 CALIBRATION_CONTEXTS = ("full", "last_token")
-LAYER_NORMS = ("parameter_free", "none")
+LAYER_NORMS = ("parameter_free", "none", "affine")  # affine: its weight and bias trained by calibfuse.fusion_head, stored with A
 SCALES = ("none", "target_rms", "learned")  # learned: a scalar gain trained by calibfuse.fusion_head, stored with A
 
 
@@ -57,15 +57,19 @@ def fuse(
     eps: float = 1e-5,
     scale: str = "none",
     gain: float | torch.Tensor = 1.0,
+    norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """alpha * LN(h_c A) + (1 - alpha) * h_T, in fp32, returned in the target's dtype.
 
     scale="target_rms" (a variant): LN(h_c A) has unit RMS while h_T carries the target's final-norm
     scale, so the same alpha mixes differently per target; rescale it to h_T's RMS at each position.
-    scale="learned" (a variant): LN(h_c A) times `gain`, a scalar trained with A (calibfuse.fusion_head)."""
+    scale="learned" (a variant): LN(h_c A) times `gain`, a scalar trained with A (calibfuse.fusion_head).
+    layer_norm="affine" (a variant): the LayerNorm's elementwise weight and bias, `norm_affine`, trained with A."""
     mapped = h_calibration.float() @ A
     if layer_norm == "parameter_free":  # the reference's fresh nn.LayerNorm: weight 1, bias 0, never trained
         mapped = F.layer_norm(mapped, (mapped.shape[-1],), eps=eps)
+    elif layer_norm == "affine":
+        mapped = F.layer_norm(mapped, (mapped.shape[-1],), *norm_affine, eps=eps)
     target = h_target.float()
     if scale == "target_rms":
         mapped = mapped * (target.pow(2).mean(-1, keepdim=True).sqrt() / mapped.pow(2).mean(-1, keepdim=True).add(eps).sqrt())
@@ -90,6 +94,7 @@ class Calibration:
         layer_norm_eps: float = 1e-5,
         scale: str = "none",
         gain: float | None = None,
+        norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         if scale not in SCALES:
             raise ValueError(f"scale={scale!r}; expected one of {list(SCALES)}")
@@ -101,6 +106,12 @@ class Calibration:
             raise ValueError(
                 "scale='learned' needs the gain a fusion head learned (alignment.safetensors 'gain'); "
                 "expected an alignment from calibfuse.fusion_head scale=learned"
+            )
+        if layer_norm == "affine" and (norm_affine is None or any(tuple(t.shape) != (target_width,) for t in norm_affine)):
+            shapes = None if norm_affine is None else [tuple(t.shape) for t in norm_affine]
+            raise ValueError(
+                f"layer_norm='affine' needs the LayerNorm weight and bias a fusion head learned, each of shape ({target_width},); "
+                f"got {shapes}: expected an alignment from calibfuse.fusion_head layer_norm=affine"
             )
         d_c = model.config.hidden_size
         if alignment is None:
@@ -117,10 +128,13 @@ class Calibration:
         self.calibration_context, self.layer_norm, self.layer_norm_eps, self.scale = calibration_context, layer_norm, layer_norm_eps, scale
         self.shared_tokenizer = same_tokenizer(target_tokenizer, tokenizer)
         self.gain = 1.0 if gain is None else float(gain)
+        self.norm_affine = None if layer_norm != "affine" else tuple(t.float().to(self.A.device) for t in norm_affine)
 
     def to(self, device) -> Calibration:
         self.model.to(device)
         self.A = self.A.to(device)
+        if self.norm_affine is not None:
+            self.norm_affine = tuple(t.to(device) for t in self.norm_affine)
         return self
 
     def transform(self, alpha: float, always: bool = False) -> FusionTransform | None:
@@ -183,7 +197,7 @@ class FusionTransform:
         if state.record is not None:
             state.record["h_calibration"] = h_c.float().cpu()
         c = self.calibration
-        return fuse(h_target, h_c, c.A, self.alpha, c.layer_norm, c.layer_norm_eps, c.scale, c.gain)
+        return fuse(h_target, h_c, c.A, self.alpha, c.layer_norm, c.layer_norm_eps, c.scale, c.gain, c.norm_affine)
 
 
 class FusedGenerator:
@@ -202,6 +216,7 @@ class FusedGenerator:
         layer_norm_eps: float = 1e-5,
         scale: str = "none",
         gain: float | None = None,
+        norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.target_lm = TargetLM(target, target_tokenizer, prompt_format)
         self.fusion = Calibration(
@@ -215,6 +230,7 @@ class FusedGenerator:
             layer_norm_eps,
             scale,
             gain,
+            norm_affine,
         )
         self.target, self.target_tokenizer = self.target_lm.model, target_tokenizer
         self.calibration, self.calibration_tokenizer = self.fusion.model, calibration_tokenizer
@@ -239,6 +255,8 @@ class FusedGenerator:
                 check_alignment_made_for(alignment, meta, calibration=(calibration_spec, calibration_model), target=(target_spec, target_model))
             if options.get("scale") == "learned":
                 options["gain"] = alignment_gain(alignment)
+            if options.get("layer_norm") == "affine":
+                options["norm_affine"] = alignment_norm_affine(alignment)
         return cls(target_model, load_tokenizer(target_spec), calibration_model, load_tokenizer(calibration_spec), A, **options)
 
     @property
@@ -261,7 +279,7 @@ class FusedGenerator:
 
     def fuse(self, h_target: torch.Tensor, h_calibration: torch.Tensor, alpha: float) -> torch.Tensor:
         f = self.fusion
-        return fuse(h_target, h_calibration, self.A, alpha, f.layer_norm, f.layer_norm_eps, f.scale, f.gain)
+        return fuse(h_target, h_calibration, self.A, alpha, f.layer_norm, f.layer_norm_eps, f.scale, f.gain, f.norm_affine)
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         return self.target_lm.prompt_ids(prompts)

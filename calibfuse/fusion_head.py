@@ -4,7 +4,8 @@ so that the fused model predicts non-toxic text well at a fixed alpha, target an
     python -m calibfuse.fusion_head alignment_dir=<align run>/alignment alpha=0.3
     python -m calibfuse.pipeline fusion_head=true             # after stage 2, for every target
 
-Only A trains (with scale=learned, also a scalar gain on LN(h_c A)), starting from stage 2's A: the loss
+Only A trains (with scale=learned, also a scalar gain on LN(h_c A); with layer_norm=affine, the
+LayerNorm's weight and bias), starting from stage 2's A: the loss
 is the fused model's next-token loss on stage 1's non-toxic corpus, read through the target's tokenizer.
 With `toxic_data` (an extension, not in the paper), it adds a push away from the completion tokens of
 toxic text (unlikelihood, or a margin over the target's NLL), so the head also learns what to avoid. Across tokenizers, the calibration state at a
@@ -25,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
-from calibfuse.artifacts import alignment_gain, load_alignment, model_record, recorded_model
+from calibfuse.artifacts import alignment_gain, alignment_norm_affine, load_alignment, model_record, recorded_model
 from calibfuse.checks import check_required, check_wandb_credentials
 from calibfuse.data import read_prompt_completions
 from calibfuse.export import ExportArtifact, fit_and_export
@@ -38,6 +39,7 @@ from calibfuse.utils import instantiate, resolved_config, task_wrapper
 log = logging.getLogger(__name__)
 
 TOXIC_LOSSES = ("unlikelihood", "margin")  # how the head is pushed away from toxic completions
+HEAD_TENSORS = ("A", "gain", "norm_weight", "norm_bias")  # what a head writes into alignment.safetensors
 INITS = ("stage2", "hidden_states")  # where A starts: stage 2's embedding alignment, or fitted on paired hidden states
 
 
@@ -50,7 +52,8 @@ def char_matched_positions(source_offsets: torch.Tensor, source_mask: torch.Tens
 
 
 class FusionHeadModule(L.LightningModule):
-    """A (and, with scale="learned", a log-gain) as the only parameters; the frozen models are held
+    """A (and, with scale="learned", a log-gain; with layer_norm="affine", the LayerNorm's weight and bias) as
+    the only parameters; the frozen models are held
     outside the module (not in checkpoints). With toxic text, the loss adds a push away from its completions."""
 
     def __init__(
@@ -65,10 +68,16 @@ class FusionHeadModule(L.LightningModule):
         toxic_weight: float = 0.0,
         toxic_loss: str = "unlikelihood",
         margin: float = 2.0,
+        norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.A = torch.nn.Parameter(A.detach().clone().float())
         self.log_gain = torch.nn.Parameter(torch.tensor(math.log(gain))) if scale == "learned" else None
+        if layer_norm == "affine":  # from a head's earlier weights, else the parameter-free LN's (1, 0)
+            weight, bias = norm_affine if norm_affine is not None else (torch.ones(A.shape[1]), torch.zeros(A.shape[1]))
+            self.norm_weight, self.norm_bias = (torch.nn.Parameter(t.detach().clone().float()) for t in (weight, bias))
+        else:
+            self.norm_weight = self.norm_bias = None
         self.alpha, self.layer_norm, self.scale, self.max_length = check_alpha(alpha), layer_norm, scale, max_length
         self.optimizer_factory, self.toxic_weight = optimizer, toxic_weight
         self.toxic_loss, self.margin = toxic_loss, margin
@@ -79,6 +88,13 @@ class FusionHeadModule(L.LightningModule):
     @property
     def gain(self) -> torch.Tensor | float:  # a tensor that trains with scale=learned, else 1
         return self.log_gain.exp() if self.log_gain is not None else 1.0
+
+    @property
+    def norm_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.norm_weight, self.norm_bias) if self.norm_weight is not None else None
+
+    def trained(self) -> list[torch.nn.Parameter]:
+        return [p for p in (self.A, self.log_gain, self.norm_weight, self.norm_bias) if p is not None]
 
     def attach(self, target, target_tokenizer, calibration, calibration_tokenizer) -> None:
         for model in (target, calibration):
@@ -108,7 +124,7 @@ class FusionHeadModule(L.LightningModule):
         (with_target) log p_target, without gradient."""
         h_t, h_c, ids, mask = self._states(texts)
         alpha = self.alpha if alpha is None else alpha
-        fused = fuse(h_t, h_c, self.A, alpha, layer_norm=self.layer_norm, scale=self.scale, gain=self.gain) if alpha > 0 else h_t
+        fused = fuse(h_t, h_c, self.A, alpha, layer_norm=self.layer_norm, scale=self.scale, gain=self.gain, norm_affine=self.norm_affine) if alpha > 0 else h_t
 
         def logprobs(hidden):
             logits = lm_head_logits(self.frozen["target"], hidden.float()).float()[:, :-1]
@@ -155,7 +171,7 @@ class FusionHeadModule(L.LightningModule):
         self.log("val/fused_loss", total / count.clamp(min=1), batch_size=int(count), reduce_fx="mean")
 
     def configure_optimizers(self):
-        return self.optimizer_factory(params=[self.A] + ([self.log_gain] if self.log_gain is not None else []))
+        return self.optimizer_factory(params=self.trained())
 
 
 class ExportFusionHead(ExportArtifact):
@@ -168,22 +184,25 @@ class ExportFusionHead(ExportArtifact):
         self.stage2_dir, self.stage2_meta, self.models = stage2_dir, stage2_meta, models
 
     def gather(self, trainer, pl_module: FusionHeadModule):
-        A, gain = pl_module.A.detach().cpu(), float(torch.as_tensor(pl_module.gain).detach())
-        if not (torch.isfinite(A).all() and math.isfinite(gain)):
-            raise RuntimeError(f"the trained A or gain has non-finite entries; refusing to write {self.out_dir} (lower optimizer.lr)")
-        return A, gain
+        trained = {"A": pl_module.A} | ({"gain": pl_module.gain} if pl_module.log_gain is not None else {})
+        if pl_module.norm_affine is not None:
+            trained |= dict(zip(("norm_weight", "norm_bias"), pl_module.norm_affine, strict=True))
+        trained = {k: torch.as_tensor(v).detach().cpu().float().contiguous() for k, v in trained.items()}
+        if not all(torch.isfinite(t).all() for t in trained.values()):
+            raise RuntimeError(f"the trained {', '.join(trained)} have non-finite entries; refusing to write {self.out_dir} (lower optimizer.lr)")
+        return trained
 
-    def write(self, trainer, pl_module: FusionHeadModule, gathered: tuple[torch.Tensor, float]) -> dict:
-        (A, gain), learned = gathered, pl_module.log_gain is not None
-        tensors = {k: v for k, v in load_file(self.stage2_dir / "alignment.safetensors").items() if k != "gain"}
-        tensors |= {"A": A.contiguous()} | ({"gain": torch.tensor(gain)} if learned else {})
+    def write(self, trainer, pl_module: FusionHeadModule, trained: dict[str, torch.Tensor]) -> dict:
+        # stage 2's tensors, less what an earlier head trained that this one does not: its A, gain and LN weights
+        tensors = {k: v for k, v in load_file(self.stage2_dir / "alignment.safetensors").items() if k not in HEAD_TENSORS} | trained
+        gain = float(trained["gain"]) if "gain" in trained else None
         save_file(tensors, self.out_dir / "alignment.safetensors", metadata={"format": "calibfuse.alignment/1"})
         after = trainer.callback_metrics["val/fused_loss"].item()
         head = {
             "alpha": pl_module.alpha,
             "layer_norm": pl_module.layer_norm,
             "scale": pl_module.scale,
-            "gain": gain if learned else None,
+            "gain": gain,
             "initial_alignment": str(self.stage2_dir.resolve()),
             "init": self.config.get("init", "stage2"),
             "val_fused_perplexity_before": math.exp(pl_module.val_before) if pl_module.val_before is not None else None,
@@ -280,8 +299,11 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     loaded = {role: (spec, load_model(spec)) for role, spec in specs.items()}
     tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
     gain = alignment_gain(stage2, default=1.0) if cfg.scale == "learned" else 1.0  # a head's gain carries on
+    norm_affine = alignment_norm_affine(stage2, required=False) if cfg.layer_norm == "affine" else None  # as do its LN weights
     toxic_options = dict(toxic_weight=cfg.toxic_weight, toxic_loss=cfg.toxic_loss, margin=cfg.margin)
-    module = FusionHeadModule(A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer), gain, **toxic_options)
+    module = FusionHeadModule(
+        A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer), gain, norm_affine=norm_affine, **toxic_options
+    )
     module.attach(loaded["target"][1], tokenizers["target"], loaded["calibration_model"][1], tokenizers["calibration_model"])
     if cfg.init == "hidden_states":
         rows = datamodule.train[: cfg.init_rows]

@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.artifacts import alignment_gain, load_alignment
+from calibfuse.artifacts import alignment_gain, alignment_norm_affine, load_alignment
 from calibfuse.checks import check_ints, check_required
 from calibfuse.fusion import FusedGenerator, GenerationSettings
 from calibfuse.prompts import load_prompts
@@ -58,6 +58,8 @@ def generate(cfg: DictConfig) -> dict:
         load_alignment(cfg.alignment_dir)  # a missing or non-finite A fails here, before the models load
         if cfg.fusion.scale == "learned":
             alignment_gain(cfg.alignment_dir)  # as does a missing gain
+        if cfg.fusion.layer_norm == "affine":
+            alignment_norm_affine(cfg.alignment_dir)  # or missing LayerNorm weights
     output_dir = Path(cfg.paths.output_dir)
     prompts = read_prompts(cfg.prompts.path, cfg.prompts.texts, cfg.prompts.limit)
     settings: GenerationSettings = instantiate(cfg.generation)

@@ -177,6 +177,8 @@ def pipeline(cfg: DictConfig) -> dict:
         raise ValueError(f"until={cfg.until!r}; expected one of {list(STAGES)}")
     if cfg.scale == "learned" and not (cfg.fusion_head and cfg.alignment == "learned"):
         raise ValueError("scale=learned uses the gain a fusion head trains; expected fusion_head=true (and alignment=learned)")
+    if cfg.layer_norm == "affine" and not (cfg.fusion_head and cfg.alignment == "learned"):
+        raise ValueError("layer_norm=affine uses the LayerNorm weights a fusion head trains; expected fusion_head=true (and alignment=learned)")
     if cfg.fusion_head_init != "stage2" and not cfg.fusion_head:
         raise ValueError(f"fusion_head_init={cfg.fusion_head_init!r} sets where a fusion head's A starts; expected fusion_head=true with it")
     pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)

@@ -11,6 +11,7 @@
 #   experiments/ablations.sh fusion_head   # fusion variant: stage 2's A vs A trained on the fused LM loss
 #   experiments/ablations.sh head_init     # fusion head: A from stage 2 vs from a hidden-state fit on paired text
 #   experiments/ablations.sh head_scale    # fusion head: unit-RMS LN(h_c A) vs a learned gain
+#   experiments/ablations.sh head_norm     # fusion head: parameter-free LayerNorm vs its weight and bias trained
 #   experiments/ablations.sh seeds         # training seeds 1 / 2 / 3
 #   experiments/ablations.sh alpha         # alpha 0 ... 1 (one job)
 # Each job is a W&B run in the group "<stage>-ablation_<name>"; unchanged stages are reused.

@@ -300,3 +300,15 @@ def test_learned_scale_multiplies_the_normalised_calibration_state_by_its_gain()
     mapped = torch.nn.functional.layer_norm(h_c @ A, (8,), eps=1e-5)
     assert torch.allclose(fuse(h_t, h_c, A, 0.3, scale="learned", gain=2.5), 0.3 * 2.5 * mapped + 0.7 * h_t, atol=1e-6)
     assert torch.allclose(fuse(h_t, h_c, A, 0.3, scale="learned", gain=1.0), fuse(h_t, h_c, A, 0.3), atol=0)
+
+
+def test_affine_layer_norm_applies_its_weight_and_bias_per_dimension():
+    from calibfuse.fusion import fuse
+
+    torch.manual_seed(0)
+    h_t, h_c, A = torch.randn(2, 3, 8), torch.randn(2, 3, 6), torch.randn(6, 8)
+    weight, bias = torch.rand(8) + 0.5, torch.randn(8)
+    mapped = torch.nn.functional.layer_norm(h_c @ A, (8,), eps=1e-5)
+    fused = fuse(h_t, h_c, A, 0.3, layer_norm="affine", norm_affine=(weight, bias))
+    assert torch.allclose(fused, 0.3 * (mapped * weight + bias) + 0.7 * h_t, atol=1e-5)
+    assert torch.equal(fuse(h_t, h_c, A, 0.3, layer_norm="affine", norm_affine=(torch.ones(8), torch.zeros(8))), fuse(h_t, h_c, A, 0.3))

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import compose_config
+from safetensors.torch import load_file
 
 from calibfuse.fusion_head import char_matched_positions, train_fusion_head
 
@@ -137,5 +138,49 @@ def test_learned_gain_and_a_push_away_from_toxic_completions(alignment, tmp_path
     assert len(generator.generate(["The cook said"], alphas=[0.5], settings=GenerationSettings(max_new_tokens=3))) == 1
     with pytest.raises(ValueError, match="has no learned gain"):  # stage 2's alignment: no gain, so scale=learned cannot use it
         FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, scale="learned")
+    assert "norm_weight" not in load_file(tmp_path / "head" / "alignment" / "alignment.safetensors")
     with pytest.raises(ValueError, match="toxic_weight=-1; expected a number >= 0"):
         train_fusion_head(compose_config("fusion_head", [*overrides, "toxic_weight=-1", "logger=csv"], tmp_path / "bad"))
+
+
+def test_affine_layer_norm_trains_with_a_and_fusion_reads_it(alignment, tmp_path):
+    """layer_norm=affine: the LayerNorm's weight and bias train with A (from 1 and 0), are stored with it,
+    and every reader of the alignment (the grid's fusion, FusedGenerator) applies them; a head's A and
+    weights carry on when a second head starts from it."""
+    from calibfuse.artifacts import alignment_norm_affine, load_alignment
+    from calibfuse.fusion import FusedGenerator, GenerationSettings
+    from calibfuse.methods.fusion import Fusion
+    from calibfuse.models import ModelSpec
+
+    overrides = ["data=embedded_nontoxic", "alpha=0.5", "layer_norm=affine", "trainer.max_steps=8", "trainer.val_check_interval=8", "val_rows=8"]
+    overrides += ["max_length=32", "optimizer.lr=0.02", "logger=csv"]
+    train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", *overrides], tmp_path / "head"))
+    head_dir = tmp_path / "head" / "alignment"
+    weight, bias = alignment_norm_affine(head_dir)
+    A, meta = load_alignment(head_dir)
+    assert meta["fusion_head"]["layer_norm"] == "affine" and weight.shape == bias.shape == (A.shape[1],)
+    assert not torch.equal(weight, torch.ones_like(weight)) and not torch.equal(bias, torch.zeros_like(bias))
+    assert meta["fusion_head"]["val_fused_perplexity"] < meta["fusion_head"]["val_fused_perplexity_before"]
+
+    paths = {role: meta[role]["absolute_path"] for role in ("target", "calibration_model")}
+    generator = FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], head_dir, layer_norm="affine")
+    assert torch.equal(generator.fusion.norm_affine[1], bias)
+    assert len(generator.generate(["The cook said"], alphas=[0.5], settings=GenerationSettings(max_new_tokens=3))) == 1
+    fusion = Fusion([0.5], alignments={"t": str(head_dir)}, layer_norm="affine")
+    fusion.prepare({"t": ModelSpec(paths["target"], dtype="float32")})
+    assert torch.equal(fusion.plans["t"]["norm_affine"][0], weight)
+
+    with pytest.raises(ValueError, match="has no LayerNorm weight and bias; expected an alignment from calibfuse.fusion_head layer_norm=affine"):
+        FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, layer_norm="affine")
+    train_fusion_head(
+        compose_config(
+            "fusion_head",
+            [f"alignment_dir={head_dir}", *overrides[:-1], "trainer.max_steps=1", "trainer.val_check_interval=1", "logger=csv"],
+            tmp_path / "again",
+        )
+    )
+    again, _ = alignment_norm_affine(tmp_path / "again" / "alignment")
+    assert (again - weight).abs().max() < 0.1  # one step on from the first head's weights, not from 1
+    identity = Fusion([0.5], layer_norm="affine", alignment="identity", calibration_model={"name_or_path": paths["calibration_model"]})
+    with pytest.raises(ValueError, match="layer_norm=affine need a fusion head's alignment .* alignment=identity has none"):
+        identity.prepare({"t": ModelSpec(paths["target"], dtype="float32")})

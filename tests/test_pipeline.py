@@ -145,10 +145,12 @@ def test_learned_scale_without_a_fusion_head_fails_before_any_stage(pipeline_cfg
         run(pipeline_cfg("scale=learned"))
     with pytest.raises(ValueError, match="fusion_head_init='hidden_states' sets where a fusion head's A starts; expected fusion_head=true"):
         run(pipeline_cfg("fusion_head_init=hidden_states"))
+    with pytest.raises(ValueError, match="layer_norm=affine uses the LayerNorm weights a fusion head trains; expected fusion_head=true"):
+        run(pipeline_cfg("layer_norm=affine"))
     assert not (tmp_path / "stages").exists()
 
 
-@pytest.mark.parametrize("name", ["head_init", "head_scale"])
+@pytest.mark.parametrize("name", ["head_init", "head_scale", "head_norm"])
 def test_fusion_head_ablations_compose_with_a_head(name, tmp_path):
     """Each fusion-head variant's experiment trains a head in every job, so each job passes the checks."""
     cfg = compose_config("pipeline", [f"experiment=ablation_{name}"], tmp_path)

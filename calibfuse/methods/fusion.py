@@ -8,7 +8,7 @@ import math
 from numbers import Real
 from pathlib import Path
 
-from calibfuse.artifacts import alignment_gain, check_alignment_made_for, load_alignment, recorded_model
+from calibfuse.artifacts import alignment_gain, alignment_norm_affine, check_alignment_made_for, load_alignment, recorded_model
 from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alpha
 from calibfuse.methods import Method
 from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
@@ -66,8 +66,11 @@ class Fusion(Method):
     def _plan(self, name: str, spec: ModelSpec) -> dict:
         """The target's alignment and calibration model, read from their files; nothing loaded."""
         if self.alignment == "identity":  # the ablation: no learned map (equal widths only)
-            if self.scale == "learned":
-                raise ValueError("methods.fusion.scale=learned needs a fusion head's alignment (its gain); alignment=identity has none")
+            if self.scale == "learned" or self.layer_norm == "affine":
+                raise ValueError(
+                    f"methods.fusion.scale={self.scale}, layer_norm={self.layer_norm}: scale=learned and layer_norm=affine need a fusion "
+                    "head's alignment (its gain, its LayerNorm weights); alignment=identity has none"
+                )
             if self.calibration_model is None:
                 raise ValueError("methods.fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
             calibration = as_spec(self.calibration_model)
@@ -104,6 +107,7 @@ class Fusion(Method):
         return {
             "A": A,
             "gain": alignment_gain(directory) if self.scale == "learned" else None,
+            "norm_affine": alignment_norm_affine(directory) if self.layer_norm == "affine" else None,
             "meta": meta,
             "alignment": str(directory),
             "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
@@ -137,6 +141,7 @@ class Fusion(Method):
             self.layer_norm,
             scale=self.scale,
             gain=plan.get("gain"),
+            norm_affine=plan.get("norm_affine"),
         )
 
     def modules(self) -> list:
