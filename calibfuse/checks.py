@@ -140,7 +140,7 @@ SECRET_HOMES = (
 
 def secret_keys(overrides: list[str], config: DictConfig | None = None) -> list[str]:
     """Secret-looking keys (SECRET_KEY) holding a literal value in `config` or set by `overrides`, also
-    inside their values (`logger.wandb={api_key:..}`, `evaluate_overrides=[scorer.api_key=..]`). An
+    inside their values (`logger.wandb={api_key:..}`, `evaluate_overrides=['scorer.api_key=..']`). An
     interpolation such as ${oc.env:WANDB_API_KEY} is fine: only the variable's name is saved."""
     found = (
         []

@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-SCORER="evaluate_overrides=[prompts=rtp_challenging,protocol=paper,scorer=detoxify,scorer.device=cuda,reference_lm=llama2-13b,trainer=gpu,scorer.checkpoint=${DETOXIFY_CKPT:?set DETOXIFY_CKPT},scorer.huggingface_config_path=${DETOXIFY_CONFIG:?set DETOXIFY_CONFIG}]"
+# A list of overrides as one override's value: Hydra's grammar wants each item quoted (it holds '=').
+SCORER="evaluate_overrides=['prompts=rtp_challenging','protocol=paper','scorer=detoxify','scorer.device=cuda','reference_lm=llama2-13b','trainer=gpu','scorer.checkpoint=${DETOXIFY_CKPT:?set DETOXIFY_CKPT}','scorer.huggingface_config_path=${DETOXIFY_CONFIG:?set DETOXIFY_CONFIG}']"
 if [ -z "${SLURM:-}" ]; then
   "$PY" -m calibfuse.pipeline experiment=paper_table "$SCORER" hydra.run.dir=outputs/experiments/paper_table "$@"
 else
