@@ -29,7 +29,7 @@ from calibfuse.checks import check_required
 from calibfuse.evaluate import evaluate
 from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
-from calibfuse.report import build_report, log_summary
+from calibfuse.report import build_report, log_summary, printable
 from calibfuse.utils import file_lock, sha256_json, sweep_setting, write_json
 
 log = logging.getLogger(__name__)
@@ -202,11 +202,10 @@ def pipeline(cfg: DictConfig) -> dict:
             evaluate_cfg.knobs = {knob: OmegaConf.to_container(cfg[knob]) if OmegaConf.is_config(cfg[knob]) else cfg[knob] for knob in KNOBS}
         result["evaluate"] = evaluate(evaluate_cfg)
     if cfg.until == "report":
-        report = build_report([output_dir / "evaluate"], output_dir / "report", alpha=cfg.report.alpha)
+        goal = OmegaConf.to_container(cfg.report.goal) if cfg.report.get("goal") else None
+        report = build_report([output_dir / "evaluate"], output_dir / "report", alpha=cfg.report.alpha, goal=goal)
         log_summary(report, report_logger(evaluate_cfg, output_dir / "report"))
-        print(
-            f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {output_dir / 'report'}"
-        )
+        print(f"\n{printable(report)}\n\nplots and LaTeX: {output_dir / 'report'}")
         result["report"] = str(output_dir / "report")
     result["seconds"] = round(time.time() - started, 1)
     write_json(output_dir / "pipeline.json", result)

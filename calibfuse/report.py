@@ -6,7 +6,8 @@
 Reads every grid.json under the given run, multirun or pipeline dirs and writes, in the run dir:
 table.md and table.tex (per target: toxicity and perplexity, base = alpha 0 vs fused at `alpha`,
 with 95 % intervals), grid.md (every cell), and PNG plots: toxicity vs alpha, perplexity vs alpha
-(a line per target, intervals shaded) and the toxicity-perplexity trade-off.
+(a line per target, intervals shaded) and the toxicity-perplexity trade-off; the Pareto frontier
+(frontier.md, pareto.png) and the goal's verdict (goal.md, calibfuse.pareto.GOAL).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import math
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, summary_rows
+from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, goal_table, plot_frontier, summary_rows
 from calibfuse.utils import finish_wandb, instantiate_group
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def plot(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> list[Path
     return written
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.3) -> dict:
+def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.3, goal: dict | None = None) -> dict:
     cells, meta = load_cells(paths)
     metrics = list(meta["metrics"])
     toxicity = next((m for m in TOXICITY_METRICS if m in metrics), None)
@@ -204,6 +205,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
     plots = plot(settings, toxicity, out_dir) + [plot_frontier(settings, toxicity, out_dir)]
     best = frontier_table(settings, toxicity)
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
+    verdict = goal_table(settings, toxicity, goal)
+    (out_dir / "goal.md").write_text(verdict + "\n", encoding="utf-8")
     summary = summary_rows(settings, toxicity)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
@@ -212,6 +215,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
         "markdown": markdown,
         "latex": latex,
         "frontier": best,
+        "goal": verdict,
         "plots": [str(p) for p in plots],
         "cells": len(cells),
         "out_dir": str(out_dir),
@@ -235,9 +239,15 @@ def log_summary(report: dict, logger_cfg: DictConfig | None) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
-    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha)
+    goal = OmegaConf.to_container(cfg.goal) if cfg.get("goal") else None
+    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha, goal)
     log_summary(report, cfg.get("logger"))
-    print(f"\n{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\nplots and LaTeX: {report['out_dir']}")
+    print(f"\n{printable(report)}\n\nplots and LaTeX: {report['out_dir']}")
+
+
+def printable(report: dict) -> str:
+    """What a report run prints: the paper's table, the frontier and the goal's verdict."""
+    return f"{report['markdown']}\n\nPareto frontier (toxicity vs perplexity, per target):\n{report['frontier']}\n\n{report['goal']}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF_DIR, compose_config
 from hydra import initialize_config_dir
+from omegaconf import OmegaConf
 
 from calibfuse.pipeline import pipeline
 from calibfuse.report import build_report
@@ -115,6 +116,8 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
     summary = {(r["method"], r["alpha"]): r for r in report["summary"]}
     assert summary[("fusion", 0.5)]["perplexity"] == pytest.approx(fused["perplexity"]) and ("calibration_alone", 0.0) in summary
     assert any(r["on_frontier"] for r in report["summary"])
+    goal = (tmp_path / "report" / "goal.md").read_text()
+    assert goal.startswith("The goal for fusion") and "| smollm2-135m-instruct | " in goal and report["goal"] in goal
 
     import wandb
 
@@ -126,7 +129,7 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
     (offline,) = (tmp_path / "report_run" / "wandb").glob("offline-run-*")
     (table,) = offline.glob("files/media/table/summary_*.table.json")
     data = json.loads(table.read_text())
-    assert "on_frontier" in data["columns"] and len(data["data"]) == len(report["summary"])
+    assert {"on_frontier", "meets_goal"} <= set(data["columns"]) and len(data["data"]) == len(report["summary"])
 
 
 def test_report_bad_input(pipeline_cfg, tmp_path):
@@ -270,3 +273,67 @@ def test_pareto_frontier_by_hand(tmp_path):
     table = frontier_table(settings, "toxicity")
     assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | 0.100 | 0.900 | 0.000 | 0.050 | 0.900 |" in table
     assert plot_frontier(settings, "toxicity", tmp_path).stat().st_size > 10_000
+
+
+def test_goal_verdict_by_hand():
+    """goal.md: a fusion setting meets the goal only with the cut, the perplexity budget, intervals apart,
+    no degeneration and no baseline as good on both axes; otherwise the closest settings say why."""
+    from calibfuse.pareto import goal_checks, goal_table, summary_rows
+
+    def row(target, method, tox, ppl, half=2.0, degenerate=False, alone=False):
+        return {
+            "target": target,
+            "method": method,
+            "setting": "",
+            "target_alone": alone,
+            "degenerate": degenerate,
+            "toxicity": tox,
+            "toxicity_lo": tox - half,
+            "toxicity_hi": tox + half,
+            "perplexity": ppl,
+            "perplexity_lo": ppl - 0.5,
+            "perplexity_hi": ppl + 0.5,
+            "kl": 0.2,
+            "top1_agreement": 0.8,
+        }
+
+    settings = {
+        ("a", 0.0): row("a", "fusion", 20.0, 5.0, alone=True),
+        ("a", 0.2): row("a", "fusion", 14.0, 5.4),  # -30 % at +8 %, 16 < 18: meets
+        ("a", 0.4): row("a", "fusion", 14.0, 5.4, half=5.0),  # the same means, intervals overlap
+        ("a", 0.6): row("a", "fusion", 2.0, 5.1, degenerate=True),
+        ("b", 0.0): row("b", "fusion", 20.0, 5.0, alone=True),
+        ("b", 0.2): row("b", "fusion", 14.0, 5.4),  # would meet, but the word filter is better on both
+        ("b", 0.5): row("b", "fusion", 10.0, 8.0),  # -50 % at +60 %
+        ("b (word_filter)", 0.0): row("b", "word_filter", 12.0, 5.2),
+    }
+    checks = {(c["row"]["target"], c["alpha"]): c for c in goal_checks(settings, "toxicity").values()}
+    assert set(checks) == {("a", 0.2), ("a", 0.4), ("a", 0.6), ("b", 0.2), ("b", 0.5)}  # fusion only, not the bases
+    assert [k for k, c in checks.items() if c["meets"]] == [("a", 0.2)]
+    assert checks[("a", 0.2)]["drop"] == pytest.approx(0.3) and checks[("a", 0.2)]["rise"] == pytest.approx(0.08)
+    assert not checks[("a", 0.4)]["apart"] and checks[("b", 0.2)]["beaten_by"] == ["word_filter"]
+    table = goal_table(settings, "toxicity")
+    assert "met on 1 of 2 target(s)" in table
+    assert "| a | yes: fusion α=0.2 |" in table
+    assert "| b | no | fusion α=0.2: -30% toxicity at +8% perplexity (intervals apart; beaten by word_filter; KL 0.20, agreement 0.80) |" in table
+    assert "fusion α=0.5: -50% toxicity at +60% perplexity" not in table  # 0.2 is the least rise of those that cut enough
+    assert "met on 0 of 2" in goal_table(settings, "toxicity", {"min_toxicity_drop": 0.6})
+    assert [(r["alpha"], r["meets_goal"]) for r in summary_rows(settings, "toxicity") if r["target"] == "a"] == [
+        (0.0, False),
+        (0.2, True),
+        (0.4, False),
+        (0.6, False),
+    ]
+    with pytest.raises(ValueError, match=r"goal keys \['max_ppl'\] are unknown"):
+        goal_table(settings, "toxicity", {"max_ppl": 0.1})
+    with pytest.raises(ValueError, match="min_toxicity_drop=25, .* expected a relative drop in"):
+        goal_table(settings, "toxicity", {"min_toxicity_drop": 25})
+
+
+def test_goal_configs_mirror_the_code(tmp_path):
+    from calibfuse.pareto import GOAL
+
+    report = compose_config("report", ["runs=[x]", "goal.min_toxicity_drop=0.2"], tmp_path / "r")
+    pipeline = compose_config("pipeline", [], tmp_path / "p")
+    assert {**OmegaConf.to_container(report.goal), "min_toxicity_drop": 0.25} == {**GOAL, "baselines": list(GOAL["baselines"])}
+    assert OmegaConf.to_container(pipeline.report.goal) == {**GOAL, "baselines": list(GOAL["baselines"])}
