@@ -97,11 +97,11 @@ def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> 
     return path
 
 
-def summary_rows(settings: dict[tuple, dict], toxicity: str) -> list[dict]:
+def summary_rows(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None) -> list[dict]:
     """One flat row per (target, method, setting, strength): its metrics, diagnostics, whether it is
     on its target's frontier and whether it meets GOAL (the report's W&B summary table)."""
     rows = []
-    goal = goal_checks(settings, toxicity)
+    goal = goal_checks(settings, toxicity, goal)
     for target, points in sorted(by_target(settings).items()):
         best = {id(r) for _, r in frontier(points, toxicity)}
         for alpha, r in sorted(points, key=lambda p: (p[1]["method"], p[1]["setting"], p[0])):

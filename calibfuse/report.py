@@ -207,7 +207,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
     verdict = goal_table(settings, toxicity, goal)
     (out_dir / "goal.md").write_text(verdict + "\n", encoding="utf-8")
-    summary = summary_rows(settings, toxicity)
+    summary = summary_rows(settings, toxicity, goal)  # meets_goal by the same goal as goal.md
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
     return {
