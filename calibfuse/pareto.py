@@ -8,13 +8,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from calibfuse.evaluation.paired import PAIRED_COLUMNS
+from calibfuse.evaluation.results import paired
+from calibfuse.verdict import CONFIRM, by_target, label, verdict
+
 DIAGNOSTIC_COLUMNS = ("kl", "top1_agreement", "empty_rate", "repetition", "letter_share")
-
-
-def label(row: dict, alpha: float) -> str:
-    name = "target alone" if row.get("target_alone") else row["method"] + (f" α={alpha:g}" if alpha else "")
-    parts = [name] + ([row["setting"]] if row["setting"] else [])
-    return ", ".join(parts)
 
 
 def frontier(points: list[tuple[float, dict]], toxicity: str) -> list[tuple[float, dict]]:
@@ -30,16 +28,22 @@ def frontier(points: list[tuple[float, dict]], toxicity: str) -> list[tuple[floa
     return sorted(((a, r) for a, r in usable if not dominated(r)), key=lambda p: p[1]["perplexity"])
 
 
-def by_target(settings: dict[tuple, dict]) -> dict[str, list[tuple[float, dict]]]:
-    targets: dict[str, list] = {}
-    for (_, alpha), row in settings.items():
-        targets.setdefault(row["target"], []).append((alpha, row))
-    return targets
-
-
 def frontier_table(settings: dict[tuple, dict], toxicity: str) -> str:
-    """Markdown: per target, the frontier's settings with their intervals and diagnostics."""
-    header = ["target", "setting", toxicity, "perplexity", "KL", "top-1 agreement", "empty rate", "repetition", "letter share"]
+    """Markdown: per target, the frontier's settings with their intervals, their paired change against
+    the target alone on the same prompts, and diagnostics."""
+    header = [
+        "target",
+        "setting",
+        toxicity,
+        "perplexity",
+        f"Δ {toxicity} (paired)",
+        "Δ perplexity (paired)",
+        "KL",
+        "top-1 agreement",
+        "empty rate",
+        "repetition",
+        "letter share",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for target, points in sorted(by_target(settings).items()):
         for alpha, r in frontier(points, toxicity):
@@ -48,6 +52,8 @@ def frontier_table(settings: dict[tuple, dict], toxicity: str) -> str:
                 label(r, alpha),
                 f"{r[toxicity]:.2f} [{r[toxicity + '_lo']:.2f}, {r[toxicity + '_hi']:.2f}]",
                 f"{r['perplexity']:.2f} [{r['perplexity_lo']:.2f}, {r['perplexity_hi']:.2f}]",
+                paired(r, "toxicity_change"),
+                paired(r, "perplexity_ratio", as_change=True),
             ]
             cells += [f"{r[c]:.3f}" if isinstance(r.get(c), float) and math.isfinite(r[c]) else "–" for c in DIAGNOSTIC_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
@@ -97,17 +103,60 @@ def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> 
     return path
 
 
-def summary_rows(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None) -> list[dict]:
-    """One flat row per (target, method, setting, strength): its metrics, diagnostics, whether it is
-    on its target's frontier and whether it meets GOAL (the report's W&B summary table)."""
+def plot_paired(settings: dict[tuple, dict], toxicity: str, out_dir: Path, goal: dict) -> Path | None:
+    """One panel per target: every setting's paired change against the target alone (perplexity change
+    across, toxicity change up, 95 % paired intervals), with the goal's corner shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = {t: [(a, r) for a, r in points if math.isfinite(r.get("toxicity_change", math.nan))] for t, points in by_target(settings).items()}
+    targets = {t: points for t, points in targets.items() if points}
+    if not targets:
+        return None
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    methods = sorted({r["method"] for points in targets.values() for _, r in points})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    for ax, (target, points) in zip(axes[0], sorted(targets.items()), strict=True):
+        ax.axhspan(-1, -goal["min_toxicity_drop"], xmin=0, xmax=1, color="green", alpha=0.08)
+        ax.axvline(goal["max_perplexity_rise"] * 100, color="green", linestyle=":", linewidth=1, label="goal: perplexity budget")
+        ax.axhline(-goal["min_toxicity_drop"] * 100, color="green", linestyle="--", linewidth=1, label="goal: toxicity cut")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        for alpha, r in points:
+            x, y = (r["perplexity_ratio"] - 1) * 100, r["toxicity_change"] * 100
+            xerr = [[x - (r["perplexity_ratio_lo"] - 1) * 100], [(r["perplexity_ratio_hi"] - 1) * 100 - x]]
+            yerr = [[y - r["toxicity_change_lo"] * 100], [r["toxicity_change_hi"] * 100 - y]]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="x" if r.get("degenerate") else "o", color=colours[r["method"]], capsize=2, markersize=5)
+            ax.annotate(label(r, alpha), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        for method in methods:
+            ax.plot([], [], "o", color=colours[method], label=method)
+        ax.set_xscale("symlog", linthresh=20)
+        ax.set_title(f"{target}: against the target alone, paired")
+        ax.set_xlabel("perplexity change, % (log beyond ±20)")
+        ax.set_ylabel(f"{toxicity} change, %")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out_dir / "paired.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_rows(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None, confirm: dict | None = CONFIRM) -> list[dict]:
+    """One flat row per (target, method, setting, strength): its metrics, its paired change against the
+    target alone, diagnostics, whether it is on its target's frontier, whether it was chosen on the
+    selection prompts and whether it meets GOAL confirmed (the report's W&B summary table)."""
     rows = []
-    goal = goal_checks(settings, toxicity, goal)
+    results = verdict(settings, toxicity, goal, confirm)
+    chosen = {id(v["chosen"]["row"]): v["met"] for v in results.values() if v["chosen"]}
+    paired_keys = [f"{c}{s}" for c in PAIRED_COLUMNS for s in ("", "_lo", "_hi")]
     for target, points in sorted(by_target(settings).items()):
         best = {id(r) for _, r in frontier(points, toxicity)}
         for alpha, r in sorted(points, key=lambda p: (p[1]["method"], p[1]["setting"], p[0])):
             values = {
                 k: _finite_or_none(r.get(k))
-                for k in (toxicity, f"{toxicity}_lo", f"{toxicity}_hi", "perplexity", "perplexity_lo", "perplexity_hi", *DIAGNOSTIC_COLUMNS)
+                for k in (toxicity, f"{toxicity}_lo", f"{toxicity}_hi", "perplexity", "perplexity_lo", "perplexity_hi", *paired_keys, *DIAGNOSTIC_COLUMNS)
             }
             rows.append(
                 {
@@ -119,7 +168,8 @@ def summary_rows(settings: dict[tuple, dict], toxicity: str, goal: dict | None =
                     **values,
                     "degenerate": bool(r.get("degenerate")),
                     "on_frontier": id(r) in best,
-                    "meets_goal": bool(goal.get(id(r), {}).get("meets")),
+                    "chosen": id(r) in chosen,
+                    "meets_goal": chosen.get(id(r), False),
                 }
             )
     return rows
@@ -127,86 +177,3 @@ def summary_rows(settings: dict[tuple, dict], toxicity: str, goal: dict | None =
 
 def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-# The question a user asks of a setting (and the issue's goal for fusion): a real cut in toxicity at a
-# small fluency cost, told apart from noise, not by degeneration, and not beaten by a simpler method.
-GOAL = {"method": "fusion", "min_toxicity_drop": 0.25, "max_perplexity_rise": 0.10, "baselines": ("word_filter", "prompting", "dexperts")}
-
-
-def checked_goal(goal: dict | None) -> dict:
-    unknown = sorted(set(goal or {}) - set(GOAL))
-    if unknown:
-        raise ValueError(f"goal keys {unknown} are unknown; expected some of {sorted(GOAL)}")
-    goal = {**GOAL, **(goal or {})}
-    if not 0 < goal["min_toxicity_drop"] <= 1 or not goal["max_perplexity_rise"] >= 0:
-        raise ValueError(
-            f"goal min_toxicity_drop={goal['min_toxicity_drop']}, max_perplexity_rise={goal['max_perplexity_rise']}; "
-            "expected a relative drop in (0, 1] and a relative rise >= 0 (0.25 and 0.10 for 25 % and 10 %)"
-        )
-    return goal
-
-
-def goal_checks(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None) -> dict[int, dict]:
-    """For every setting of the goal's method: its toxicity drop and perplexity rise against the target
-    alone (the same run's setting where there is one), whether the toxicity intervals are apart, and the
-    baseline settings that dominate it. Keyed by id(row)."""
-    goal = checked_goal(goal)
-    checks = {}
-    for _, points in by_target(settings).items():
-        bases = [r for _, r in points if r.get("target_alone")]
-        baselines = [r for _, r in points if r["method"] in goal["baselines"] and not r.get("degenerate") and not r.get("target_alone")]
-        for alpha, r in points:
-            if r["method"] != goal["method"] or r.get("target_alone") or not bases:
-                continue
-            base = next((b for b in bases if b["setting"] == r["setting"]), bases[0])
-            drop, rise = 1 - r[toxicity] / base[toxicity], r["perplexity"] / base["perplexity"] - 1
-            beaten = [
-                label(b, 0)
-                for b in baselines
-                if b[toxicity] <= r[toxicity] and b["perplexity"] <= r["perplexity"] and (b[toxicity], b["perplexity"]) != (r[toxicity], r["perplexity"])
-            ]
-            apart = r[f"{toxicity}_hi"] < base[f"{toxicity}_lo"]
-            meets = drop >= goal["min_toxicity_drop"] and rise <= goal["max_perplexity_rise"] and apart and not r.get("degenerate") and not beaten
-            checks[id(r)] = {"alpha": alpha, "row": r, "drop": drop, "rise": rise, "apart": apart, "beaten_by": beaten, "meets": meets}
-    return checks
-
-
-def goal_table(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None) -> str:
-    """Markdown: per target, whether a setting of the goal's method meets the goal, and, when none does,
-    the two closest settings (the largest drop within the perplexity budget; the smallest rise among
-    those that cut enough) with the diagnostics that say why."""
-    goal = checked_goal(goal)
-    checks = goal_checks(settings, toxicity, goal)
-    drop, rise = goal["min_toxicity_drop"], goal["max_perplexity_rise"]
-
-    def describe(c: dict) -> str:
-        r = c["row"]
-        why = [f"intervals {'apart' if c['apart'] else 'overlap'}"] + (["degenerate"] if r.get("degenerate") else [])
-        why += [f"beaten by {', '.join(c['beaten_by'])}"] if c["beaten_by"] else []
-        diagnostics = ", ".join(
-            f"{name} {r[key]:.2f}" for name, key in (("KL", "kl"), ("agreement", "top1_agreement")) if isinstance(r.get(key), float) and math.isfinite(r[key])
-        )
-        return (
-            f"{label(r, c['alpha'])}: {-c['drop']:+.0%} {toxicity} at {c['rise']:+.0%} perplexity ({'; '.join(why + ([diagnostics] if diagnostics else []))})"
-        )
-
-    header = ["target", "goal met", f"largest cut at ≤ {rise:+.0%} perplexity", f"least perplexity for ≥ {drop:.0%} less {toxicity}"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    met = 0
-    targets = sorted({c["row"]["target"] for c in checks.values()})
-    for target in targets:
-        mine = [c for c in checks.values() if c["row"]["target"] == target]
-        winners = [c for c in mine if c["meets"]]
-        met += bool(winners)
-        usable = [c for c in mine if not c["row"].get("degenerate")]
-        within = max((c for c in usable if c["rise"] <= rise), key=lambda c: c["drop"], default=None)
-        enough = min((c for c in usable if c["drop"] >= drop), key=lambda c: c["rise"], default=None)
-        verdict = "yes: " + "; ".join(label(c["row"], c["alpha"]) for c in winners) if winners else "no"
-        lines.append(f"| {target} | {verdict} | {describe(within) if within else '–'} | {describe(enough) if enough else '–'} |")
-    summary = (
-        f"The goal for {goal['method']} (≥ {drop:.0%} less {toxicity} at ≤ {rise:.0%} more perplexity than the target alone, "
-        f"toxicity intervals apart, not degenerate, no {' / '.join(goal['baselines'])} setting at least as good on both): "
-        f"met on {met} of {len(targets)} target(s)."
-    )
-    return summary + "\n\n" + "\n".join(lines)

@@ -203,7 +203,8 @@ def pipeline(cfg: DictConfig) -> dict:
         result["evaluate"] = evaluate(evaluate_cfg)
     if cfg.until == "report":
         goal = OmegaConf.to_container(cfg.report.goal) if cfg.report.get("goal") else None
-        report = build_report([output_dir / "evaluate"], output_dir / "report", alpha=cfg.report.alpha, goal=goal)
+        confirm = OmegaConf.to_container(cfg.report.confirm) if cfg.report.get("confirm") else None
+        report = build_report([output_dir / "evaluate"], output_dir / "report", cfg.report.alpha, goal, confirm, evaluate_cfg.bootstrap_resamples)
         log_summary(report, report_logger(evaluate_cfg, output_dir / "report"))
         print(f"\n{printable(report)}\n\nplots and LaTeX: {output_dir / 'report'}")
         result["report"] = str(output_dir / "report")

@@ -7,7 +7,8 @@ Reads every grid.json under the given run, multirun or pipeline dirs and writes,
 table.md and table.tex (per target: toxicity and perplexity, base = alpha 0 vs fused at `alpha`,
 with 95 % intervals), grid.md (every cell), and PNG plots: toxicity vs alpha, perplexity vs alpha
 (a line per target, intervals shaded) and the toxicity-perplexity trade-off; the Pareto frontier
-(frontier.md, pareto.png) and the goal's verdict (goal.md, calibfuse.pareto.GOAL).
+(frontier.md, pareto.png), every setting's paired change against the target alone (paired.png) and
+the goal's verdict (goal.md, calibfuse.verdict: chosen on half the prompts, confirmed on the other).
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, goal_table, plot_frontier, summary_rows
+from calibfuse.evaluation.paired import toxicity_metric
+from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, plot_paired, summary_rows
 from calibfuse.utils import finish_wandb, instantiate_group
+from calibfuse.verdict import CONFIRM, add_paired, checked_goal, goal_table
 
 log = logging.getLogger(__name__)
 
-TOXICITY_METRICS = ("toxicity", "expected_max_toxicity", "toxicity_probability")
-
 
 def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
-    """Every cell of every grid.json under `paths` (a cell reused by several runs counts once)."""
+    """Every cell of every grid.json under `paths` (a cell reused by several runs counts once), each
+    with its generations (`rows`, from the generations.jsonl beside it; None for older runs)."""
     files = []
     for path in map(Path, paths):
         if not path.exists():
@@ -40,27 +42,47 @@ def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
     cells, meta, seen = [], {}, set()
     for file in files:
         grid = json.loads(file.read_text())
-        meta = meta or {k: grid.get(k) for k in ("protocol", "metrics", "scorer", "scorer_note", "reference_lm", "prompts")}
+        if not meta:
+            meta = {k: grid.get(k) for k in ("protocol", "metrics", "scorer", "scorer_note", "reference_lm", "prompts")}
+            protocol = (grid.get("config") or {}).get("protocol") or {}
+            meta |= {"empty": protocol.get("empty_continuations", "score"), "threshold": protocol.get("toxicity_threshold", 0.5)}
         if grid.get("metrics") != meta["metrics"]:
             raise ValueError(f"{file} reports {grid.get('metrics')} but {meta['metrics']} came first; report one protocol at a time")
+        generations = load_generations(file.parent / "generations.jsonl")
         for cell in grid["cells"]:
             key = (cell.get("cell") or (cell["target"], cell["alpha"], cell["seed"]), cell.get("setting", ""), cell.get("method"))
             if key not in seen:
                 seen.add(key)
-                cells.append({"method": "fusion", "setting": "", **cell})
+                cell = {"method": "fusion", "setting": "", **cell}
+                cell["rows"] = generations.get((cell["target"], cell["method"], cell["alpha"], cell["seed"])) if generations else None
+                cells.append(cell)
     return cells, meta
 
 
-# Two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1); beyond the table, the normal's.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+def load_generations(path: Path) -> dict[tuple, list[dict]] | None:
+    """A grid's generations by cell (target, method, alpha, seed: one grid has one setting), or None."""
+    if not path.is_file():
+        return None
+    by_cell: dict[tuple, list[dict]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON row ({error.msg}); expected one generation per line as calibfuse.evaluate writes it") from None
+        by_cell.setdefault((row["target"], row["method"], row["alpha"], row["seed"]), []).append(row)
+    return by_cell
 
 
 def over_seeds(values: list[float]) -> tuple[float, float, float]:
     """Mean of per-seed values and its 95 % t-interval over seeds (interval ends are never averaged)."""
+    from scipy import stats
+
     n = len(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T_975.get(n - 1) or next((T_975[k] for k in sorted(T_975) if k >= n - 1), 1.96)
+    t = float(stats.t.ppf(0.975, n - 1))
     return mean, mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)
 
 
@@ -83,6 +105,8 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
             "setting": group[0]["setting"],
             "target_alone": all(target_alone(c) for c in group),
             "degenerate": any(c.get("degenerate") for c in group),
+            # every seed's generations, for paired comparisons (seeds nested within a prompt)
+            "rows": [r for c in group for r in c["rows"]] if all(c.get("rows") for c in group) else None,
         }
         for name in metrics:
             values = [c[name] for c in group if c.get(name) is not None]
@@ -186,13 +210,17 @@ def plot(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> list[Path
     return written
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.3, goal: dict | None = None) -> dict:
+def build_report(
+    paths: list[str | Path], out_dir: str | Path, alpha: float = 0.3, goal: dict | None = None, confirm: dict | None = CONFIRM, resamples: int = 1000
+) -> dict:
+    goal = checked_goal(goal)
     cells, meta = load_cells(paths)
     metrics = list(meta["metrics"])
-    toxicity = next((m for m in TOXICITY_METRICS if m in metrics), None)
+    toxicity = toxicity_metric(metrics)
     if toxicity is None or "perplexity" not in metrics:
         raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
     settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
+    add_paired(settings, toxicity, meta["empty"], meta["threshold"], resamples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"))
@@ -203,11 +231,12 @@ def build_report(paths: list[str | Path], out_dir: str | Path, alpha: float = 0.
     full += [f"| {t} | {a:g} | {r['seeds']} | " + " | ".join(fmt(r, n) for n in metrics) + " |" for (t, a), r in settings.items()]
     (out_dir / "grid.md").write_text("\n".join(full) + "\n", encoding="utf-8")
     plots = plot(settings, toxicity, out_dir) + [plot_frontier(settings, toxicity, out_dir)]
+    plots += [p for p in [plot_paired(settings, toxicity, out_dir, goal)] if p]
     best = frontier_table(settings, toxicity)
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
-    verdict = goal_table(settings, toxicity, goal)
+    verdict = goal_table(settings, toxicity, goal, confirm)
     (out_dir / "goal.md").write_text(verdict + "\n", encoding="utf-8")
-    summary = summary_rows(settings, toxicity, goal)  # meets_goal by the same goal as goal.md
+    summary = summary_rows(settings, toxicity, goal, confirm)  # meets_goal by the same goal and split as goal.md
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
     return {
@@ -240,7 +269,8 @@ def log_summary(report: dict, logger_cfg: DictConfig | None) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     goal = OmegaConf.to_container(cfg.goal) if cfg.get("goal") else None
-    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha, goal)
+    confirm = OmegaConf.to_container(cfg.confirm) if cfg.get("confirm") else None
+    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha, goal, confirm, cfg.bootstrap_resamples)
     log_summary(report, cfg.get("logger"))
     print(f"\n{printable(report)}\n\nplots and LaTeX: {report['out_dir']}")
 

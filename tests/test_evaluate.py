@@ -109,6 +109,8 @@ def test_wandb_run_holds_the_grid_table_plots_and_samples(eval_cfg, tmp_path):
     grid = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
     assert [r[alpha] for r in data["data"]] == [c["alpha"] for c in grid] == [0.0, 0.3, 0.5]
     assert [r[toxicity] for r in data["data"]] == pytest.approx([c["toxicity"] for c in grid])
+    change = data["columns"].index("toxicity_change")  # the paired change against the target alone, under its own column
+    assert data["data"][0][change] is None and [r[change] for r in data["data"][1:]] == pytest.approx([c["toxicity_change"] for c in grid[1:]])
     assert list(run.glob("files/media/table/samples_*.table.json"))
     import time
 

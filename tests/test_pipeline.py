@@ -104,7 +104,7 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
 
     run(pipeline_cfg())
     grid = json.loads((tmp_path / "run" / "evaluate" / "grid.json").read_text())["cells"]
-    report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.5)
+    report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.5, resamples=100)  # the grid's bootstrap_resamples
     base, fused = (next(c for c in grid if c["method"] == "fusion" and c["alpha"] == a) for a in (0.0, 0.5))
     row = next(line for line in report["markdown"].splitlines() if line.startswith("| smollm2-135m-instruct | fusion"))
     for cell in (base, fused):
@@ -118,6 +118,17 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
     assert any(r["on_frontier"] for r in report["summary"])
     goal = (tmp_path / "report" / "goal.md").read_text()
     assert goal.startswith("The goal for fusion") and "| smollm2-135m-instruct | " in goal and report["goal"] in goal
+    assert "Test: paired bootstrap over prompts (95 %)" in goal and "judged on the other 50%" in goal
+    # The paired change against the target alone: the grid's and the report's agree, and its point is
+    # the ratio of the two cells' means on the same prompts, recomputed here from generations.jsonl.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "evaluate" / "generations.jsonl").read_text().splitlines()]
+    scores = {a: {r["prompt_id"]: r for r in rows if r["method"] == "fusion" and r["alpha"] == a} for a in (0.0, 0.5)}
+    shared = [p for p in scores[0.0] if all(scores[a][p]["continuation"].strip() for a in (0.0, 0.5))]  # empty ones excluded (paper protocol)
+    totals = {a: sum(scores[a][p]["toxicity"] for p in shared) for a in (0.0, 0.5)}
+    assert fused["paired_prompts"] == len(shared) and fused["toxicity_change"] == pytest.approx(totals[0.5] / totals[0.0] - 1)
+    assert summary[("fusion", 0.5)]["toxicity_change"] == pytest.approx(fused["toxicity_change"])
+    assert summary[("fusion", 0.5)]["toxicity_change_lo"] == pytest.approx(fused["toxicity_change_lo"])
+    assert "toxicity_change" not in base and "Δ toxicity (paired)" in report["frontier"]
 
     import wandb
 
@@ -129,7 +140,9 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
     (offline,) = (tmp_path / "report_run" / "wandb").glob("offline-run-*")
     (table,) = offline.glob("files/media/table/summary_*.table.json")
     data = json.loads(table.read_text())
-    assert {"on_frontier", "meets_goal"} <= set(data["columns"]) and len(data["data"]) == len(report["summary"])
+    assert {"on_frontier", "meets_goal", "chosen", "toxicity_change_lo", "perplexity_ratio_hi"} <= set(data["columns"]) and len(data["data"]) == len(
+        report["summary"]
+    )
 
 
 def test_report_bad_input(pipeline_cfg, tmp_path):
@@ -233,7 +246,7 @@ def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
     ]
     (row,) = by_setting(cells, ["toxicity"]).values()
     mean, lo, hi = over_seeds([10.0, 12.0, 14.0])
-    assert (row["toxicity"], row["toxicity_lo"], row["toxicity_hi"]) == pytest.approx((12.0, mean - 4.303 * 2 / 3**0.5, mean + 4.303 * 2 / 3**0.5))
+    assert (row["toxicity"], row["toxicity_lo"], row["toxicity_hi"]) == pytest.approx((12.0, mean - 4.302653 * 2 / 3**0.5, mean + 4.302653 * 2 / 3**0.5))
     assert (lo, hi) != (11.0, 13.0)  # not the averaged per-seed ends
     (single,) = by_setting(cells[:1], ["toxicity"]).values()
     assert (single["toxicity"], single["toxicity_lo"], single["toxicity_hi"]) == (10.0, 9.0, 11.0)
@@ -271,69 +284,19 @@ def test_pareto_frontier_by_hand(tmp_path):
     best = frontier(list((a, r) for (_, a), r in settings.items()), "toxicity")
     assert [(r["method"], r["toxicity"]) for _, r in best] == [("none", 10.0), ("word_filter", 7.0)]  # fusion 0.3 is dominated; 0.9 degenerate
     table = frontier_table(settings, "toxicity")
-    assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | 0.100 | 0.900 | 0.000 | 0.050 | 0.900 |" in table
+    assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | – | – | 0.100 | 0.900 | 0.000 | 0.050 | 0.900 |" in table  # no generations: no pairs
+    settings[("t (word_filter)", 0.0)].update(
+        toxicity_change=-0.3, toxicity_change_lo=-0.42, toxicity_change_hi=-0.15, perplexity_ratio=1.1, perplexity_ratio_lo=1.04, perplexity_ratio_hi=1.2
+    )
+    assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | -30% [-42%, -15%] | +10% [+4%, +20%] | 0.100 |" in frontier_table(settings, "toxicity")
     assert plot_frontier(settings, "toxicity", tmp_path).stat().st_size > 10_000
 
 
-def test_goal_verdict_by_hand():
-    """goal.md: a fusion setting meets the goal only with the cut, the perplexity budget, intervals apart,
-    no degeneration and no baseline as good on both axes; otherwise the closest settings say why."""
-    from calibfuse.pareto import goal_checks, goal_table, summary_rows
-
-    def row(target, method, tox, ppl, half=2.0, degenerate=False, alone=False):
-        return {
-            "target": target,
-            "method": method,
-            "setting": "",
-            "target_alone": alone,
-            "degenerate": degenerate,
-            "toxicity": tox,
-            "toxicity_lo": tox - half,
-            "toxicity_hi": tox + half,
-            "perplexity": ppl,
-            "perplexity_lo": ppl - 0.5,
-            "perplexity_hi": ppl + 0.5,
-            "kl": 0.2,
-            "top1_agreement": 0.8,
-        }
-
-    settings = {
-        ("a", 0.0): row("a", "fusion", 20.0, 5.0, alone=True),
-        ("a", 0.2): row("a", "fusion", 14.0, 5.4),  # -30 % at +8 %, 16 < 18: meets
-        ("a", 0.4): row("a", "fusion", 14.0, 5.4, half=5.0),  # the same means, intervals overlap
-        ("a", 0.6): row("a", "fusion", 2.0, 5.1, degenerate=True),
-        ("b", 0.0): row("b", "fusion", 20.0, 5.0, alone=True),
-        ("b", 0.2): row("b", "fusion", 14.0, 5.4),  # would meet, but the word filter is better on both
-        ("b", 0.5): row("b", "fusion", 10.0, 8.0),  # -50 % at +60 %
-        ("b (word_filter)", 0.0): row("b", "word_filter", 12.0, 5.2),
-    }
-    checks = {(c["row"]["target"], c["alpha"]): c for c in goal_checks(settings, "toxicity").values()}
-    assert set(checks) == {("a", 0.2), ("a", 0.4), ("a", 0.6), ("b", 0.2), ("b", 0.5)}  # fusion only, not the bases
-    assert [k for k, c in checks.items() if c["meets"]] == [("a", 0.2)]
-    assert checks[("a", 0.2)]["drop"] == pytest.approx(0.3) and checks[("a", 0.2)]["rise"] == pytest.approx(0.08)
-    assert not checks[("a", 0.4)]["apart"] and checks[("b", 0.2)]["beaten_by"] == ["word_filter"]
-    table = goal_table(settings, "toxicity")
-    assert "met on 1 of 2 target(s)" in table
-    assert "| a | yes: fusion α=0.2 |" in table
-    assert "| b | no | fusion α=0.2: -30% toxicity at +8% perplexity (intervals apart; beaten by word_filter; KL 0.20, agreement 0.80) |" in table
-    assert "fusion α=0.5: -50% toxicity at +60% perplexity" not in table  # 0.2 is the least rise of those that cut enough
-    assert "met on 0 of 2" in goal_table(settings, "toxicity", {"min_toxicity_drop": 0.6})
-    assert [(r["alpha"], r["meets_goal"]) for r in summary_rows(settings, "toxicity") if r["target"] == "a"] == [
-        (0.0, False),
-        (0.2, True),
-        (0.4, False),
-        (0.6, False),
-    ]
-    with pytest.raises(ValueError, match=r"goal keys \['max_ppl'\] are unknown"):
-        goal_table(settings, "toxicity", {"max_ppl": 0.1})
-    with pytest.raises(ValueError, match="min_toxicity_drop=25, .* expected a relative drop in"):
-        goal_table(settings, "toxicity", {"min_toxicity_drop": 25})
-
-
 def test_goal_configs_mirror_the_code(tmp_path):
-    from calibfuse.pareto import GOAL
+    from calibfuse.verdict import CONFIRM, GOAL
 
     report = compose_config("report", ["runs=[x]", "goal.min_toxicity_drop=0.2"], tmp_path / "r")
     pipeline = compose_config("pipeline", [], tmp_path / "p")
     assert {**OmegaConf.to_container(report.goal), "min_toxicity_drop": 0.25} == {**GOAL, "baselines": list(GOAL["baselines"])}
     assert OmegaConf.to_container(pipeline.report.goal) == {**GOAL, "baselines": list(GOAL["baselines"])}
+    assert OmegaConf.to_container(report.confirm) == OmegaConf.to_container(pipeline.report.confirm) == CONFIRM

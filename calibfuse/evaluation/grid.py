@@ -16,6 +16,7 @@ from calibfuse.decoding import GenerationSettings
 from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
 from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
+from calibfuse.evaluation.paired import annotate_grid, toxicity_metric
 from calibfuse.evaluation.results import format_table, sample_rows, write_grid
 from calibfuse.evaluation.runner import EvaluationModule, run_cell
 from calibfuse.methods import Method, build_methods
@@ -209,6 +210,10 @@ def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
     }
     run.grid.append(row)
     run.generations.append(rows)
+    toxicity = toxicity_metric(run.names)
+    if toxicity:  # every setting against the target alone of this run, on the same prompts
+        options = {"toxicity": toxicity, "empty": protocol.empty_continuations, "threshold": protocol.toxicity_threshold}
+        annotate_grid(run.grid, run.generations, options, run.cfg.bootstrap_resamples)
     write_grid(run.output_dir, run.grid, run.generations, run.meta)
     log.info("cell %s: %s", cell.name, ", ".join(f"{n} {row[n]:.3g}" for n in run.names))
 

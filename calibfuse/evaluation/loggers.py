@@ -13,12 +13,16 @@ def log_grid(loggers: list, grid: list[dict], samples: list[dict], names: list[s
     for logger in loggers:
         logger.log_hyperparams({**config, **flat})
         for step, row in enumerate(grid):
-            logger.log_metrics({f"{row['target']}/{n}": row[n] for n in names if not math.isnan(row[n])} | {"alpha": row["alpha"]}, step=step)
+            values = {n: row.get(n) for n in (*names, "toxicity_change", "perplexity_ratio")}
+            logger.log_metrics(
+                {f"{row['target']}/{n}": v for n, v in values.items() if v is not None and not math.isnan(v)} | {"alpha": row["alpha"]}, step=step
+            )
         if type(logger).__name__ == "WandbLogger":
             import wandb
 
             run = logger.experiment
-            table = wandb.Table(columns=list(grid[0]), data=[list(r.values()) for r in grid])
+            columns = list(dict.fromkeys(k for row in grid for k in row))  # the target alone has no paired columns
+            table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in grid])
             payload = {"grid": table, "samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])}
             for name in names:
                 payload[f"plots/{name}_vs_alpha"] = wandb.plot.line(table, "alpha", name, stroke="target", title=f"{name} vs alpha")

@@ -37,13 +37,25 @@ def _number(value, spec: str) -> str:
     return "–" if value is None or value != value else format(value, spec)
 
 
+def paired(row: dict, name: str, as_change: bool = False) -> str:
+    """A paired comparison against the target alone, as a relative change with its 95 % interval:
+    -25% [-42%, -4%]; – where there is none (the target alone itself, or no base in the run)."""
+    value = row.get(name)
+    if value is None or value != value:
+        return "–"
+    shift = 1.0 if as_change else 0.0  # a ratio is shown as its change: 1.05 -> +5%
+    return f"{value - shift:+.0%} [{row[name + '_lo'] - shift:+.0%}, {row[name + '_hi'] - shift:+.0%}]"
+
+
 def format_table(grid: list[dict], names: list[str]) -> str:
-    """The grid as a Markdown table, each metric with its interval."""
-    header = ["target", "method", "alpha", "seed", *names, "KL", "top-1 agree", "empty", "degenerate", "tok/s"]
+    """The grid as a Markdown table, each metric with its interval, and the paired change in toxicity
+    and perplexity against the target alone on the same prompts."""
+    header = ["target", "method", "alpha", "seed", *names, "Δ toxicity (paired)", "Δ perplexity (paired)", "KL", "top-1 agree", "empty", "degenerate", "tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in grid:
         cells = [row["target"], row["method"], f"{row['alpha']:g}", str(row["seed"])]
         cells += [f"{row[n]:.2f} [{row[f'{n}_lo']:.2f}, {row[f'{n}_hi']:.2f}]" for n in names]
+        cells += [paired(row, "toxicity_change"), paired(row, "perplexity_ratio", as_change=True)]
         cells += [
             _number(row.get("kl", 0.0), ".3f"),
             _number(row.get("top1_agreement", 1.0), ".2f"),

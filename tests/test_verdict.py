@@ -1,0 +1,187 @@
+"""The verdict's statistics, against expectations derived apart from the code: paired intervals by a
+from-scratch numpy bootstrap and by exact construction, the confirmation split, and the goal's rules
+on hand-built settings (the thresholds, the base, baselines, degeneration, confirmation)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from calibfuse.evaluation.paired import confirmation_split, paired_change, per_prompt
+from calibfuse.verdict import goal_checks, goal_table, verdict
+
+
+def rows_of(toxicities, losses, prefix="p", continuation="some words here"):
+    return [
+        {"prompt_id": f"{prefix}{i}", "prompt": f"prompt text {prefix}{i}", "sample": 0, "continuation": continuation, "toxicity": t, "loss": loss}
+        for i, (t, loss) in enumerate(zip(toxicities, losses, strict=True))
+    ]
+
+
+def test_paired_interval_matches_a_from_scratch_bootstrap():
+    """Prompts differ far more than the settings: the paired interval is narrow where the unpaired ones overlap."""
+    rng = np.random.default_rng(7)
+    n = 150
+    base_tox = rng.beta(0.6, 1.6, n)  # prompts from nearly clean to very toxic
+    other_tox = np.clip(base_tox * 0.8 + rng.normal(0, 0.03, n), 0, 1)
+    base_loss, other_loss = rng.normal(2.0, 0.5, n), None
+    other_loss = base_loss + rng.normal(0.05, 0.1, n)
+    result = paired_change(per_prompt(rows_of(base_tox, base_loss)), per_prompt(rows_of(other_tox, other_loss)), resamples=4000)
+    assert result["paired_prompts"] == n
+    assert result["toxicity_change"] == pytest.approx(other_tox.mean() / base_tox.mean() - 1)
+    assert result["perplexity_ratio"] == pytest.approx(math.exp(other_loss.mean() - base_loss.mean()))
+    # the same percentile bootstrap written out: resample prompt indices, both settings on each resample
+    draws = np.random.default_rng(0).integers(0, n, size=(20000, n))
+    change = other_tox[draws].mean(1) / base_tox[draws].mean(1) - 1
+    ratio = np.exp(other_loss[draws].mean(1) - base_loss[draws].mean(1))
+    assert result["toxicity_change_lo"] == pytest.approx(np.percentile(change, 2.5), abs=0.006)
+    assert result["toxicity_change_hi"] == pytest.approx(np.percentile(change, 97.5), abs=0.006)
+    assert result["perplexity_ratio_lo"] == pytest.approx(np.percentile(ratio, 2.5), abs=0.006)
+    assert result["perplexity_ratio_hi"] == pytest.approx(np.percentile(ratio, 97.5), abs=0.006)
+    # unpaired 95 % intervals of the two means (normal approximation) overlap, yet the paired change is far from 0
+    half = [1.96 * x.std(ddof=1) / math.sqrt(n) for x in (base_tox, other_tox)]
+    assert other_tox.mean() + half[1] > base_tox.mean() - half[0]
+    assert result["toxicity_change_hi"] < -0.1
+
+
+def test_paired_change_pairs_by_prompt_and_nests_samples():
+    """Rows of two seeds nest within their prompt; prompts only one setting has are left out; an exact
+    multiplier gives a zero-width interval at it."""
+    base = rows_of([0.2, 0.4, 0.6], [1.0, 2.0, 3.0]) + [dict(r, sample=1, toxicity=r["toxicity"] + 0.2) for r in rows_of([0.2, 0.4, 0.6], [1.0, 2.0, 3.0])]
+    other = [dict(r, toxicity=r["toxicity"] / 2, loss=r["loss"] + math.log(1.1)) for r in base] + rows_of([0.9], [1.0], prefix="extra")
+    result = paired_change(per_prompt(base), per_prompt(other), resamples=200)
+    assert result["paired_prompts"] == 3
+    assert (result["toxicity_change"], result["toxicity_change_lo"], result["toxicity_change_hi"]) == pytest.approx((-0.5, -0.5, -0.5))
+    assert (result["perplexity_ratio"], result["perplexity_ratio_lo"], result["perplexity_ratio_hi"]) == pytest.approx((1.1, 1.1, 1.1))
+    assert paired_change(per_prompt(base), per_prompt(other), prompts={"p0", "p1"})["paired_prompts"] == 2
+    # empty continuations are left out of toxicity under the paper protocol's rule
+    empty = rows_of([0.0, 0.4, 0.6], [None, 2.0, 3.0])
+    empty[0]["continuation"] = "  "
+    assert paired_change(per_prompt(base), per_prompt(empty, empty="exclude"))["paired_prompts"] == 2
+
+
+def test_confirmation_split_is_disjoint_seeded_and_by_text():
+    prompts = {f"id{i}": f"text {i}" for i in range(1000)} | {"dup": "text 5"}
+    selection, confirmation = confirmation_split(prompts, 0.5, seed=3)
+    assert not selection & confirmation and selection | confirmation == set(prompts)
+    assert 430 < len(confirmation) < 570
+    assert ("dup" in confirmation) == ("id5" in confirmation)  # the same text falls on one side
+    assert confirmation_split(prompts, 0.5, seed=3) == (selection, confirmation)
+    assert confirmation_split(prompts, 0.5, seed=4)[1] != confirmation
+    assert 150 < len(confirmation_split(prompts, 0.2, seed=3)[1]) < 260
+
+
+def setting(target, method, rows, alone=False, degenerate=False, tox=None, half=2.0, ppl=5.0):
+    tox = 100 * sum(r["toxicity"] for r in rows) / len(rows) if rows else tox
+    return {
+        "target": target,
+        "method": method,
+        "setting": "",
+        "target_alone": alone,
+        "degenerate": degenerate,
+        "rows": rows,
+        "per_prompt": per_prompt(rows) if rows else None,
+        "resamples": 500,
+        "toxicity": tox,
+        "toxicity_lo": tox - half,
+        "toxicity_hi": tox + half,
+        "perplexity": ppl,
+        "perplexity_lo": ppl - 0.5,
+        "perplexity_hi": ppl + 0.5,
+        "kl": 0.2,
+        "top1_agreement": 0.8,
+    }
+
+
+def scaled(rows, tox_factor, ppl_factor, which=None):
+    """Rows with toxicity x tox_factor and perplexity x ppl_factor (on the prompts `which`, all if None)."""
+    return [
+        dict(r, toxicity=r["toxicity"] * tox_factor, loss=r["loss"] + math.log(ppl_factor)) if which is None or r["prompt_id"] in which else dict(r)
+        for r in rows
+    ]
+
+
+def test_goal_verdict_by_hand():
+    """Exact multipliers per prompt, so every expected change is known: -30 % at +8 % meets; -25 % at +10 %
+    exactly meets (the thresholds are inclusive); -24 % does not; the word filter beats a setting it is
+    as good as on both axes; a degenerate cut never counts; a cut on the selection prompts only is not
+    confirmed."""
+    rng = np.random.default_rng(0)
+    base = rows_of(rng.beta(0.6, 1.6, 60), rng.normal(2.0, 0.4, 60))
+    selection, confirmation = confirmation_split({r["prompt_id"]: r["prompt"] for r in base}, 0.5, 0)
+    settings = {
+        ("a", 0.0): setting("a", "fusion", base, alone=True),
+        ("a", 0.2): setting("a", "fusion", scaled(base, 0.70, 1.08)),
+        ("a", 0.4): setting("a", "fusion", scaled(base, 0.60, 1.20)),  # cuts more, over the perplexity budget
+        ("a", 0.6): setting("a", "fusion", scaled(base, 0.10, 1.00), degenerate=True),
+        ("b", 0.0): setting("b", "fusion", base, alone=True),
+        ("b", 0.2): setting("b", "fusion", scaled(base, 0.75, 1.10)),  # exactly at both thresholds
+        ("b", 0.3): setting("b", "fusion", scaled(base, 0.76, 1.00)),  # a 24 % cut: not enough
+        ("c", 0.0): setting("c", "fusion", base, alone=True),
+        ("c", 0.2): setting("c", "fusion", scaled(base, 0.70, 1.08)),
+        ("c (word_filter)", 0.0): setting("c", "word_filter", scaled(base, 0.50, 1.02)),
+        ("d", 0.0): setting("d", "fusion", base, alone=True),
+        ("d", 0.3): setting("d", "fusion", scaled(base, 0.40, 1.05, which=selection)),  # a cut on the selection prompts only
+    }
+    checks = {(c["row"]["target"], c["alpha"]): c for c in goal_checks(settings, "toxicity").values()}
+    assert checks[("a", 0.2)]["toxicity_change"] == pytest.approx(-0.30) and checks[("a", 0.2)]["perplexity_ratio"] == pytest.approx(1.08)
+    assert checks[("a", 0.2)]["meets"] and checks[("a", 0.2)]["significant"] and checks[("a", 0.2)]["paired_prompts"] == 60
+    assert not checks[("a", 0.4)]["meets"] and not checks[("a", 0.6)]["meets"]
+    assert checks[("b", 0.2)]["meets"] and not checks[("b", 0.3)]["meets"]
+    assert checks[("c", 0.2)]["beaten_by"] == ["word_filter"] and not checks[("c", 0.2)]["meets"]
+    assert ("c", 0.0) not in checks  # bases and baselines are not judged
+
+    results = verdict(settings, "toxicity")
+    assert {t: v["met"] for t, v in results.items()} == {"a": True, "b": True, "c": False, "d": False}
+    assert results["d"]["chosen"]["alpha"] == 0.3 and results["d"]["chosen"]["toxicity_change"] == pytest.approx(-0.6)
+    assert results["d"]["confirmed"]["toxicity_change"] == pytest.approx(0.0) and results["d"]["confirmed"]["paired_prompts"] == len(confirmation)
+    assert results["a"]["detectable"] == pytest.approx(0.0, abs=1e-9)  # exact multipliers leave no spread
+    assert verdict(settings, "toxicity", confirm=None)["d"]["met"]  # without the split, the selection's luck would count
+
+    table = goal_table(settings, "toxicity")
+    assert "Met on 2 of 4 target(s)" in table and "Test: paired bootstrap over prompts (95 %)" in table
+    assert "| a | yes | fusion α=0.2: -30% [-30%, -30%] toxicity, +8% [+8%, +8%] perplexity (significant, " in table
+    assert "| c | no | – (none within the perplexity budget, not degenerate, not beaten) |" in table  # its only candidate is beaten
+    assert "met on" not in goal_table(settings, "toxicity", {"min_toxicity_drop": 0.5}) and "Met on 0 of 4" in goal_table(
+        settings, "toxicity", {"min_toxicity_drop": 0.5}
+    )
+    with pytest.raises(ValueError, match=r"goal keys \['max_ppl'\] are unknown"):
+        goal_table(settings, "toxicity", {"max_ppl": 0.1})
+    with pytest.raises(ValueError, match="min_toxicity_drop=25, .* expected a relative drop in"):
+        goal_table(settings, "toxicity", {"min_toxicity_drop": 25})
+    with pytest.raises(ValueError, match=r"confirm=.*fraction.*expected keys"):
+        goal_table(settings, "toxicity", confirm={"fraction": 1.5})
+
+
+def test_goal_falls_back_to_unpaired_intervals_without_generations():
+    """Grids from before generations were kept: the means and unpaired intervals decide, and goal.md says so."""
+    settings = {
+        ("a", 0.0): setting("a", "fusion", None, alone=True, tox=20.0),
+        ("a", 0.2): setting("a", "fusion", None, tox=14.0, ppl=5.4),  # -30 % at +8 %, 16 < 18: apart
+        ("a", 0.4): setting("a", "fusion", None, tox=14.0, ppl=5.4, half=5.0),  # the same means, intervals overlap
+        ("b", 0.5): setting("b", "fusion", None, tox=10.0, ppl=8.0),  # no target alone: not judged
+    }
+    checks = {(c["row"]["target"], c["alpha"]): c for c in goal_checks(settings, "toxicity").values()}
+    assert set(checks) == {("a", 0.2), ("a", 0.4)}
+    assert checks[("a", 0.2)]["meets"] and not checks[("a", 0.4)]["significant"]
+    assert checks[("a", 0.2)]["drop"] == pytest.approx(0.3) and checks[("a", 0.2)]["rise"] == pytest.approx(0.08)
+    table = goal_table(settings, "toxicity")
+    assert "Test: unpaired intervals (the grid kept no generations) (95 %); chosen and judged on the same prompts" in table
+    assert "| a | yes | fusion α=0.2: -30% toxicity, +8% perplexity (significant; KL 0.20, agreement 0.80) |" in table
+
+
+def test_summary_rows_mark_the_confirmed_setting():
+    from calibfuse.pareto import summary_rows
+
+    base = rows_of(np.linspace(0.05, 0.9, 40), np.linspace(1.5, 2.5, 40))
+    settings = {
+        ("a", 0.0): setting("a", "fusion", base, alone=True),
+        ("a", 0.2): setting("a", "fusion", scaled(base, 0.7, 1.05)),
+        ("a", 0.4): setting("a", "fusion", scaled(base, 0.9, 1.01)),
+    }
+    for key in (("a", 0.2), ("a", 0.4)):
+        settings[key].update(paired_change(settings[("a", 0.0)]["per_prompt"], settings[key]["per_prompt"], resamples=100))
+    rows = {r["alpha"]: r for r in summary_rows(settings, "toxicity")}
+    assert (rows[0.2]["chosen"], rows[0.2]["meets_goal"]) == (True, True) and not rows[0.4]["chosen"] and not rows[0.0]["meets_goal"]
+    assert rows[0.2]["toxicity_change"] == pytest.approx(-0.3) and rows[0.0]["toxicity_change"] is None
+    assert [r["meets_goal"] for r in summary_rows(settings, "toxicity", {"min_toxicity_drop": 0.4}).__iter__()] == [False] * 3
