@@ -30,7 +30,7 @@ from calibfuse.evaluate import evaluate
 from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
 from calibfuse.report import build_report, log_summary, printable
-from calibfuse.utils import file_lock, sha256_json, sweep_setting, write_json
+from calibfuse.utils import file_lock, sha256_json, stop_on_sigterm, sweep_setting, write_json
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,8 @@ def evaluate_overrides(targets: list[str], alignments: dict, calibration: Path, 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
-    pipeline(cfg)
+    with stop_on_sigterm():  # also between stages
+        pipeline(cfg)
 
 
 if __name__ == "__main__":

@@ -153,17 +153,44 @@ def quiet_libraries() -> None:
 
 
 def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
-    """Run a task quietly; whatever happens, finish its W&B run."""
+    """Run a task quietly, stopping on SIGTERM; whatever happens, finish its W&B run."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> dict:
         quiet_libraries()
         try:
-            return task(cfg)
+            with stop_on_sigterm():
+                return task(cfg)
         finally:
             finish_wandb()
 
     return wrapped
+
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (a scheduler's stop, `kill`) ends the run within seconds, with a non-zero exit status, as
+    Ctrl-C does: finished cells, batches and checkpoints stay, and the same command resumes. Lightning
+    chains this handler after its own while a Trainer runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        log.warning("SIGTERM: stopping; what finished is kept, and the same command resumes")
+        raise SystemExit(SIGTERM_EXIT)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class PeakMemory:

@@ -7,8 +7,10 @@ once every prompt x sample is there, `rows.jsonl` and `cell.json` (the marker of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,19 +84,48 @@ def finish_cell(cell: Cell, cell_dir: Path, prompt_ids: list[str], num_samples: 
     if missing:
         raise RuntimeError(f"cell {cell.name}: {len(missing)} generations missing after the predict loop (first: {missing[0]})")
     rows = [latest[(p, s)] for p in prompt_ids for s in range(num_samples)]
-    write_text(cell_dir / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_json(cell_dir / "cell.json", {"format": CELL_FORMAT, **asdict(cell), "rows": len(rows), **description})
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write_text(cell_dir / "rows.jsonl", text)
+    checksum = hashlib.sha256(text.encode("utf-8")).hexdigest()  # a cell is reused only while its rows are whole
+    write_json(cell_dir / "cell.json", {"format": CELL_FORMAT, **asdict(cell), "rows": len(rows), "sha256": checksum, **description})
     for path in cell_dir.glob("partial.rank*.jsonl"):
         path.unlink()
     return rows
 
 
 def stored_rows(cell_dir: Path) -> list[dict] | None:
-    """A finished cell's rows, or None if the cell is not finished."""
-    marker = cell_dir / "cell.json"
-    if not marker.is_file() or json.loads(marker.read_text()).get("format") != CELL_FORMAT:
+    """A finished cell's rows; None if the cell is not finished, or is damaged: then its files are set
+    aside (renamed, not deleted) with a warning that names them, and the cell is computed again."""
+    marker, path = cell_dir / "cell.json", cell_dir / "rows.jsonl"
+    if not marker.is_file():
         return None
-    return [json.loads(line) for line in (cell_dir / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+    try:
+        description = json.loads(marker.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return set_aside(cell_dir, f"{error.__class__.__name__}: {error}")
+    if not isinstance(description, dict) or description.get("format") != CELL_FORMAT:
+        return None
+    if "sha256" in description and hashlib.sha256(text.encode("utf-8")).hexdigest() != description["sha256"]:
+        return set_aside(cell_dir, f"{path} does not match the sha256 that cell.json recorded when the cell finished")
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            return set_aside(cell_dir, f"{path}:{number} is not a JSON row ({error.msg})")
+    if len(rows) != description.get("rows"):
+        return set_aside(cell_dir, f"{path} holds {len(rows)} rows; cell.json recorded {description.get('rows')}")
+    return rows
+
+
+def set_aside(cell_dir: Path, why: str) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("cell.json", "rows.jsonl"):
+        if (cell_dir / name).exists():
+            (cell_dir / name).rename(cell_dir / f"{name}.broken-{stamp}")
+    log.warning("cell %s is damaged (%s): its files are kept as *.broken-%s and the cell is computed again", cell_dir, why, stamp)
+    return None
 
 
 def stored_description(cell_dir: Path) -> dict:

@@ -1,0 +1,95 @@
+"""Reliability, second round: a damaged finished cell is never reused, and SIGTERM stops a run within
+seconds with a non-zero status, after which the same command resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_reliability import grid_cfg
+
+from calibfuse.evaluate import evaluate
+from calibfuse.utils import SIGTERM_EXIT, stop_on_sigterm
+
+
+def test_a_damaged_cell_is_set_aside_and_computed_again(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, caplog):
+    """Three damages, each found on reuse, named, kept aside and recomputed to the undamaged values:
+    rows cut to half (the checksum), garbage in cell.json, and an old cell (no checksum) cut mid-line."""
+    cfg = grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path, "prompts.limit=4", "alphas=[0,0.3,0.5]")
+    evaluate(cfg)
+    first = {c["cell"]: c for c in json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]}
+    short, garbage, old = (tmp_path / "cells" / name for name in sorted(first))
+    lines = (short / "rows.jsonl").read_text().splitlines(keepends=True)
+    (short / "rows.jsonl").write_text("".join(lines[:2]))
+    (garbage / "cell.json").write_text("{not json")
+    description = json.loads((old / "cell.json").read_text())
+    del description["sha256"]
+    (old / "cell.json").write_text(json.dumps(description))
+    (old / "rows.jsonl").write_text((old / "rows.jsonl").read_text()[:-20])
+
+    summary = evaluate(cfg)
+    assert (summary["computed"], summary["reused"]) == (3, 0)
+    second = {c["cell"]: c for c in json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]}
+    assert {k: (c["prompts"], c["toxicity"], c["perplexity"]) for k, c in second.items()} == {
+        k: (4, c["toxicity"], c["perplexity"]) for k, c in first.items()
+    }
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 3
+    assert any(str(short) in w and "does not match the sha256" in w for w in warnings)
+    assert any(str(garbage) in w and "JSONDecodeError" in w for w in warnings)
+    assert any(str(old) in w and "rows.jsonl:4 is not a JSON row" in w for w in warnings)
+    assert len(list(short.glob("rows.jsonl.broken-*"))) == 1 and len(list(garbage.glob("cell.json.broken-*"))) == 1  # kept, not deleted
+    assert evaluate(cfg)["reused"] == 3  # the recomputed cells are whole
+
+
+def test_sigterm_inside_the_context_exits_non_zero_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, stop_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at once; this line is never finished
+    assert stopped.value.code == SIGTERM_EXIT == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_grid_within_seconds_and_the_rerun_resumes(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path):
+    """SIGTERM while a cell generates: the process ends within seconds, non-zero, and the next run
+    reuses what finished and computes only the rest (SLURM sends SIGTERM before its kill)."""
+    command = [
+        sys.executable,
+        "-m",
+        "calibfuse.evaluate",
+        "target_names=[tiny]",
+        f"+targets.tiny={{_target_:calibfuse.models.ModelSpec,name_or_path:{tiny_target_dir},dtype:float32}}",
+        f"+alignments.tiny={tiny_alignment}",
+        "prompts.limit=24",
+        "alphas=[0,0.25,0.5]",
+        "protocol.generation.max_new_tokens=16",
+        "protocol.generation.batch_size=4",
+        f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+        "reference_lm.model.dtype=float32",
+        f"cell_store={tmp_path / 'cells'}",
+        "logger=csv",
+        "bootstrap_resamples=50",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 240
+    while not list((tmp_path / "cells").glob("*/cell.json")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stdout.read()
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == SIGTERM_EXIT, output
+    assert time.time() - sent < 15, output
+    finished = len(list((tmp_path / "cells").glob("*/cell.json")))
+    assert 1 <= finished < 3, output
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    result = json.loads((tmp_path / "run" / "evaluate.json").read_text())
+    assert (result["reused"], result["computed"]) == (finished, 3 - finished)
