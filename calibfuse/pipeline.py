@@ -17,6 +17,7 @@ not deleted) and rebuilt, with a message saying so. Evaluation cells are reused 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -97,12 +98,66 @@ def artifact_problem(stage: str, directory: Path) -> str | None:
 
 def run_stage(stage: str, cfg: DictConfig, store: Path, inputs: dict | None, task) -> tuple[Path, str, bool]:
     """Reuse the stage's artifact if it is there and sound; else (re)build it. Returns (dir, key, reused).
-    Parallel jobs that need the same stage wait for the one building it (a lock file beside it)."""
+    Parallel jobs that need the same stage wait for the one building it (a lock file beside it).
+    Under a launcher that runs this script once per rank (`strategy=ddp`, SLURM, torchrun) only rank 0
+    takes the lock and writes the artifact: the other ranks join a distributed stage's training without
+    the lock, and wait for rank 0's artifact of any other stage."""
     key = stage_key(cfg, inputs)
     directory = store / f"{stage}-{key[:12]}"
     store.mkdir(parents=True, exist_ok=True)
+    if launched_rank() > 0:
+        if (directory / "stage.json").is_file() and artifact_problem(stage, directory) is None:
+            return directory, key, True
+        if not distributed(cfg):
+            return wait_for_rank_zero(stage, directory), key, True
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(directory)
+            cfg.ckpt_path = str(directory / "checkpoints" / "last.ckpt") if (directory / "checkpoints" / "last.ckpt").is_file() else cfg.get("ckpt_path")
+        task(cfg)  # rank 0 exports and records the artifact
+        leave_process_group()
+        return directory, key, False
     with file_lock(store / f".{directory.name}.lock"):
-        return _run_stage(stage, cfg, directory, key, inputs, task)
+        built = _run_stage(stage, cfg, directory, key, inputs, task)
+    if distributed(cfg):
+        leave_process_group()
+    return built
+
+
+def leave_process_group() -> None:
+    """After a distributed stage every rank leaves its process group: the next stage may run on rank 0
+    alone, and a live group would make its metrics wait for ranks that are not taking part."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launched_rank() -> int:
+    """This process's global rank when a launcher started one process per rank (Lightning's `ddp`
+    re-running the script, SLURM, torchrun); 0 otherwise."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def distributed(cfg: DictConfig) -> bool:
+    """Whether a stage's trainer runs one process per rank (its other ranks must take part)."""
+    strategy = (cfg.get("trainer") or {}).get("strategy")
+    name = str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy).lower()
+    return any(kind in name for kind in ("ddp", "fsdp", "deepspeed")) and "spawn" not in name
+
+
+def wait_for_rank_zero(stage: str, directory: Path, poll_seconds: float = 2.0) -> Path:
+    """A non-zero rank's wait for a single-process stage that rank 0 builds: no lock is taken, so
+    rank 0 is never blocked by it; rank 0 ending first (this process reparented) ends the wait."""
+    parent = os.getppid()
+    while not (directory / "stage.json").is_file():
+        if os.getppid() != parent:
+            raise RuntimeError(f"rank 0 ended before it finished stage {stage} in {directory}; rerun the command")
+        time.sleep(poll_seconds)
+    return directory
 
 
 def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: dict | None, task) -> tuple[Path, str, bool]:
@@ -196,11 +251,15 @@ def pipeline(cfg: DictConfig) -> dict:
     result["alignments"] = {k: str(v) for k, v in alignments.items()}
     if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
         evaluate_cfg = compose_stage("evaluate", evaluate_overrides(targets, alignments, calibration, cfg, overrides["evaluate"]))
+        if launched_rank() > 0 and not distributed(evaluate_cfg):
+            return result  # a single-process grid and its report are rank 0's
         with open_dict(evaluate_cfg):
             evaluate_cfg.paths.output_dir = str(output_dir / "evaluate")
             evaluate_cfg.setting = cfg.get("setting") or sweep_setting()
             evaluate_cfg.knobs = {knob: OmegaConf.to_container(cfg[knob]) if OmegaConf.is_config(cfg[knob]) else cfg[knob] for knob in KNOBS}
         result["evaluate"] = evaluate(evaluate_cfg)
+    if launched_rank() > 0:
+        return result  # the report and pipeline.json are rank 0's
     if cfg.until == "report":
         goal = OmegaConf.to_container(cfg.report.goal) if cfg.report.get("goal") else None
         confirm = OmegaConf.to_container(cfg.report.confirm) if cfg.report.get("confirm") else None

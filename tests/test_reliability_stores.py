@@ -33,9 +33,7 @@ def test_a_damaged_cell_is_set_aside_and_computed_again(tiny_alignment, tiny_mod
     summary = evaluate(cfg)
     assert (summary["computed"], summary["reused"]) == (3, 0)
     second = {c["cell"]: c for c in json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]}
-    assert {k: (c["prompts"], c["toxicity"], c["perplexity"]) for k, c in second.items()} == {
-        k: (4, c["toxicity"], c["perplexity"]) for k, c in first.items()
-    }
+    assert {k: (c["prompts"], c["toxicity"], c["perplexity"]) for k, c in second.items()} == {k: (4, c["toxicity"], c["perplexity"]) for k, c in first.items()}
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warnings) == 3
     assert any(str(short) in w and "does not match the sha256" in w for w in warnings)
@@ -93,3 +91,40 @@ def test_sigterm_stops_a_grid_within_seconds_and_the_rerun_resumes(tiny_alignmen
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     result = json.loads((tmp_path / "run" / "evaluate.json").read_text())
     assert (result["reused"], result["computed"]) == (finished, 3 - finished)
+
+
+@pytest.mark.slow
+def test_the_pipeline_under_strategy_ddp_finishes(tiny_model_dirs, tiny_target_dir, tmp_path):
+    """`strategy=ddp` runs the script again for rank 1, which must neither wait on rank 0's stage lock
+    (the deadlock) nor build a single-process stage itself: it joins stage 1's training, then waits for
+    rank 0's alignment, and exits."""
+    listed = lambda *items: "[" + ",".join(f"'{item}'" for item in items) + "]"  # noqa: E731
+    command = [
+        sys.executable,
+        "-m",
+        "calibfuse.pipeline",
+        "until=align",
+        "targets=[smollm2-135m-instruct]",
+        "calibration_layers=2",
+        f"stage_store={tmp_path / 'stages'}",
+        "pretrain_overrides="
+        + listed(
+            f"base_model.name_or_path={tiny_model_dirs['llama']}",
+            "data=embedded_nontoxic",
+            "data.max_examples=32",
+            "data.batch_size=4",
+            "trainer=ddp_sim",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=2",
+            "logger=csv",
+        ),
+        "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # both ranks took part in stage 1
+    (pretrain,) = (tmp_path / "stages").glob("pretrain-*/stage.json")
+    (aligned,) = (tmp_path / "stages").glob("align-*/stage.json")  # built once, by rank 0
+    assert json.loads(pretrain.read_text())["stage"] == "pretrain" and aligned.is_file()
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["alignments"]
