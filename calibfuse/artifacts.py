@@ -44,6 +44,26 @@ def model_record(spec: ModelSpec, model, tokenizer, artifact_dir: Path) -> dict:
     }
 
 
+def read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """An alignment's tensors, or an error that names the file when it is cut short or not safetensors."""
+    try:
+        return load_file(weights)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ValueError(
+            f"alignment file {str(weights)!r} cannot be read ({type(error).__name__}: {error}); expected the safetensors file "
+            "a calibfuse.align or calibfuse.fusion_head run writes: run that stage again (the pipeline rebuilds a damaged stage)"
+        ) from None
+
+
+def read_alignment_json(meta: Path) -> dict:
+    try:
+        return json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"alignment file {str(meta)!r} is not valid JSON ({error}); expected the alignment.json a calibfuse.align run writes: run that stage again"
+        ) from None
+
+
 def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
     """A (d_c x d_T) and the alignment.json written by calibfuse.align."""
     directory = Path(path)
@@ -53,14 +73,14 @@ def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
     for file in (weights, meta):
         if not file.is_file():
             raise FileNotFoundError(f"alignment file {str(file)!r} does not exist; expected the alignment/ dir of a calibfuse.align run")
-    A = load_file(weights)["A"]
+    A = read_tensors(weights)["A"]
     bad = int((~torch.isfinite(A)).sum())
     if bad:  # a diverged A fuses into empty continuations, which a grid would count as non-toxic
         raise ValueError(
             f"alignment file {str(weights)!r} holds {bad} non-finite entries of {A.numel()} in A; "
             "expected finite values: align again (a diverged run: lower alignment.optimizer.lr)"
         )
-    return A, json.loads(meta.read_text())
+    return A, read_alignment_json(meta)
 
 
 def alignment_gain(path: str | Path, default: float | None = None) -> float:
@@ -68,7 +88,7 @@ def alignment_gain(path: str | Path, default: float | None = None) -> float:
     none (else an error)."""
     directory = Path(path).expanduser()
     weights = (directory.parent if directory.is_file() else directory) / "alignment.safetensors"
-    tensors = load_file(weights)
+    tensors = read_tensors(weights)
     if "gain" not in tensors and default is not None:
         return default
     if "gain" not in tensors:
@@ -87,7 +107,7 @@ def alignment_norm_affine(path: str | Path, required: bool = True) -> tuple[torc
     where there are none and they are not `required` (else an error)."""
     directory = Path(path).expanduser()
     weights = (directory.parent if directory.is_file() else directory) / "alignment.safetensors"
-    tensors = load_file(weights)
+    tensors = read_tensors(weights)
     if not required and "norm_weight" not in tensors:
         return None
     if "norm_weight" not in tensors or "norm_bias" not in tensors:

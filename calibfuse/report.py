@@ -41,7 +41,10 @@ def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
         raise FileNotFoundError(f"no grid.json under {[str(p) for p in paths]}; expected dirs written by calibfuse.evaluate or calibfuse.pipeline")
     cells, meta, seen = [], {}, set()
     for file in files:
-        grid = json.loads(file.read_text())
+        try:
+            grid = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{file} is not valid JSON ({error}); expected a grid.json as calibfuse.evaluate writes it: rerun that grid") from None
         if not meta:
             meta = {k: grid.get(k) for k in ("protocol", "metrics", "scorer", "scorer_note", "reference_lm", "prompts")}
             protocol = (grid.get("config") or {}).get("protocol") or {}
@@ -221,6 +224,10 @@ def build_report(
         raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
     settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
     add_paired(settings, toxicity, meta["empty"], meta["threshold"], resamples)
+    for (line, alpha), row in settings.items():
+        if not all(isinstance(row.get(k), float) and math.isfinite(row[k]) for k in (toxicity, "perplexity")):
+            values = f"{toxicity} {row.get(toxicity)}, perplexity {row.get('perplexity')}"
+            log.warning("%s at alpha %g has %s: not a number, so it is left off the frontier", line, alpha, values)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"))

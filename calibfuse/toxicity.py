@@ -195,10 +195,13 @@ class PerspectiveScorer:
         self.cache_path = Path(cache_path).expanduser() if cache_path else None
         self.cache: dict[str, float] = {}
         if self.cache_path and self.cache_path.is_file():
-            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    self.cache[entry["key"]] = entry["score"]
+            for number, line in enumerate(self.cache_path.read_text(encoding="utf-8").splitlines(), start=1):
+                try:
+                    entry = json.loads(line) if line.strip() else None
+                    if entry is not None:
+                        self.cache[entry["key"]] = float(entry["score"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line a kill cut short: that text is scored again
+                    log.warning("%s:%d: not a cache entry ({'key': ..., 'score': ...}); skipped, its text is scored again", self.cache_path, number)
         self._last_request = 0.0
         self.requests = 0  # sent, retries included
 

@@ -128,3 +128,42 @@ def test_the_pipeline_under_strategy_ddp_finishes(tiny_model_dirs, tiny_target_d
     (aligned,) = (tmp_path / "stages").glob("align-*/stage.json")  # built once, by rank 0
     assert json.loads(pretrain.read_text())["stage"] == "pretrain" and aligned.is_file()
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["alignments"]
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda d: (d / "alignment.json").write_text((d / "alignment.json").read_text()[:40]), r"alignment\.json' is not valid JSON"),
+        (lambda d: (d / "alignment.safetensors").write_bytes((d / "alignment.safetensors").read_bytes()[:100]), r"alignment\.safetensors' cannot be read"),
+    ],
+    ids=["truncated_json", "truncated_safetensors"],
+)
+def test_a_damaged_alignment_is_named(damage, match, tiny_alignment, tmp_path):
+    import shutil
+
+    from calibfuse.artifacts import load_alignment
+
+    copy = shutil.copytree(tiny_alignment, tmp_path / "alignment")
+    damage(copy)
+    with pytest.raises(ValueError, match=match + r".*run that stage again"):
+        load_alignment(copy)
+
+
+def test_a_cut_line_in_the_perspective_cache_is_skipped(tmp_path, monkeypatch, caplog):
+    from calibfuse.toxicity import PerspectiveScorer
+
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key-not-used")
+    cache = tmp_path / "perspective.jsonl"
+    cache.write_text('{"key": "a", "score": 0.25}\n{"key": "b", "sco\n\n{"key": "c", "score": 0.5}\n')
+    scorer = PerspectiveScorer(cache_path=str(cache))
+    assert scorer.cache == {"a": 0.25, "c": 0.5}
+    assert f"{cache}:2: not a cache entry" in caplog.text
+
+
+def test_a_damaged_grid_json_is_named(tmp_path):
+    from calibfuse.report import build_report
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "grid.json").write_text('{"cells": [')
+    with pytest.raises(ValueError, match=r"grid\.json is not valid JSON .* rerun that grid"):
+        build_report([tmp_path / "run"], tmp_path / "report")
