@@ -76,8 +76,16 @@ def check_wandb_credentials(logger_cfg: DictConfig | None) -> None:
 def verify_wandb_key(key: str, where: str, timeout: int = 20) -> None:
     """Ask W&B whether the key is valid, so a revoked key or an unreachable server stops the run before
     any work rather than when it logs at the end."""
+    import socket
+    from urllib.parse import urlparse
+
     import wandb
 
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:  # without a network wandb reports a refused key: tell the two apart first
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise RuntimeError(f"logger.wandb.offline=false but W&B's host {host} does not resolve ({e}); keep offline mode and `wandb sync` later") from None
     try:
         wandb.login(key=key, verify=True, relogin=True, timeout=timeout, prompt=False)
     except wandb.errors.AuthenticationError as e:
@@ -165,9 +173,24 @@ class RefuseSecretsInConfig(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.refuse(config)
+        self.writable(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.refuse(config)
+        self.writable(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def writable(config: DictConfig, key: str) -> None:
+        """The run dir's nearest existing ancestor must be a writable directory (Hydra would fail with a
+        raw FileNotFoundError). Read unresolved: ${run_id:} must be resolved once, by Hydra."""
+        _, group, name = key.split(".")
+        text = str(OmegaConf.to_container(config.hydra[group], resolve=False)[name])
+        path = Path(text.split("${", 1)[0] or ".").expanduser().absolute()
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir() or not os.access(path, os.W_OK):
+            what = "a file" if not path.is_dir() else "not writable"
+            raise SystemExit(f"Error: {key}={text!r} cannot be made: {str(path)!r} is {what}; expected a path under a writable directory")
 
     @staticmethod
     def refuse(config: DictConfig) -> None:
@@ -182,3 +205,29 @@ class RefuseSecretsInConfig(Callback):
             f"config.yaml) and in the W&B run's command line; expected secrets only from the environment: set "
             f"{', '.join(dict.fromkeys(homes))} instead, and drop the key from the command line and the config"
         )
+
+
+def check_accelerator(trainer: DictConfig | dict | None, where: str = "trainer") -> None:
+    """A trainer that asks for a GPU on a machine without one fails here, before any model loads
+    (Lightning would say so only when the Trainer is built)."""
+    accelerator = str((trainer or {}).get("accelerator") or "auto").lower()
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{where}.accelerator={accelerator}, but no CUDA GPU is visible; expected trainer=cpu here, or a machine with a GPU")
+
+
+def check_output_dir(path: str | Path, key: str) -> Path:
+    """A directory calibfuse must write to: made if missing; an existing file, or a place it cannot
+    write, is named with the key that set it."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{key}={str(path)!r} is a file; expected a directory (it is made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"{key}={str(path)!r} cannot be made ({error.strerror}); expected a writable directory") from None
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{key}={str(path)!r} is not writable; expected a writable directory")
+    return path

@@ -26,7 +26,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from calibfuse.align import align
-from calibfuse.checks import check_required
+from calibfuse.checks import check_accelerator, check_output_dir, check_required
 from calibfuse.evaluate import evaluate
 from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
@@ -236,6 +236,7 @@ def pipeline(cfg: DictConfig) -> dict:
         raise ValueError("layer_norm=affine uses the LayerNorm weights a fusion head trains; expected fusion_head=true (and alignment=learned)")
     if cfg.fusion_head_init != "stage2" and not cfg.fusion_head:
         raise ValueError(f"fusion_head_init={cfg.fusion_head_init!r} sets where a fusion head's A starts; expected fusion_head=true with it")
+    check_before_any_stage(cfg, overrides, targets)
     pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)
     calibration = pretrain_dir / "calibration_model"
     result = {"pretrain": str(pretrain_dir)}
@@ -280,6 +281,20 @@ def report_logger(evaluate_cfg: DictConfig, out_dir: Path) -> DictConfig | None:
     logger = OmegaConf.create({"wandb": OmegaConf.to_container(logger.wandb, resolve=True)})
     logger.wandb.save_dir, logger.wandb.job_type = str(out_dir), "report"
     return logger
+
+
+def check_before_any_stage(cfg: DictConfig, overrides: dict[str, list[str]], targets: list[str]) -> None:
+    """What would fail after stage 1's training fails now: no target, an unknown target name, a GPU
+    trainer without a GPU, a stage store that is a file."""
+    if not targets and cfg.until != "pretrain":
+        raise ValueError(f"targets=[] with until={cfg.until}; expected at least one conf/target/ name, e.g. targets=[gemma3-270m] (or until=pretrain)")
+    check_output_dir(cfg.stage_store, "stage_store")
+    check_accelerator(compose(config_name="pretrain", overrides=overrides["pretrain"]).trainer, "pretrain_overrides: trainer")
+    if cfg.until != "pretrain":
+        for target in targets:  # an unknown name fails here, with Hydra's list of conf/target/ options
+            check_accelerator(compose(config_name="align", overrides=[f"target={target}", *overrides["align"]]).trainer, "align_overrides: trainer")
+    if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
+        check_accelerator(compose(config_name="evaluate", overrides=overrides["evaluate"]).trainer, "evaluate_overrides: trainer")
 
 
 def evaluate_overrides(targets: list[str], alignments: dict, calibration: Path, cfg: DictConfig, extra: list[str]) -> list[str]:

@@ -148,7 +148,15 @@ def _read_source(source: str, split: str, attributes: list[str] | None, load_kwa
         raise FileNotFoundError(f"prompt file {source!r} does not exist; expected a .jsonl (RTP schema) or .txt file, or a dataset id")
     import datasets
 
-    dataset = datasets.load_dataset(source, split=split, **dict(load_kwargs or {}))
+    try:
+        dataset = datasets.load_dataset(source, split=split, **dict(load_kwargs or {}))
+    except (FileNotFoundError, ValueError) as error:  # DataFilesNotFoundError is a FileNotFoundError
+        if not local.is_dir():
+            raise
+        raise ValueError(
+            f"prompt source {source!r} is a directory that `datasets` cannot read ({type(error).__name__}); "
+            "expected a .jsonl or .txt file, or a directory of RTP-schema .jsonl/.parquet files"
+        ) from None
     if "prompt" not in dataset.column_names:
         raise ValueError(f"dataset {source!r} ({split}) has no 'prompt' column; found {dataset.column_names}, expected RTP's schema")
     return [_prompt_of(row, f"{source} ({split}): row {i}") for i, row in enumerate(dataset, start=1)]
@@ -175,6 +183,8 @@ def load_prompts(
         prompts = [p for p in prompts if p.challenging]
     if min_scores:
         prompts = _reaching(prompts, dict(min_scores), source)
+    if sample is not None and sample > len(prompts):
+        raise ValueError(f"prompts.sample={sample}, but {source!r} has {len(prompts)} prompts after its filters; expected at most that, or null for all")
     if sample is not None and sample < len(prompts):
         prompts = random.Random(seed).sample(prompts, sample)
     if limit is not None:
@@ -183,6 +193,12 @@ def load_prompts(
         raise ValueError(
             f"no prompts from {source!r} (challenging_only={challenging_only}, min_scores={min_scores}, sample={sample}, limit={limit}); expected at least one"
         )
+    for prompt in prompts:  # a lone surrogate ("\ud800" in JSON) would fail in the tokenizer, after the models load
+        try:
+            prompt.text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            bad = error.object[error.start : error.end]
+            raise ValueError(f"prompt {prompt.id!r} of {source!r} holds {bad!r}, a lone surrogate, not text; expected valid Unicode") from None
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):  # ids key resumed rows: make them unique by position
         prompts = [dataclasses.replace(p, id=f"{p.id}#{i}") for i, p in enumerate(prompts)]

@@ -23,6 +23,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -231,6 +232,11 @@ class PerspectiveScorer:
                 problem = f"HTTP {e.code}"
             except self.NETWORK_ERRORS as e:
                 problem = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+                if isinstance(getattr(e, "reason", None), socket.gaierror):  # the host does not resolve: retrying will not help
+                    raise RuntimeError(
+                        f"Perspective API at {self.endpoint}: the host does not resolve ({e.reason}); expected network access to it "
+                        "(texts scored so far are cached in cache_path)"
+                    ) from None
             if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt
                 log.warning("Perspective API at %s: %s (attempt %d of %d); retrying in %.1f s", self.endpoint, problem, attempt + 1, attempts, delay)

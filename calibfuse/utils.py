@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -124,7 +125,8 @@ def finish_wandb() -> None:
         offline = bool(getattr(run, "offline", False) or run.settings.mode == "offline")
         run_dir = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>
         wandb.finish()
-        log.info("W&B run %s: %s%s", run.id, run_dir if offline else run.url, f" (offline; upload with `wandb sync {run_dir}`)" if offline else "")
+        hint = f" (offline; upload with `wandb sync {shlex.quote(str(run_dir))}`)" if offline else ""
+        log.info("W&B run %s: %s%s", run.id, run_dir if offline else run.url, hint)
 
 
 class _DropLibraryTips(logging.Filter):

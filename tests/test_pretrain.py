@@ -98,7 +98,10 @@ def test_online_wandb_without_a_key_stops_early(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="WANDB_API_KEY"):
         check_wandb_credentials(cfg)
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    verified = []
+    monkeypatch.setattr("calibfuse.checks.verify_wandb_key", lambda key, where: verified.append((key, where)))  # no network in tests
     check_wandb_credentials(cfg)
+    assert verified == [("0123456789abcdef0123456789abcdef01234567", "WANDB_API_KEY")]
 
 
 # Bad input stops before any training, with the value and what was expected.

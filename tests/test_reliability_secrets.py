@@ -34,7 +34,23 @@ def online_wandb(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     monkeypatch.setattr(wandb, "login", lambda **kwargs: True)  # W&B's verdict on a well-formed key; tests never touch the network
+    monkeypatch.setattr("socket.getaddrinfo", lambda host, port, *a, **k: [(2, 1, 6, "", ("127.0.0.1", port))])  # W&B's host resolves
     return tmp_path / "netrc"
+
+
+def test_no_network_is_told_apart_from_a_refused_key(online_wandb, monkeypatch):
+    import socket
+
+    import wandb
+
+    def no_dns(host, port, *args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: pytest.fail("login needs the network"))
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    with pytest.raises(RuntimeError, match=r"W&B's host api\.wandb\.ai does not resolve .* keep offline mode"):
+        check_wandb_credentials(ONLINE)
 
 
 @pytest.mark.parametrize(

@@ -167,3 +167,54 @@ def test_a_damaged_grid_json_is_named(tmp_path):
     (tmp_path / "run" / "grid.json").write_text('{"cells": [')
     with pytest.raises(ValueError, match=r"grid\.json is not valid JSON .* rerun that grid"):
         build_report([tmp_path / "run"], tmp_path / "report")
+
+
+HOSTILE = {
+    # name: (overrides given the tmp dir, error, what the message must say)
+    "alphas_a_string": (lambda d: ["alphas='0.3'"], ValueError, r"alphas='0\.3'; expected a list of fusion weights"),
+    "alphas_a_number": (lambda d: ["alphas=0.3"], ValueError, r"alphas=0\.3; expected a list of fusion weights"),
+    "sample_beyond_the_set": (lambda d: ["prompts.limit=null", "prompts.sample=100000"], ValueError, r"prompts\.sample=100000, but .* has 200 prompts"),
+    "lone_surrogate": (
+        lambda d: (d / "p.jsonl").write_text('{"prompt": {"text": "ok"}}\n{"prompt": {"text": "bad \\ud800 text"}}\n') and [f"prompts.source={d / 'p.jsonl'}"],
+        ValueError,
+        r"prompt .*row 2.* holds '\\ud800', a lone surrogate",
+    ),
+    "source_a_directory": (
+        lambda d: (d / "empty_dir").mkdir() or [f"prompts.source={d / 'empty_dir'}"],
+        ValueError,
+        r"is a directory that `datasets` cannot read",
+    ),
+    "cell_store_a_file": (lambda d: (d / "store").write_text("x") and [f"cell_store={d / 'store'}"], NotADirectoryError, r"cell_store=.*store' is a file"),
+    "gpu_without_a_gpu": (lambda d: ["trainer=gpu"], RuntimeError, r"trainer\.accelerator=gpu, but no CUDA GPU is visible"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_grid_input_is_named_before_any_model_loads(case, tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, monkeypatch):
+    import calibfuse.models
+
+    overrides, error, match = HOSTILE[case]
+    monkeypatch.setattr(calibfuse.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the bad input was found"))
+    monkeypatch.setattr(calibfuse.models, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded before the bad input was found"))
+    with pytest.raises(error, match=match):
+        evaluate(grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path, *overrides(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["targets=[]"], r"targets=\[\] with until=report; expected at least one conf/target/ name"),
+        (["targets=[no_such_target]"], r"Could not find 'target/no_such_target'"),
+        (["pretrain_overrides=['trainer=gpu']"], r"pretrain_overrides: trainer\.accelerator=gpu, but no CUDA GPU is visible"),
+    ],
+)
+def test_the_pipeline_refuses_what_would_fail_after_stage_1(overrides, match, tmp_path, monkeypatch):
+    from conftest import CONF_DIR, compose_config
+    from hydra import initialize_config_dir
+
+    import calibfuse.pipeline
+
+    monkeypatch.setattr(calibfuse.pipeline, "pretrain", lambda cfg: pytest.fail("stage 1 started before the bad input was found"))
+    cfg = compose_config("pipeline", [f"stage_store={tmp_path / 'stages'}", *overrides], tmp_path / "run")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"), pytest.raises(Exception, match=match):
+        calibfuse.pipeline.pipeline(cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from calibfuse.checks import check_int, check_ints, check_required, check_wandb_credentials
+from calibfuse.checks import check_accelerator, check_int, check_ints, check_output_dir, check_required, check_wandb_credentials
 from calibfuse.decoding import GenerationSettings
 from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
@@ -71,6 +71,8 @@ class GridRun:
 def prepare(cfg: DictConfig) -> GridRun:
     check_required(cfg)  # a `???` left unset (prompts=local_jsonl without prompts.source, ...) fails here, by name
     check_wandb_credentials(cfg.get("logger"))
+    check_accelerator(cfg.get("trainer"))
+    check_output_dir(cfg.cell_store, "cell_store")
     check_ints(
         cfg,
         {

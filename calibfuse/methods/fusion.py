@@ -19,6 +19,8 @@ ALIGNMENTS = ("learned", "identity")
 
 def checked_alphas(alphas: list[float]) -> list[float]:
     """A grid's fusion weights: at least one, each a number in [0, 1]; duplicates run once, in order."""
+    if isinstance(alphas, (str, bytes, Real)) or not hasattr(alphas, "__iter__"):  # alphas="0.3" would be read character by character
+        raise ValueError(f"alphas={alphas!r}; expected a list of fusion weights in [0, 1], e.g. alphas=[0,0.3]")
     if not alphas:
         raise ValueError("alphas=[]; expected at least one fusion weight in [0, 1], e.g. alphas=[0,0.3]")
     for alpha in alphas:
