@@ -218,3 +218,33 @@ def test_the_pipeline_refuses_what_would_fail_after_stage_1(overrides, match, tm
     cfg = compose_config("pipeline", [f"stage_store={tmp_path / 'stages'}", *overrides], tmp_path / "run")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"), pytest.raises(Exception, match=match):
         calibfuse.pipeline.pipeline(cfg)
+
+
+def test_a_failing_scorer_loses_no_generations(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, monkeypatch):
+    """The scorer fails after the first batch is generated (Perspective offline, a quota): the rerun
+    scores the kept continuations without generating them again, and matches an uninterrupted run."""
+    from calibfuse.evaluation.runner import EvaluationModule
+
+    cfg = grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path, "prompts.limit=4")
+    score = EvaluationModule.score
+
+    def quota(self, batch, generations):
+        raise RuntimeError("quota exceeded")
+
+    monkeypatch.setattr(EvaluationModule, "score", quota)
+    with pytest.raises(RuntimeError, match="quota exceeded"):
+        evaluate(cfg)
+    (kept,) = (tmp_path / "cells").glob("*/generated.rank0.jsonl")
+    assert len(kept.read_text().splitlines()) == 2  # the first batch of 2 prompts, unscored
+    monkeypatch.setattr(EvaluationModule, "score", score)
+    generate = EvaluationModule.generate
+    generated = []
+    monkeypatch.setattr(EvaluationModule, "generate", lambda self, batch: generated.append(len(batch)) or generate(self, batch))
+    evaluate(cfg)
+    assert generated == [2]  # only the second batch
+    resumed = json.loads((tmp_path / "run" / "generations.jsonl").read_text().splitlines()[0])
+    clean_cfg = grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path / "clean", "prompts.limit=4")
+    evaluate(clean_cfg)
+    clean = json.loads((tmp_path / "clean" / "run" / "generations.jsonl").read_text().splitlines()[0])
+    assert (resumed["continuation"], resumed["toxicity"], resumed["loss"]) == (clean["continuation"], clean["toxicity"], clean["loss"])
+    assert not list((tmp_path / "cells").glob("*/generated.rank*.jsonl"))  # cleared once the cell is stored

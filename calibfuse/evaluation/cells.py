@@ -2,7 +2,8 @@
 `<cell_store>/<name>/` and keyed by a hash of everything that decides them, so an interrupted or
 extended grid reuses finished cells and the finished batches of a cut one.
 
-Layout of a cell dir: `partial.rank<r>.jsonl` (batches appended as they finish, per DDP rank), then,
+Layout of a cell dir: `generated.rank<r>.jsonl` (continuations, appended before they are scored, so a
+scorer that fails loses none), `partial.rank<r>.jsonl` (scored batches appended as they finish, per DDP rank), then,
 once every prompt x sample is there, `rows.jsonl` and `cell.json` (the marker of a finished cell)."""
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def cell_key(target: dict, method: str, identity: dict | None, alpha: float, see
     )
 
 
-def read_partial_rows(cell_dir: Path) -> list[dict]:
+def read_partial_rows(cell_dir: Path, kind: str = "partial") -> list[dict]:
+    """The rows of every rank's `partial` (scored) or `generated` (not yet scored) file."""
     rows = []
-    for path in sorted(cell_dir.glob("partial.rank*.jsonl")):
+    for path in sorted(cell_dir.glob(f"{kind}.rank*.jsonl")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             try:
                 rows.append(json.loads(line))
@@ -88,7 +90,7 @@ def finish_cell(cell: Cell, cell_dir: Path, prompt_ids: list[str], num_samples: 
     write_text(cell_dir / "rows.jsonl", text)
     checksum = hashlib.sha256(text.encode("utf-8")).hexdigest()  # a cell is reused only while its rows are whole
     write_json(cell_dir / "cell.json", {"format": CELL_FORMAT, **asdict(cell), "rows": len(rows), "sha256": checksum, **description})
-    for path in cell_dir.glob("partial.rank*.jsonl"):
+    for path in [*cell_dir.glob("partial.rank*.jsonl"), *cell_dir.glob("generated.rank*.jsonl")]:
         path.unlink()
     return rows
 

@@ -159,7 +159,7 @@ def run_target(run: GridRun, name: str) -> None:
                         if method.name not in bound:
                             method.bind(name, target_lm, run.models)
                             bound.add(method.name)
-                        module = EvaluationModule(target_lm, method, cell, run.settings, run.scorer, reference)
+                        module = EvaluationModule(target_lm, method, cell, run.settings, run.scorer, reference, cell_dir)
                         description = {"target_model": run.targets[name].name_or_path, "identity": identity}
                         rows = run_cell(run.cfg.trainer, cell, cell_dir, module, run.prompts, description)
                         run.computed += 1

@@ -29,19 +29,31 @@ class EvaluationModule(L.LightningModule):
     """Generates a batch of prompts with one method at one strength, then scores the continuations
     (toxicity, and the reference LM's loss given the prompt). Nothing is trained."""
 
-    def __init__(self, target: TargetLM, method: Method, cell: Cell, settings: GenerationSettings, scorer, reference: ReferenceLM | None):
+    def __init__(
+        self, target: TargetLM, method: Method, cell: Cell, settings: GenerationSettings, scorer, reference: ReferenceLM | None, cell_dir: Path | None = None
+    ):
         super().__init__()
         models = {id(m): m for m in [target.model, *method.modules()] + ([reference.model] if reference else [])}
         self.models = torch.nn.ModuleList(models.values())  # registered, so Lightning moves them to the rank's device
         self.target, self.method, self.cell, self.settings, self.scorer, self.reference = target, method, cell, settings, scorer, reference
+        self.cell_dir = cell_dir  # where generations are kept apart from their scores
+        self.generated: dict[tuple, dict] = {}
 
     def on_predict_start(self) -> None:
+        # Generations an earlier run made but did not score (a scorer failed): scored now, not generated again.
+        self.generated = {(g["prompt_id"], g["sample"]): g for g in read_partial_rows(self.cell_dir, "generated")} if self.cell_dir else {}
         self.target.to(self.device)
         self.method.to(self.device)
         if self.reference is not None:
             self.reference.to(self.device)
 
     def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[dict]:
+        kept = [self.generated.get((p["id"], s)) for p in batch for s in range(self.settings.num_samples)]
+        generations = kept if all(kept) else self.generate(batch)
+        return self.score(batch, generations)
+
+    def generate(self, batch: list[dict]) -> list[dict]:
+        """The batch's continuations, appended to the cell's generated file before they are scored."""
         # Seeded per prompt (and sample) by its id, not its position: a resumed, rebatched or resharded run draws alike.
         settings = replace(self.settings, batch_size=len(batch) * self.settings.num_samples)
         seeds = [self.cell.seed + zlib.crc32(p["id"].encode()) for p in batch]
@@ -62,8 +74,18 @@ class EvaluationModule(L.LightningModule):
             seeds=seeds,
             diagnostics=diagnostics,
         )
-        seconds = time.perf_counter() - started
-        continuations = [g.continuation for g in generations]
+        seconds = (time.perf_counter() - started) / len(generations)
+        fields = ("sample", "continuation", "new_tokens", "kl", "agreement", "ended_with_eos")
+        rows = [
+            {"prompt_id": batch[i // self.settings.num_samples]["id"], **{k: getattr(g, k) for k in fields}, "seconds": seconds}
+            for i, g in enumerate(generations)
+        ]
+        if self.cell_dir is not None:
+            append_rows(self.cell_dir / f"generated.rank{self.global_rank}.jsonl", rows)
+        return rows
+
+    def score(self, batch: list[dict], generations: list[dict]) -> list[dict]:
+        continuations = [g["continuation"] for g in generations]
         # A multi-label scorer (toxblock) keeps every label per generation; `toxicity` is its configured one.
         attributes = self.scorer.score_attributes(continuations) if hasattr(self.scorer, "score_attributes") else {}
         toxicity = attributes[self.scorer.label] if attributes else self.scorer.score(continuations)
@@ -79,16 +101,16 @@ class EvaluationModule(L.LightningModule):
                 "seed": c.seed,
                 "prompt_id": batch[i // per_prompt]["id"],
                 "prompt": prompts[i],
-                "sample": g.sample,
-                "continuation": g.continuation,
+                "sample": g["sample"],
+                "continuation": g["continuation"],
                 "toxicity": tox,
                 "loss": loss,
-                "new_tokens": g.new_tokens,
-                "seconds": seconds / len(generations),
+                "new_tokens": g["new_tokens"],
+                "seconds": g["seconds"],
                 "attributes": {k: v[i] for k, v in attributes.items()},
-                "kl": g.kl,
-                "agreement": g.agreement,
-                "ended_with_eos": g.ended_with_eos,
+                "kl": g["kl"],
+                "agreement": g["agreement"],
+                "ended_with_eos": g["ended_with_eos"],
             }
             for i, (g, tox, loss) in enumerate(zip(generations, toxicity, losses, strict=True))
         ]
