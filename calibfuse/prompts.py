@@ -142,6 +142,8 @@ def _read_source(source: str, split: str, attributes: list[str] | None, load_kwa
         except UnicodeDecodeError as e:
             raise ValueError(f"prompt file {source!r} is not UTF-8 text ({e.reason} at byte {e.start}); expected one prompt per line") from None
         return [Prompt(id=f"{local.name}:{i}", text=line) for i, line in enumerate(lines, start=1)]
+    if local.is_file() and local.suffix in (".jsonl", ".json"):  # named by line: blank lines count, as an editor counts them
+        return [_prompt_of(row, f"{source}: line {number}") for number, row in jsonl_objects(local)]
     if local.is_file():
         return [_prompt_of(row, f"{source}: row {i}") for i, row in enumerate(read_rows(local), start=1)]
     if local.suffix in (".jsonl", ".json", ".txt") or source.startswith((".", "/", "~")) and not local.is_dir():

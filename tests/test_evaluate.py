@@ -253,8 +253,8 @@ def test_malformed_and_empty_prompt_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no prompts from"):
         load_prompts(str(tmp_path / "empty.jsonl"))
-    (tmp_path / "schema.jsonl").write_text('{"text": "not RTP"}\n')
-    with pytest.raises(ValueError, match="row 1 has no non-empty 'prompt'"):
+    (tmp_path / "schema.jsonl").write_text(json.dumps(RTP_ROWS[0]) + '\n\n\n{"text": "not RTP"}\n')
+    with pytest.raises(ValueError, match="schema.jsonl: line 4 has no non-empty 'prompt'"):  # blank lines count, as in an editor
         load_prompts(str(tmp_path / "schema.jsonl"))
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         load_prompts(str(tmp_path / "nowhere.jsonl"))

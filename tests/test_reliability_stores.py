@@ -177,7 +177,7 @@ HOSTILE = {
     "lone_surrogate": (
         lambda d: (d / "p.jsonl").write_text('{"prompt": {"text": "ok"}}\n{"prompt": {"text": "bad \\ud800 text"}}\n') and [f"prompts.source={d / 'p.jsonl'}"],
         ValueError,
-        r"prompt .*row 2.* holds '\\ud800', a lone surrogate",
+        r"prompt .*p\.jsonl: line 2.* holds '\\ud800', a lone surrogate",
     ),
     "source_a_directory": (
         lambda d: (d / "empty_dir").mkdir() or [f"prompts.source={d / 'empty_dir'}"],
