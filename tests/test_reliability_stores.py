@@ -248,3 +248,37 @@ def test_a_failing_scorer_loses_no_generations(tiny_alignment, tiny_model_dirs, 
     clean = json.loads((tmp_path / "clean" / "run" / "generations.jsonl").read_text().splitlines()[0])
     assert (resumed["continuation"], resumed["toxicity"], resumed["loss"]) == (clean["continuation"], clean["toxicity"], clean["loss"])
     assert not list((tmp_path / "cells").glob("*/generated.rank*.jsonl"))  # cleared once the cell is stored
+
+
+def test_an_unresolvable_perspective_host_fails_at_once(tmp_path, monkeypatch):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from calibfuse.toxicity import PerspectiveScorer
+
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key-not-used")
+
+    def no_dns(request, timeout):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_dns)
+    monkeypatch.setattr("time.sleep", lambda seconds: pytest.fail(f"retried after {seconds} s"))
+    scorer = PerspectiveScorer(cache_path=None, max_retries=6)
+    with pytest.raises(RuntimeError, match=r"the host does not resolve") as failed:
+        scorer.score(["some text"])
+    assert scorer.requests == 1 and "test-key-not-used" not in str(failed.value)
+
+
+def test_a_run_dir_under_a_file_is_named_before_the_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from calibfuse.checks import RefuseSecretsInConfig
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("x")
+    config = OmegaConf.create({"hydra": {"run": {"dir": f"{blocked}/runs/${{run_id:}}"}}})
+    with pytest.raises(SystemExit, match=rf"hydra\.run\.dir=.*cannot be made: '{blocked}' is a file"):
+        RefuseSecretsInConfig.writable(config, "hydra.run.dir")
+    RefuseSecretsInConfig.writable(OmegaConf.create({"hydra": {"run": {"dir": f"{tmp_path}/ok/${{run_id:}}"}}}), "hydra.run.dir")  # fine
+    assert not (tmp_path / "ok").exists()  # checked, not made: Hydra makes it, with the run id resolved once
