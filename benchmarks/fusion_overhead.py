@@ -51,7 +51,7 @@ def main():
         target, tokenizer = load_model(spec), load_tokenizer(spec)
         A = torch.randn(calibration.config.hidden_size, target.config.hidden_size) / 30
         generator = FusedGenerator(target, tokenizer, calibration, calibration_tokenizer, A)
-        generator.eos_ids = generator.eos_ids[:0]  # never stop early: equal work in every run
+        generator.target_lm.eos_ids = generator.eos_ids[:0]  # never stop early: equal work in every run
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
 
         def plain():
