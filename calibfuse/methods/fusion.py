@@ -4,6 +4,7 @@ cells are shared with `none` and with every other fusion setting."""
 
 from __future__ import annotations
 
+import logging
 import math
 from numbers import Real
 from pathlib import Path
@@ -13,6 +14,8 @@ from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibrat
 from calibfuse.methods import Method
 from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.utils import sha256_file
+
+log = logging.getLogger(__name__)
 
 ALIGNMENTS = ("learned", "identity")
 
@@ -86,8 +89,14 @@ class Fusion(Method):
             }
         path = self.alignments.get(name)
         if path in (None, "???"):
-            raise ValueError(f"no alignment for target {name!r}: set alignments.{name}=<align run dir>/alignment")
+            raise ValueError(
+                f"no alignment for target {name!r}: set alignments.{name}=<align run dir>/alignment "
+                f"(+alignments.{name}=... for a target the config does not list)"
+            )
         A, meta = load_alignment(path)
+        top1, chance = meta.get("held_out_top1"), meta.get("chance_top1") or 0.0
+        if isinstance(top1, float) and top1 <= 2 * chance:  # A maps nothing to its token: fusion would mix in noise
+            log.warning("alignment %s for %s has held-out top-1 %.3f (chance %.2g): it aligns nothing; align longer", path, name, top1, chance)
         directory = Path(path).expanduser()
         directory = directory.parent if directory.is_file() else directory
         if self.calibration_model is not None:
