@@ -59,7 +59,33 @@ def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
                 cell = {"method": "fusion", "setting": "", **cell}
                 cell["rows"] = generations.get((cell["target"], cell["method"], cell["alpha"], cell["seed"])) if generations else None
                 cells.append(cell)
-    return cells, meta
+    return label_by_what_varies(cells), meta
+
+
+def overrides_of(setting: str) -> list[str]:
+    """A setting's `key=value` parts (Hydra's override_dirname), splitting on commas outside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in setting:
+        depth += (char in "[{(") - (char in "]})")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current] if current else parts
+
+
+def label_by_what_varies(cells: list[dict]) -> list[dict]:
+    """Drop from every cell's setting the overrides that all the report's settings share: a multirun
+    over alphas with method_names=[fusion] on every job is labelled by alpha, not by method_names."""
+    settings = {c["setting"] for c in cells}
+    parsed = {s: overrides_of(s) for s in settings}
+    if not all(all("=" in part for part in parts) for parts in parsed.values()):  # a label a user chose stays as it is
+        return cells
+    common = set.intersection(*(set(parts) for parts in parsed.values()))
+    for cell in cells:
+        cell["setting"] = ",".join(part for part in parsed[cell["setting"]] if part not in common)
+    return cells
 
 
 def load_generations(path: Path) -> dict[tuple, list[dict]] | None:

@@ -185,3 +185,15 @@ def test_summary_rows_mark_the_confirmed_setting():
     assert (rows[0.2]["chosen"], rows[0.2]["meets_goal"]) == (True, True) and not rows[0.4]["chosen"] and not rows[0.0]["meets_goal"]
     assert rows[0.2]["toxicity_change"] == pytest.approx(-0.3) and rows[0.0]["toxicity_change"] is None
     assert [r["meets_goal"] for r in summary_rows(settings, "toxicity", {"min_toxicity_drop": 0.4}).__iter__()] == [False] * 3
+
+
+def test_report_labels_points_by_what_varies():
+    from calibfuse.report import label_by_what_varies, overrides_of
+
+    assert overrides_of("method_names=[fusion,word_filter],calibration_layers=1") == ["method_names=[fusion,word_filter]", "calibration_layers=1"]
+    cells = [{"setting": "method_names=[fusion],calibration_layers=" + n} for n in ("1", "3")] + [{"setting": "method_names=[fusion],calibration_layers=3"}]
+    assert [c["setting"] for c in label_by_what_varies(cells)] == ["calibration_layers=1", "calibration_layers=3", "calibration_layers=3"]
+    alone = [{"setting": "method_names=[fusion]"}, {"setting": "method_names=[fusion]"}]  # a multirun over alphas only
+    assert [c["setting"] for c in label_by_what_varies(alone)] == ["", ""]
+    chosen = [{"setting": "layers_3"}, {"setting": "calibration_layers=6"}]  # a label a user gave is kept
+    assert [c["setting"] for c in label_by_what_varies(chosen)] == ["layers_3", "calibration_layers=6"]
