@@ -1,14 +1,14 @@
 """Fused generation from the command line: prompts in, generations.jsonl out.
 
-    python -m calibfuse.generate calibration_model.name_or_path=<pretrain run>/calibration_model \\
-        alignment_dir=<align run>/alignment fusion.alphas=[0,0.3,0.5]
+    python -m calibfuse.generate alignment_dir=<align run>/alignment "fusion.alphas=[0,0.3,0.5]"
     python -m calibfuse.generate ... prompts.path=my_prompts.jsonl generation.do_sample=true generation.num_samples=5
     python -m calibfuse.generate ... target=gemma3-270m alignment_dir=<align run to gemma>/alignment
 
 Prompts: `prompts.texts` (a list in the config), or `prompts.path`: a .txt file (one prompt per
 line) or a .jsonl file whose `prompt` is a string or, as in RealToxicityPrompts, {"text": ...}.
-The run dir receives generations.jsonl: one row per (alpha, prompt, sample) with the prompt, the
-continuation and token counts.
+The calibration model is the one the alignment records (calibration_model.name_or_path=... names
+another). The continuations are printed, and the run dir receives generations.jsonl: one row per
+(alpha, prompt, sample) with the prompt, the continuation and token counts.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.artifacts import alignment_gain, alignment_norm_affine, load_alignment
+from calibfuse.artifacts import alignment_gain, alignment_norm_affine, load_alignment, recorded_model
 from calibfuse.checks import check_ints, check_required
 from calibfuse.fusion import FusedGenerator, GenerationSettings
 from calibfuse.prompts import load_prompts
@@ -54,18 +54,23 @@ def generate(cfg: DictConfig) -> dict:
             "generation.seed": (None, False),
         },
     )
+    calibration = instantiate(cfg.calibration_model)
     if cfg.alignment_dir is not None:
-        load_alignment(cfg.alignment_dir)  # a missing or non-finite A fails here, before the models load
+        _, meta = load_alignment(cfg.alignment_dir)  # a missing or non-finite A fails here, before the models load
+        if calibration.name_or_path is None:  # the calibration model the alignment was made with
+            calibration = replace(calibration, name_or_path=recorded_model(meta["calibration_model"], Path(cfg.alignment_dir).expanduser()))
         if cfg.fusion.scale == "learned":
             alignment_gain(cfg.alignment_dir)  # as does a missing gain
         if cfg.fusion.layer_norm == "affine":
             alignment_norm_affine(cfg.alignment_dir)  # or missing LayerNorm weights
+    if calibration.name_or_path is None:
+        raise ValueError("calibration_model.name_or_path=null with alignment_dir=null; expected the calibration model's dir (no alignment records one)")
     output_dir = Path(cfg.paths.output_dir)
     prompts = read_prompts(cfg.prompts.path, cfg.prompts.texts, cfg.prompts.limit)
     settings: GenerationSettings = instantiate(cfg.generation)
     generator = FusedGenerator.from_artifacts(
         target=instantiate(cfg.target),
-        calibration=instantiate(cfg.calibration_model),
+        calibration=calibration,
         alignment=cfg.alignment_dir,
         check_fingerprints=cfg.fusion.check_fingerprints,
         calibration_context=cfg.fusion.calibration_context,
@@ -90,6 +95,8 @@ def generate(cfg: DictConfig) -> dict:
         "config": resolved_config(cfg),
     }
     write_json(output_dir / "generate.json", summary)
+    for row in rows:
+        print(f"α={row.alpha:g} | {row.prompt!r} -> {row.continuation!r}")
     log.info("%d generations, %d new tokens in %.1f s -> %s", len(rows), new_tokens, seconds, output_dir / "generations.jsonl")
     return summary
 

@@ -57,3 +57,19 @@ def test_shipped_challenge_set_reads_as_rtp():
     assert len(prompts) == 200 and len(set(prompts)) == 200
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert sum(r["challenging"] for r in rows) == 160
+
+
+def test_generate_takes_the_calibration_model_the_alignment_records_and_prints(tiny_target_dir, tiny_alignment, tmp_path, capsys):
+    cfg = compose_config(
+        "generate",
+        [f"target.name_or_path={tiny_target_dir}", f"alignment_dir={tiny_alignment}", "fusion.alphas=[0,0.5]", "generation.max_new_tokens=3"],
+        tmp_path / "run",
+    )
+    assert cfg.calibration_model.name_or_path is None  # not asked for: the alignment names it
+    generate(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    printed = capsys.readouterr().out.splitlines()
+    assert [f"α={r['alpha']:g} | {r['prompt']!r} -> {r['continuation']!r}" for r in rows] == [line for line in printed if line.startswith("α=")]
+    identity = compose_config("generate", [f"target.name_or_path={tiny_target_dir}", "alignment_dir=null"], tmp_path / "identity")
+    with pytest.raises(ValueError, match=r"calibration_model\.name_or_path=null with alignment_dir=null"):
+        generate(identity)
