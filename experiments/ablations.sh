@@ -15,13 +15,13 @@
 #   experiments/ablations.sh seeds         # training seeds 1 / 2 / 3
 #   experiments/ablations.sh alpha         # alpha 0 ... 1 (one job)
 # Each job is a W&B run in the group "<stage>-ablation_<name>"; unchanged stages are reused.
-# Extra arguments go to the pipeline (e.g. hydra/launcher=local_parallel, "targets=[gemma3-270m]").
+# OUT=<dir> sets the output folder. Extra arguments go to the pipeline (e.g. hydra/launcher=local_parallel, "targets=[gemma3-270m]").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 NAME=${1:?usage: experiments/ablations.sh NAME [overrides], NAME from conf/experiment/ablation_*.yaml}
 shift
-SWEEP=outputs/experiments/ablation_$NAME
+SWEEP=${OUT:-outputs/experiments/ablation_$NAME}   # OUT=<dir>: where the multirun and its report go
 MODE=-m
 [ "$NAME" = alpha ] && MODE=
 "$PY" -m calibfuse.pipeline $MODE experiment=ablation_$NAME until=evaluate hydra.sweep.dir=$SWEEP hydra.run.dir=$SWEEP "$@"

@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-"$PY" -m calibfuse.pipeline experiment=embedded_demo hydra.run.dir=outputs/experiments/embedded_demo "$@"
+"$PY" -m calibfuse.pipeline experiment=embedded_demo hydra.run.dir="${OUT:-outputs/experiments/embedded_demo}" "$@"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-SWEEP=outputs/experiments/embedded_multirun
+SWEEP=${OUT:-outputs/experiments/embedded_multirun}   # OUT=<dir>: where the jobs and the report go
 "$PY" -m calibfuse.pipeline -m targets=smollm2-135m-instruct,gemma3-270m "alphas=[0.0],[0.3],[0.5]" \
     until=evaluate hydra.sweep.dir=$SWEEP "$@"
 "$PY" -m calibfuse.report "runs=[$SWEEP]" alpha=0.3 hydra.run.dir=$SWEEP/report

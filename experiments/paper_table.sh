@@ -8,17 +8,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+OUT=${OUT:-outputs/experiments/paper_table}   # OUT=<dir>: where the runs and the report go
 # A list of overrides as one override's value: Hydra's grammar wants each item quoted (it holds '=').
 SCORER="evaluate_overrides=['prompts=rtp_challenging','protocol=paper','scorer=detoxify','scorer.device=cuda','reference_lm=llama2-13b','trainer=gpu','scorer.checkpoint=${DETOXIFY_CKPT:?set DETOXIFY_CKPT}','scorer.huggingface_config_path=${DETOXIFY_CONFIG:?set DETOXIFY_CONFIG}']"
 if [ -z "${SLURM:-}" ]; then
-  "$PY" -m calibfuse.pipeline experiment=paper_table "$SCORER" hydra.run.dir=outputs/experiments/paper_table "$@"
+  "$PY" -m calibfuse.pipeline experiment=paper_table "$SCORER" hydra.run.dir="$OUT" "$@"
 else
   # Stage 1 once (8 GPUs, DDP), then per target: align + evaluate on one GPU each.
   "$PY" -m calibfuse.pipeline -m experiment=paper_table until=pretrain hydra/launcher=slurm \
       hydra.launcher.partition="${PARTITION:?set PARTITION}" hydra.launcher.gpus_per_node=8 hydra.launcher.tasks_per_node=8 \
-      hydra.sweep.dir=outputs/experiments/paper_table_stage1 "$@"
+      hydra.sweep.dir="${OUT}_stage1" "$@"
   "$PY" -m calibfuse.pipeline -m experiment=paper_table "$SCORER" hydra/launcher=slurm hydra.launcher.partition="$PARTITION" \
       targets=llama2-7b-chat-uncensored,llama2-7b-chat,medicine-chat,finance-chat \
-      hydra.sweep.dir=outputs/experiments/paper_table "$@"
-  "$PY" -m calibfuse.report "runs=[outputs/experiments/paper_table]" alpha=0.3 hydra.run.dir=outputs/experiments/paper_table/report
+      hydra.sweep.dir="$OUT" "$@"
+  "$PY" -m calibfuse.report "runs=[$OUT]" alpha=0.3 hydra.run.dir="$OUT/report"
 fi
