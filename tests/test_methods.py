@@ -75,6 +75,14 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     near_zero = [r["continuation"] for r in rows if r["alpha"] == 0.001]
     assert near_zero == [g.continuation for g in greedy]  # the processor ran: temperature -> 0 is greedy
     assert near_zero != [r["continuation"] for r in rows if r["alpha"] == 1.0]
+    # The report places it like any method: in the frontier's candidates and, when judged, in goal.md.
+    from calibfuse.report import build_report
+
+    report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.001, goal={"method": "temperature", "baselines": []}, resamples=50)
+    labels = {r["label"] for r in report["summary"]}
+    assert labels == {"target alone", "temperature α=0.001", "temperature α=1"}
+    assert report["goal"].startswith("The goal for temperature") and "| tiny | " in report["goal"]
+    assert all(r["toxicity_change"] is not None for r in report["summary"] if r["method"] == "temperature")
 
 
 def test_the_calibration_model_alone_is_a_row_of_its_own(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
