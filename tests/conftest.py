@@ -18,6 +18,36 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def is_local(host) -> bool:
+    host = str(host)
+    return host in ("localhost", "", "0.0.0.0", "::1", "::") or host.startswith("127.")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs with the network blocked: a connection or a name lookup for anything but this
+    machine fails the test (W&B's local service, DDP's gloo on 127.0.0.1 and Unix sockets are fine)."""
+    import socket
+
+    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def checked(address):
+        if isinstance(address, tuple) and not is_local(address[0]):
+            raise AssertionError(f"a test opened a connection to {address}; tests never touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: checked(address) or connect(self, address))
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: checked(address) or connect_ex(self, address))
+
+    def lookup(host, *args, **kwargs):
+        if host is not None and not is_local(host):
+            raise AssertionError(f"a test looked up {host!r}; tests never touch the network")
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
 FAMILIES = ["llama", "mistral", "gemma3", "gpt2"]
 
 

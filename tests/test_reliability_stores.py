@@ -282,3 +282,18 @@ def test_a_run_dir_under_a_file_is_named_before_the_run(tmp_path):
         RefuseSecretsInConfig.writable(config, "hydra.run.dir")
     RefuseSecretsInConfig.writable(OmegaConf.create({"hydra": {"run": {"dir": f"{tmp_path}/ok/${{run_id:}}"}}}), "hydra.run.dir")  # fine
     assert not (tmp_path / "ok").exists()  # checked, not made: Hydra makes it, with the run id resolved once
+
+
+def test_the_network_guard_refuses_outside_hosts_and_allows_this_machine():
+    import socket
+
+    with pytest.raises(AssertionError, match="tests never touch the network"):
+        socket.create_connection(("example.com", 443), timeout=1)
+    with pytest.raises(AssertionError, match="tests never touch the network"):
+        socket.socket().connect(("93.184.215.14", 443))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    with socket.create_connection(server.getsockname(), timeout=5):
+        pass
+    server.close()
