@@ -17,7 +17,6 @@ not deleted) and rebuilt, with a message saying so. Evaluation cells are reused 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from calibfuse.checks import check_accelerator, check_output_dir, check_required
 from calibfuse.evaluate import evaluate
 from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
+from calibfuse.ranks import distributed, launched_rank, leave_process_group, wait_for_rank_zero
 from calibfuse.report import build_report, log_summary, printable
 from calibfuse.utils import file_lock, sha256_json, stop_on_sigterm, sweep_setting, write_json
 
@@ -123,43 +123,6 @@ def run_stage(stage: str, cfg: DictConfig, store: Path, inputs: dict | None, tas
     return built
 
 
-def leave_process_group() -> None:
-    """After a distributed stage every rank leaves its process group: the next stage may run on rank 0
-    alone, and a live group would make its metrics wait for ranks that are not taking part."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def launched_rank() -> int:
-    """This process's global rank when a launcher started one process per rank (Lightning's `ddp`
-    re-running the script, SLURM, torchrun); 0 otherwise."""
-    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(variable, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
-def distributed(cfg: DictConfig) -> bool:
-    """Whether a stage's trainer runs one process per rank (its other ranks must take part)."""
-    strategy = (cfg.get("trainer") or {}).get("strategy")
-    name = str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy).lower()
-    return any(kind in name for kind in ("ddp", "fsdp", "deepspeed")) and "spawn" not in name
-
-
-def wait_for_rank_zero(stage: str, directory: Path, poll_seconds: float = 2.0) -> Path:
-    """A non-zero rank's wait for a single-process stage that rank 0 builds: no lock is taken, so
-    rank 0 is never blocked by it; rank 0 ending first (this process reparented) ends the wait."""
-    parent = os.getppid()
-    while not (directory / "stage.json").is_file():
-        if os.getppid() != parent:
-            raise RuntimeError(f"rank 0 ended before it finished stage {stage} in {directory}; rerun the command")
-        time.sleep(poll_seconds)
-    return directory
-
-
 def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: dict | None, task) -> tuple[Path, str, bool]:
     if (directory / "stage.json").is_file():
         problem = artifact_problem(stage, directory)
@@ -214,8 +177,21 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
     return {stage: knobs[stage] + list(cfg.get(f"{stage}_overrides") or []) for stage in knobs}
 
 
+def searchpath_override() -> list[str]:
+    """The pipeline's own `hydra.searchpath` (config folders of the user's: their targets, prompts,
+    scorers), passed on to every stage it composes."""
+    from hydra.core.hydra_config import HydraConfig
+
+    paths = list(HydraConfig.get().searchpath) if HydraConfig.initialized() else []
+    return [f"hydra.searchpath=[{','.join(paths)}]"] if paths else []
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    return compose(config_name=name, overrides=[*searchpath_override(), *overrides])
+
+
 def compose_stage(name: str, overrides: list[str]) -> DictConfig:
-    cfg = compose(config_name=name, overrides=overrides)
+    cfg = compose_config(name, overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = "<stage dir>"  # set per stage; never part of a key
     return cfg
@@ -289,18 +265,18 @@ def check_before_any_stage(cfg: DictConfig, overrides: dict[str, list[str]], tar
     if not targets and cfg.until != "pretrain":
         raise ValueError(f"targets=[] with until={cfg.until}; expected at least one conf/target/ name, e.g. targets=[gemma3-270m] (or until=pretrain)")
     check_output_dir(cfg.stage_store, "stage_store")
-    check_accelerator(compose(config_name="pretrain", overrides=overrides["pretrain"]).trainer, "pretrain_overrides: trainer")
+    check_accelerator(compose_config("pretrain", overrides["pretrain"]).trainer, "pretrain_overrides: trainer")
     if cfg.until != "pretrain":
         for target in targets:  # an unknown name fails here, with Hydra's list of conf/target/ options
-            check_accelerator(compose(config_name="align", overrides=[f"target={target}", *overrides["align"]]).trainer, "align_overrides: trainer")
+            check_accelerator(compose_config("align", [f"target={target}", *overrides["align"]]).trainer, "align_overrides: trainer")
     if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
-        check_accelerator(compose(config_name="evaluate", overrides=overrides["evaluate"]).trainer, "evaluate_overrides: trainer")
+        check_accelerator(compose_config("evaluate", overrides["evaluate"]).trainer, "evaluate_overrides: trainer")
 
 
 def evaluate_overrides(targets: list[str], alignments: dict, calibration: Path, cfg: DictConfig, extra: list[str]) -> list[str]:
     """Evaluate every pipeline target: the embedded ones are in evaluate.yaml's targets already,
     others are added from conf/target/ under targets.<name>."""
-    built_in = set(compose(config_name="evaluate").targets)
+    built_in = set(compose_config("evaluate", []).targets)
     result = [f"+target@targets.{t}={t}" for t in targets if t not in built_in]
     result.append(f"target_names=[{','.join(targets)}]")
     for target, path in alignments.items():

@@ -300,3 +300,52 @@ def test_goal_configs_mirror_the_code(tmp_path):
     assert {**OmegaConf.to_container(report.goal), "min_toxicity_drop": 0.25} == {**GOAL, "baselines": list(GOAL["baselines"])}
     assert OmegaConf.to_container(pipeline.report.goal) == {**GOAL, "baselines": list(GOAL["baselines"])}
     assert OmegaConf.to_container(report.confirm) == OmegaConf.to_container(pipeline.report.confirm) == CONFIRM
+
+
+@pytest.mark.slow
+def test_a_target_from_a_config_folder_of_your_own_reaches_every_stage(tiny_model_dirs, tiny_target_dir, tmp_path):
+    """`hydra.searchpath` given to the pipeline is passed to every stage it composes: a target defined
+    only in the user's folder is aligned and evaluated, with no file of the project's changed."""
+    import os
+    import subprocess
+    import sys
+
+    mine = tmp_path / "myconf" / "target"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text(f"defaults:\n  - /model_spec@_here_\n  - _self_\nname_or_path: {tiny_target_dir}\ndtype: float32\n")
+
+    def listed(*items: str) -> str:
+        return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+    command = [
+        sys.executable,
+        "-m",
+        "calibfuse.pipeline",
+        f"hydra.searchpath=[file://{tmp_path / 'myconf'}]",
+        "targets=[mine]",
+        "alphas=[0,0.5]",
+        "method_names=[fusion]",
+        "calibration_layers=2",
+        "until=evaluate",
+        f"stage_store={tmp_path / 'stages'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "pretrain_overrides="
+        + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data=embedded_nontoxic", "data.max_examples=32", "trainer.max_steps=2", "logger=csv"),
+        "align_overrides=" + listed("trainer.max_epochs=1", "logger=csv"),
+        "evaluate_overrides="
+        + listed(
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+            "reference_lm.model.dtype=float32",
+            "prompts.limit=2",
+            "protocol.generation.max_new_tokens=3",
+            f"cell_store={tmp_path / 'cells'}",
+            "logger=csv",
+            "bootstrap_resamples=50",
+        ),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (aligned,) = (tmp_path / "stages").glob("align-*/alignment/alignment.json")
+    assert json.loads(aligned.read_text())["target"]["absolute_path"] == str(tiny_target_dir.resolve())  # the target from my folder
+    cells = json.loads((tmp_path / "run" / "evaluate" / "grid.json").read_text())["cells"]
+    assert [(c["target"], c["alpha"]) for c in cells] == [("mine", 0.0), ("mine", 0.5)]
