@@ -250,10 +250,10 @@ def build_report(
         raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
     settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
     add_paired(settings, toxicity, meta["empty"], meta["threshold"], resamples)
-    for (line, alpha), row in settings.items():
+    for (line, strength), row in settings.items():  # not `alpha`: that is the table's column
         if not all(isinstance(row.get(k), float) and math.isfinite(row[k]) for k in (toxicity, "perplexity")):
             values = f"{toxicity} {row.get(toxicity)}, perplexity {row.get('perplexity')}"
-            log.warning("%s at alpha %g has %s: not a number, so it is left off the frontier", line, alpha, values)
+            log.warning("%s at strength %g has %s: not a number, so it is left off the frontier", line, strength, values)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"))

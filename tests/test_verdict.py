@@ -197,3 +197,20 @@ def test_report_labels_points_by_what_varies():
     assert [c["setting"] for c in label_by_what_varies(alone)] == ["", ""]
     chosen = [{"setting": "layers_3"}, {"setting": "calibration_layers=6"}]  # a label a user gave is kept
     assert [c["setting"] for c in label_by_what_varies(chosen)] == ["layers_3", "calibration_layers=6"]
+
+
+def test_the_table_shows_the_alpha_asked_for(tmp_path):
+    """build_report's `alpha` picks the table's fused column, whichever alphas come after it."""
+    import json
+
+    from calibfuse.report import build_report
+
+    def cell(alpha, tox, ppl):
+        values = {"toxicity": tox, "toxicity_lo": tox - 1, "toxicity_hi": tox + 1, "perplexity": ppl, "perplexity_lo": ppl - 0.1, "perplexity_hi": ppl + 0.1}
+        return {"target": "t", "method": "fusion", "alpha": alpha, "seed": 1, "target_alone": alpha == 0, "empty_rate": 0.0, **values}
+
+    grid = {"metrics": ["toxicity", "perplexity"], "cells": [cell(0.0, 20.0, 5.0), cell(0.3, 15.0, 5.5), cell(0.5, 9.0, 8.0)]}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "grid.json").write_text(json.dumps(grid))
+    table = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.3)["markdown"]
+    assert "| t | fusion α=0.3 | 20.00 [19.00, 21.00] | 15.00 [14.00, 16.00] | 5.00 [4.90, 5.10] | 5.50 [5.40, 5.60] |" in table
