@@ -119,9 +119,10 @@ def plot_paired(settings: dict[tuple, dict], toxicity: str, out_dir: Path, goal:
     methods = sorted({r["method"] for points in targets.values() for _, r in points})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     for ax, (target, points) in zip(axes[0], sorted(targets.items()), strict=True):
-        ax.axhspan(-1, -goal["min_toxicity_drop"], xmin=0, xmax=1, color="green", alpha=0.08)
-        ax.axvline(goal["max_perplexity_rise"] * 100, color="green", linestyle=":", linewidth=1, label="goal: perplexity budget")
-        ax.axhline(-goal["min_toxicity_drop"] * 100, color="green", linestyle="--", linewidth=1, label="goal: toxicity cut")
+        cut, budget = goal["min_toxicity_drop"] * 100, goal["max_perplexity_rise"] * 100
+        ax.fill_betweenx([-100, -cut], -100, budget, color="green", alpha=0.1, label="the goal's corner")
+        ax.axvline(budget, color="green", linestyle=":", linewidth=1)
+        ax.axhline(-cut, color="green", linestyle="--", linewidth=1)
         ax.axhline(0, color="grey", linewidth=0.5)
         for alpha, r in points:
             x, y = (r["perplexity_ratio"] - 1) * 100, r["toxicity_change"] * 100
