@@ -90,14 +90,23 @@ def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> 
             ax.annotate(label(r, alpha), (r["perplexity"], r[toxicity]), fontsize=6, textcoords="offset points", xytext=(3, 3))
         best = frontier(points, toxicity)
         ax.plot([r["perplexity"] for _, r in best], [r[toxicity] for _, r in best], "k--", linewidth=1, label="Pareto frontier")
-        for method in methods:
-            ax.plot([], [], "o", color=colours[method], label=method)
-        ax.set_title(target)
         ax.set_xlabel("perplexity (lower is more fluent)")
         ax.set_ylabel(f"{toxicity} (lower is safer)")
-        ax.legend(fontsize=7)
+        finish_panel(ax, target, colours, 7)
+    return save(fig, out_dir / "pareto.png")
+
+
+def finish_panel(ax, title: str, colours: dict[str, str], fontsize: int) -> None:
+    for method, colour in colours.items():
+        ax.plot([], [], "o", color=colour, label=method)
+    ax.set_title(title)
+    ax.legend(fontsize=fontsize)
+
+
+def save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out_dir / "pareto.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -130,18 +139,11 @@ def plot_paired(settings: dict[tuple, dict], toxicity: str, out_dir: Path, goal:
             yerr = [[y - r["toxicity_change_lo"] * 100], [r["toxicity_change_hi"] * 100 - y]]
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="x" if r.get("degenerate") else "o", color=colours[r["method"]], capsize=2, markersize=5)
             ax.annotate(label(r, alpha), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
-        for method in methods:
-            ax.plot([], [], "o", color=colours[method], label=method)
         ax.set_xscale("symlog", linthresh=20)
-        ax.set_title(f"{target}: against the target alone, paired")
         ax.set_xlabel("perplexity change, % (log beyond ±20)")
         ax.set_ylabel(f"{toxicity} change, %")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out_dir / "paired.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        finish_panel(ax, f"{target}: against the target alone, paired", colours, 6)
+    return save(fig, out_dir / "paired.png")
 
 
 def summary_rows(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None, confirm: dict | None = CONFIRM) -> list[dict]:

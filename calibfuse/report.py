@@ -21,6 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from calibfuse.data import jsonl_objects
 from calibfuse.evaluation.paired import toxicity_metric
 from calibfuse.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, plot_paired, summary_rows
 from calibfuse.utils import finish_wandb, instantiate_group
@@ -93,13 +94,7 @@ def load_generations(path: Path) -> dict[tuple, list[dict]] | None:
     if not path.is_file():
         return None
     by_cell: dict[tuple, list[dict]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON row ({error.msg}); expected one generation per line as calibfuse.evaluate writes it") from None
+    for _, row in jsonl_objects(path):  # a damaged line is named by file and line
         by_cell.setdefault((row["target"], row["method"], row["alpha"], row["seed"]), []).append(row)
     return by_cell
 
