@@ -15,6 +15,7 @@ import math
 import statistics
 
 from calibfuse.evaluation.paired import PAIRED_COLUMNS, confirmation_split, paired_change, per_prompt
+from calibfuse.evaluation.results import paired
 
 # The question a user asks of a setting (and the goal for fusion): a real cut in toxicity at a
 # small fluency cost, told apart from noise, not by degeneration, and not beaten by a simpler method.
@@ -179,11 +180,6 @@ def verdict(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None
     return result
 
 
-def percent(c: dict, name: str, shift: float = 0.0) -> str:
-    point, lo, hi = (c[name + s] - shift for s in ("", "_lo", "_hi"))
-    return f"{point:+.0%}" + (f" [{lo:+.0%}, {hi:+.0%}]" if math.isfinite(lo) else "")
-
-
 def describe(c: dict, toxicity: str) -> str:
     r = c["row"]
     why = [("significant" if c["significant"] else "not significant") + (f", {c['paired_prompts']} prompts" if c["paired_prompts"] else "")]
@@ -191,7 +187,7 @@ def describe(c: dict, toxicity: str) -> str:
     why += [f"beaten by {', '.join(c['beaten_by'])}"] if c["beaten_by"] else []
     why += [", ".join(f"{n} {r[k]:.2f}" for n, k in (("KL", "kl"), ("agreement", "top1_agreement")) if isinstance(r.get(k), float) and math.isfinite(r[k]))]
     return (
-        f"{label(r, c['alpha'])}: {percent(c, 'toxicity_change')} {toxicity}, {percent(c, 'perplexity_ratio', 1.0)} perplexity "
+        f"{label(r, c['alpha'])}: {paired(c, 'toxicity_change')} {toxicity}, {paired(c, 'perplexity_ratio', as_change=True)} perplexity "
         f"({'; '.join(w for w in why if w)})"
     )
 

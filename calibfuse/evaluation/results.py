@@ -44,7 +44,9 @@ def paired(row: dict, name: str, as_change: bool = False) -> str:
     if value is None or value != value:
         return "–"
     shift = 1.0 if as_change else 0.0  # a ratio is shown as its change: 1.05 -> +5%
-    return f"{value - shift:+.0%} [{row[name + '_lo'] - shift:+.0%}, {row[name + '_hi'] - shift:+.0%}]"
+    lo, hi = row.get(name + "_lo"), row.get(name + "_hi")
+    interval = f" [{lo - shift:+.0%}, {hi - shift:+.0%}]" if lo is not None and math.isfinite(lo) else ""  # none: unpaired means
+    return f"{value - shift:+.0%}{interval}"
 
 
 def format_table(grid: list[dict], names: list[str]) -> str:
