@@ -8,7 +8,7 @@ process, and prints both times and their ratio: first the sampling alone (the pa
 fastest of 5 epochs each way), then whole training epochs (the same InfoNCE step and Adam update after either sampler). The
 reference's way: for every token of a batch, a Python loop draws K negatives different from it,
 and the batch is assembled from per-token tensors. calibfuse's way: one torch.randint for the
-whole epoch, shifted past each anchor (calibfuse.align.sample_negatives), as AlignmentModule does.
+whole epoch, shifted past each anchor (calibfuse.stages.align.sample_negatives), as AlignmentModule does.
 """
 
 import argparse
@@ -20,9 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from calibfuse.align import AlignmentModule, embedding_rows, sample_negatives  # noqa: E402
-from calibfuse.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from calibfuse.vocabulary import shared_vocabulary  # noqa: E402
+from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
+from calibfuse.models.vocabulary import shared_vocabulary
+from calibfuse.stages.align import AlignmentModule, embedding_rows, sample_negatives
 
 
 def batches_bulk(module, batch_size, num_negatives, seed):

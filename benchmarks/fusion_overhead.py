@@ -20,10 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from calibfuse.calibration import build_calibration_model  # noqa: E402
-from calibfuse.data import EMBEDDED_CORPUS, read_prompt_completions  # noqa: E402
-from calibfuse.fusion import FusedGenerator, GenerationSettings  # noqa: E402
-from calibfuse.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from calibfuse.data.datamodule import read_prompt_completions
+from calibfuse.data.rows import EMBEDDED_CORPUS
+from calibfuse.fusion.calibration import build_calibration_model
+from calibfuse.fusion.decoding import GenerationSettings
+from calibfuse.fusion.generator import FusedGenerator
+from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
 NEW_TOKENS, BATCH = 32, 16
 

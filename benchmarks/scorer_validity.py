@@ -8,7 +8,7 @@ read, never imported): 993 RealToxicityPrompts prompts, each with 8 Perspective 
 Every prompt there has Perspective toxicity 0.50-0.99, so this measures how a scorer ranks texts that
 are already toxic (toxicity >= 0.9 against < 0.9), a harder task than telling toxic from clean text.
 
-Prints, per scorer (built with calibfuse.toxicity.build_scorer): ROC-AUC against Perspective toxicity
+Prints, per scorer (built with calibfuse.scoring.toxicity.build_scorer): ROC-AUC against Perspective toxicity
 >= 0.9; Spearman rank correlation with Perspective toxicity; Spearman of toxblock's matching labels
 with Perspective's other attributes (profanity_check has one score: it is set against each); 95 %
 bootstrap intervals over prompts; the time to score --texts texts (the prompts repeated), wall-clock
@@ -24,8 +24,8 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from calibfuse.metrics import bootstrap_interval
-from calibfuse.toxicity import build_scorer
+from calibfuse.evaluation.statistics import bootstrap_interval
+from calibfuse.scoring.toxicity import build_scorer
 
 THRESHOLD = 0.9  # Perspective toxicity at or above it: the positive class
 # Perspective attribute -> toxblock label (Jigsaw 2018's names); profanity ~ obscene.

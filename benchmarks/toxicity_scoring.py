@@ -10,9 +10,10 @@ import itertools
 import time
 from importlib import resources
 
-from calibfuse.data import EMBEDDED_CORPUS, read_prompt_completions
+from calibfuse.data.datamodule import read_prompt_completions
+from calibfuse.data.rows import EMBEDDED_CORPUS
 from calibfuse.generate import read_prompts
-from calibfuse.toxicity import build_scorer
+from calibfuse.scoring.toxicity import build_scorer
 
 
 def main():

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.evaluation import EvaluationModule, cell_metrics, evaluate
+from calibfuse.evaluation.grid import evaluate
+from calibfuse.evaluation.metrics import cell_metrics
+from calibfuse.evaluation.runner import EvaluationModule
 
 __all__ = ["EvaluationModule", "cell_metrics", "evaluate", "main"]
 

@@ -22,17 +22,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.artifacts import alignment_gain, alignment_norm_affine, load_alignment, recorded_model
-from calibfuse.checks import check_ints, check_required
-from calibfuse.fusion import FusedGenerator, GenerationSettings
-from calibfuse.prompts import load_prompts
-from calibfuse.utils import instantiate, resolved_config, task_wrapper, versions, write_json
+from calibfuse.data.prompts import load_prompts
+from calibfuse.fusion.artifacts import alignment_gain, alignment_norm_affine, load_alignment, recorded_model
+from calibfuse.fusion.decoding import GenerationSettings
+from calibfuse.fusion.generator import FusedGenerator
+from calibfuse.utils.checks import check_ints, check_required
+from calibfuse.utils.files import write_json
+from calibfuse.utils.run import instantiate, resolved_config, task_wrapper, versions
 
 log = logging.getLogger(__name__)
 
 
 def read_prompts(path: str | None = None, texts: list[str] | None = None, limit: int | None = None) -> list[str]:
-    """Prompts from a .txt/.jsonl file (calibfuse.prompts.load_prompts) or a list; an empty set is an error."""
+    """Prompts from a .txt/.jsonl file (calibfuse.data.prompts.load_prompts) or a list; an empty set is an error."""
     if path is not None:
         return [p.text for p in load_prompts(path, limit=limit)]
     prompts = list(texts or [])[:limit]

@@ -25,13 +25,14 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from calibfuse.align import align
-from calibfuse.checks import check_accelerator, check_output_dir, check_required
-from calibfuse.evaluate import evaluate
+from calibfuse.evaluation.grid import evaluate
 from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
-from calibfuse.ranks import distributed, launched_rank, leave_process_group, wait_for_rank_zero
-from calibfuse.report import build_report, log_summary, printable
-from calibfuse.utils import file_lock, sha256_json, stop_on_sigterm, sweep_setting, write_json
+from calibfuse.reporting.report import build_report, log_summary, printable
+from calibfuse.utils.checks import check_accelerator, check_output_dir, check_required
+from calibfuse.utils.files import file_lock, sha256_json, write_json
+from calibfuse.utils.ranks import distributed, launched_rank, leave_process_group, wait_for_rank_zero
+from calibfuse.utils.run import stop_on_sigterm, sweep_setting
 
 log = logging.getLogger(__name__)
 

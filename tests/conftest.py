@@ -57,7 +57,7 @@ def train_tiny_tokenizer(out: Path, style: str = "byte_level", vocab_size: int =
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from calibfuse.data import embedded_corpus_path
+    from calibfuse.data.rows import embedded_corpus_path
 
     tokenizer = Tokenizer(models.BPE())
     if style == "byte_level":

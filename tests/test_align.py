@@ -9,14 +9,9 @@ import torch
 from conftest import compose_config
 from safetensors.torch import load_file
 
-from calibfuse.align import (
-    AlignmentModule,
-    SharedVocabularyDataModule,
-    align,
-    sample_negatives,
-    split_vocabulary,
-)
-from calibfuse.models import ModelSpec, load_tokenizer
+from calibfuse.align import align
+from calibfuse.models.loading import ModelSpec, load_tokenizer
+from calibfuse.stages.align import AlignmentModule, SharedVocabularyDataModule, sample_negatives, split_vocabulary
 
 
 def test_negatives_never_hit_the_anchor_and_are_uniform():
@@ -143,7 +138,7 @@ def test_output_embeddings_of_a_tied_model_are_its_input_embeddings_and_it_says_
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
-    from calibfuse.align import embedding_rows
+    from calibfuse.stages.align import embedding_rows
 
     ids = torch.arange(10)
     tied, untied = (AutoModelForCausalLM.from_config(tiny_config(family, 384)) for family in ("llama", "mistral"))

@@ -10,10 +10,11 @@ from omegaconf import open_dict
 from transformers import NoBadWordsLogitsProcessor
 
 from calibfuse.evaluate import evaluate
-from calibfuse.fusion import FusedGenerator, GenerationSettings
+from calibfuse.fusion.decoding import GenerationSettings
+from calibfuse.fusion.generator import FusedGenerator
 from calibfuse.methods.dexperts import DExpertsProcessor
 from calibfuse.methods.word_filter import banned_word_ids, read_lexicon
-from calibfuse.models import ModelSpec, load_model, load_tokenizer
+from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
 PROMPTS = [
     "How do I boil",
@@ -60,7 +61,7 @@ def test_dexperts_logits_are_the_formula_by_hand(tiny_model_dirs, experts):
 
 def test_null_calibration_is_the_target_at_temperature_one_over_one_minus_alpha(tiny_model_dirs):
     """Fusion's formula with LN(h_c A) = 0: through a linear head, the target's logits times (1 - alpha)."""
-    from calibfuse.decoding import decode, row_generators
+    from calibfuse.fusion.decoding import decode, row_generators
     from calibfuse.methods.null_calibration import NullCalibration
 
     generator = plain_generator(tiny_model_dirs["llama"])
@@ -126,7 +127,7 @@ def baseline_cfg(tiny_model_dirs, experts, tmp_path):
             if "dexperts" in cfg.methods:
                 for role, path in zip(("expert", "anti_expert"), experts, strict=True):
                     cfg.methods.dexperts[role] = cfg.methods.dexperts[role] or {"name_or_path": str(path)}
-            cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
+            cfg.targets.tiny = {"_target_": "calibfuse.models.loading.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
         return cfg
 
     return make
@@ -169,7 +170,7 @@ def test_dexperts_with_another_tokenizer_is_refused(baseline_cfg, tiny_target_di
 
 
 def test_report_puts_every_method_in_the_table_and_tradeoff(baseline_cfg, tiny_model_dirs, tmp_path):
-    from calibfuse.report import build_report
+    from calibfuse.reporting.report import build_report
 
     evaluate(
         baseline_cfg(

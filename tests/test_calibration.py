@@ -5,8 +5,8 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from calibfuse.calibration import build_calibration_model, find_decoder_layers
-from calibfuse.models import ModelSpec, load_model
+from calibfuse.fusion.calibration import build_calibration_model, find_decoder_layers
+from calibfuse.models.loading import ModelSpec, load_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

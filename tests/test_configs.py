@@ -7,7 +7,7 @@ import pytest
 from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf, open_dict
 
-from calibfuse.utils import instantiate
+from calibfuse.utils.run import instantiate
 
 
 def options(group: str) -> list[str]:
@@ -63,7 +63,7 @@ def test_base_model_options(base_model, tmp_path):
 @pytest.mark.parametrize("data", options("data"))
 def test_data_options_compose(data, tmp_path):
     cfg = compose_config("pretrain", [f"data={data}"], tmp_path)
-    assert cfg.data._target_ == "calibfuse.data.PromptCompletionDataModule"
+    assert cfg.data._target_ == "calibfuse.data.datamodule.PromptCompletionDataModule"
 
 
 @pytest.mark.parametrize("debug", options("debug"))
@@ -131,7 +131,7 @@ def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_
     ]
     cfg = compose_config("pretrain", stand_ins, tmp_path)
     spec = instantiate(cfg.base_model)
-    from calibfuse.models import load_tokenizer
+    from calibfuse.models.loading import load_tokenizer
 
     datamodule = instantiate(cfg.data, tokenizer=load_tokenizer(spec))
     datamodule.setup("fit")
@@ -163,7 +163,7 @@ def test_evaluation_groups_compose(group, tmp_path):
             spec = instantiate(cfg.reference_lm.model)
             assert spec.trust_remote_code is False
         if group == "scorer":
-            assert cfg.scorer._target_.startswith(("calibfuse.toxicity.", "calibfuse.toxblock."))
+            assert cfg.scorer._target_.startswith(("calibfuse.scoring.toxicity.", "calibfuse.scoring.toxblock."))
             assert not any("key" in k and k != "api_key_env" for k in cfg.scorer)  # keys come from the environment only
 
 
@@ -206,9 +206,9 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
 
     from hydra import compose, initialize_config_dir
 
-    from calibfuse.models import load_tokenizer
+    from calibfuse.data.prompts import load_prompts
+    from calibfuse.models.loading import load_tokenizer
     from calibfuse.pipeline import evaluate_overrides, stage_overrides
-    from calibfuse.prompts import load_prompts
 
     cfg = compose_config("pipeline", ["experiment=paper_table"], tmp_path)
     assert list(cfg.targets) == ["llama2-7b-chat-uncensored", "llama2-7b-chat", "medicine-chat", "finance-chat"]
@@ -228,7 +228,10 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
         targets = list(cfg.targets)
         evaluation = compose("evaluate", overrides=evaluate_overrides(targets, {t: "/x" for t in targets}, Path("/x"), cfg, overrides["evaluate"]))
         assert (evaluation.prompts.source, evaluation.prompts.challenging_only) == ("allenai/real-toxicity-prompts", True)
-        assert (evaluation.scorer._target_, evaluation.reference_lm.model.name_or_path) == ("calibfuse.toxicity.DetoxifyScorer", "meta-llama/Llama-2-13b-hf")
+        assert (evaluation.scorer._target_, evaluation.reference_lm.model.name_or_path) == (
+            "calibfuse.scoring.toxicity.DetoxifyScorer",
+            "meta-llama/Llama-2-13b-hf",
+        )
         assert {n: evaluation.targets[n].name_or_path for n in targets}["llama2-7b-chat-uncensored"] == "georgesung/llama2_7b_chat_uncensored"
         stand_ins = compose(
             "evaluate",

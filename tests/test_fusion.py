@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibfuse.calibration import build_calibration_model
-from calibfuse.decoding import choose
-from calibfuse.fusion import FusedGenerator, GenerationSettings
-from calibfuse.lm import lm_head_logits
-from calibfuse.models import ModelSpec, load_model, load_tokenizer
+from calibfuse.fusion.calibration import build_calibration_model
+from calibfuse.fusion.decoding import GenerationSettings, choose
+from calibfuse.fusion.generator import FusedGenerator
+from calibfuse.models.lm import lm_head_logits
+from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
 PROMPTS = ["How do I boil an egg", "Write a kind", "The weather today is rather"]
 
@@ -246,8 +246,8 @@ def test_families_that_scale_their_logits_fuse_through_their_own_head(family, ti
     reproduces the model's own logits, and a head calibfuse cannot reproduce is refused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, GraniteConfig
 
-    from calibfuse.lm import check_head
-    from calibfuse.target import TargetLM
+    from calibfuse.fusion.target import TargetLM
+    from calibfuse.models.lm import check_head
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     small = dict(
@@ -281,7 +281,7 @@ def test_families_that_scale_their_logits_fuse_through_their_own_head(family, ti
 @torch.no_grad()
 def test_target_rms_scale_variant_by_hand():
     """scale=target_rms: LN(h_c A) is rescaled to h_T's RMS at each position before mixing."""
-    from calibfuse.fusion import fuse
+    from calibfuse.fusion.fuse import fuse
 
     torch.manual_seed(0)
     h_t, h_c, A = torch.randn(3, 8) * 5, torch.randn(3, 4), torch.randn(4, 8)
@@ -293,7 +293,7 @@ def test_target_rms_scale_variant_by_hand():
 
 
 def test_learned_scale_multiplies_the_normalised_calibration_state_by_its_gain():
-    from calibfuse.fusion import fuse
+    from calibfuse.fusion.fuse import fuse
 
     torch.manual_seed(0)
     h_t, h_c, A = torch.randn(2, 3, 8), torch.randn(2, 3, 6), torch.randn(6, 8)
@@ -303,7 +303,7 @@ def test_learned_scale_multiplies_the_normalised_calibration_state_by_its_gain()
 
 
 def test_affine_layer_norm_applies_its_weight_and_bias_per_dimension():
-    from calibfuse.fusion import fuse
+    from calibfuse.fusion.fuse import fuse
 
     torch.manual_seed(0)
     h_t, h_c, A = torch.randn(2, 3, 8), torch.randn(2, 3, 6), torch.randn(6, 8)

@@ -8,7 +8,8 @@ import torch
 from conftest import compose_config
 from safetensors.torch import load_file
 
-from calibfuse.fusion_head import char_matched_positions, train_fusion_head
+from calibfuse.fusion_head import train_fusion_head
+from calibfuse.stages.fusion_head import char_matched_positions
 
 
 def test_char_matching_reads_only_what_the_target_has_read():
@@ -25,7 +26,7 @@ def alignment(tiny_alignment):
 
 
 def test_a_trained_head_lowers_the_fused_loss_and_is_an_alignment(alignment, tmp_path):
-    from calibfuse.artifacts import load_alignment
+    from calibfuse.fusion.artifacts import load_alignment
 
     cfg = compose_config(
         "fusion_head",
@@ -57,9 +58,9 @@ def test_a_trained_head_lowers_the_fused_loss_and_is_an_alignment(alignment, tmp
 
 def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, tmp_path):
     """The alignment-space variant: A fitted in closed form on final hidden states of the same texts."""
-    from calibfuse.artifacts import load_alignment
-    from calibfuse.fusion_head import FusionHeadModule, fit_on_hidden_states
-    from calibfuse.models import load_model, load_tokenizer
+    from calibfuse.fusion.artifacts import load_alignment
+    from calibfuse.models.loading import load_model, load_tokenizer
+    from calibfuse.stages.fusion_head import FusionHeadModule, fit_on_hidden_states
 
     cfg = compose_config(
         "fusion_head",
@@ -102,7 +103,7 @@ def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, 
 def test_learned_gain_and_a_push_away_from_toxic_completions(alignment, tmp_path, toxic_loss):
     """scale=learned trains a gain with A and stores it; toxic_data adds a push (unlikelihood or a margin
     over the target's NLL) on toxic completions, which makes held-out ones less likely under the fused model."""
-    from calibfuse.artifacts import alignment_gain, load_alignment
+    from calibfuse.fusion.artifacts import alignment_gain, load_alignment
 
     toxic = tmp_path / "toxic.tsv"
     rows = [(f"Row {i}: the {w} said he is a", "rotten stinking fool") for i, w in enumerate(["man", "cook", "boss", "guard"] * 12)]
@@ -130,7 +131,8 @@ def test_learned_gain_and_a_push_away_from_toxic_completions(alignment, tmp_path
     nll = head["toxic_completion_nll"]
     assert head["toxic_loss"] == toxic_loss and head["toxic_rows"] == 48
     assert nll["fused_after"] > nll["fused_before"]  # the held-out toxic completions became less likely
-    from calibfuse.fusion import FusedGenerator, GenerationSettings
+    from calibfuse.fusion.decoding import GenerationSettings
+    from calibfuse.fusion.generator import FusedGenerator
 
     paths = {role: meta[role]["absolute_path"] for role in ("target", "calibration_model")}
     generator = FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], tmp_path / "head" / "alignment", scale="learned")
@@ -147,10 +149,11 @@ def test_affine_layer_norm_trains_with_a_and_fusion_reads_it(alignment, tmp_path
     """layer_norm=affine: the LayerNorm's weight and bias train with A (from 1 and 0), are stored with it,
     and every reader of the alignment (the grid's fusion, FusedGenerator) applies them; a head's A and
     weights carry on when a second head starts from it."""
-    from calibfuse.artifacts import alignment_norm_affine, load_alignment
-    from calibfuse.fusion import FusedGenerator, GenerationSettings
+    from calibfuse.fusion.artifacts import alignment_norm_affine, load_alignment
+    from calibfuse.fusion.decoding import GenerationSettings
+    from calibfuse.fusion.generator import FusedGenerator
     from calibfuse.methods.fusion import Fusion
-    from calibfuse.models import ModelSpec
+    from calibfuse.models.loading import ModelSpec
 
     overrides = ["data=embedded_nontoxic", "alpha=0.5", "layer_norm=affine", "trainer.max_steps=8", "trainer.val_check_interval=8", "val_rows=8"]
     overrides += ["max_length=32", "optimizer.lr=0.02", "logger=csv"]

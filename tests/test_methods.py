@@ -8,10 +8,10 @@ import textwrap
 from conftest import compose_config
 from omegaconf import open_dict
 
-from calibfuse.decoding import GenerationSettings
 from calibfuse.evaluate import evaluate
-from calibfuse.models import ModelSpec, load_model, load_tokenizer
-from calibfuse.target import TargetLM
+from calibfuse.fusion.decoding import GenerationSettings
+from calibfuse.fusion.target import TargetLM
+from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
 TOY_MODULE = '''
 from transformers import TemperatureLogitsWarper
@@ -65,7 +65,7 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
         tmp_path / "run",
     )
     with open_dict(cfg):
-        cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
+        cfg.targets.tiny = {"_target_": "calibfuse.models.loading.ModelSpec", "name_or_path": str(tiny_model_dirs["llama"]), "dtype": "float32"}
     evaluate(cfg)
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
     assert [(c["method"], c["alpha"], c["target_alone"]) for c in cells] == [("none", 0.0, True), ("temperature", 0.001, False), ("temperature", 1.0, False)]
@@ -76,7 +76,7 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     assert near_zero == [g.continuation for g in greedy]  # the processor ran: temperature -> 0 is greedy
     assert near_zero != [r["continuation"] for r in rows if r["alpha"] == 1.0]
     # The report places it like any method: in the frontier's candidates and, when judged, in goal.md.
-    from calibfuse.report import build_report
+    from calibfuse.reporting.report import build_report
 
     report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.001, goal={"method": "temperature", "baselines": []}, resamples=50)
     labels = {r["label"] for r in report["summary"]}
@@ -105,7 +105,7 @@ def test_the_calibration_model_alone_is_a_row_of_its_own(tiny_model_dirs, tiny_t
         tmp_path / "run",
     )
     with open_dict(cfg):
-        cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(tiny_target_dir), "dtype": "float32"}
+        cfg.targets.tiny = {"_target_": "calibfuse.models.loading.ModelSpec", "name_or_path": str(tiny_target_dir), "dtype": "float32"}
     evaluate(cfg)
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
     alone = next(c for c in cells if c["method"] == "calibration_alone")

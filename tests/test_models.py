@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from calibfuse.embedded import _assemble
-from calibfuse.models import (
-    EMBEDDED_MODELS,
-    ModelSpec,
-    load_model,
-    load_tokenizer,
-    resolve,
-)
+from calibfuse.models.embedded import EMBEDDED_MODELS, _assemble
+from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer, resolve
 
 
 def test_local_directory_loads_with_configured_dtype(tiny_model_dirs):
@@ -74,7 +68,7 @@ def test_bad_dtype_is_named():
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
-    from calibfuse import models
+    from calibfuse.models import loading as models
 
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     assert models.resolve_dtype("auto", "cpu") == torch.float32  # emulated bf16 is ~3x slower

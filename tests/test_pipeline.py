@@ -10,7 +10,7 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from calibfuse.pipeline import pipeline
-from calibfuse.report import build_report
+from calibfuse.reporting.report import build_report
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
 
     import wandb
 
-    from calibfuse.report import log_summary
+    from calibfuse.reporting.report import log_summary
 
     cfg = compose_config("report", [f"runs=[{tmp_path / 'run'}]", "logger=wandb"], tmp_path / "report_run")
     log_summary(report, cfg.logger)
@@ -238,7 +238,7 @@ def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_di
 
 
 def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
-    from calibfuse.report import by_setting, over_seeds
+    from calibfuse.reporting.report import by_setting, over_seeds
 
     cells = [
         {"target": "t", "method": "fusion", "setting": "", "alpha": 0.3, "seed": s, "toxicity": v, "toxicity_lo": v - 1, "toxicity_hi": v + 1}
@@ -253,7 +253,7 @@ def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
 
 
 def test_pareto_frontier_by_hand(tmp_path):
-    from calibfuse.pareto import frontier, frontier_table, plot_frontier
+    from calibfuse.reporting.pareto import frontier, frontier_table, plot_frontier
 
     def row(method, tox, ppl, degenerate=False):
         return {
@@ -293,7 +293,7 @@ def test_pareto_frontier_by_hand(tmp_path):
 
 
 def test_goal_configs_mirror_the_code(tmp_path):
-    from calibfuse.verdict import CONFIRM, GOAL
+    from calibfuse.reporting.verdict import CONFIRM, GOAL
 
     report = compose_config("report", ["runs=[x]", "goal.min_toxicity_drop=0.2"], tmp_path / "r")
     pipeline = compose_config("pipeline", [], tmp_path / "p")

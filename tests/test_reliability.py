@@ -13,10 +13,11 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from safetensors.torch import load_file, save_file
 
-from calibfuse import models
-from calibfuse.align import AlignmentModule, align
-from calibfuse.artifacts import load_alignment, recorded_model
+from calibfuse.align import align
 from calibfuse.evaluate import evaluate
+from calibfuse.fusion.artifacts import load_alignment, recorded_model
+from calibfuse.models import loading as models
+from calibfuse.stages.align import AlignmentModule
 
 
 def align_tiny(calibration: str, target: Path, output_dir: Path, *overrides: str) -> Path:
@@ -51,7 +52,7 @@ def grid_cfg(alignment: Path, target: Path, reference: Path, tmp_path: Path, *ov
         tmp_path / "run",
     )
     with open_dict(cfg):
-        cfg.targets.tiny = {"_target_": "calibfuse.models.ModelSpec", "name_or_path": str(target), "dtype": "float32"}
+        cfg.targets.tiny = {"_target_": "calibfuse.models.loading.ModelSpec", "name_or_path": str(target), "dtype": "float32"}
     return cfg
 
 
@@ -201,7 +202,7 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(monkeypatch):
 
     from hydra import compose, initialize_config_dir
 
-    import calibfuse.utils as utils
+    import calibfuse.utils.run as utils
 
     class Frozen(datetime):
         @classmethod
@@ -251,9 +252,9 @@ def test_repeated_alphas_and_seeds_run_once(tiny_alignment, tiny_model_dirs, tin
 
 
 def test_a_prompt_longer_than_the_context_is_refused_or_cut_from_the_left(tiny_model_dirs):
-    from calibfuse.decoding import GenerationSettings
-    from calibfuse.models import load_model, load_tokenizer
-    from calibfuse.target import TargetLM
+    from calibfuse.fusion.decoding import GenerationSettings
+    from calibfuse.fusion.target import TargetLM
+    from calibfuse.models.loading import load_model, load_tokenizer
 
     path = str(tiny_model_dirs["llama"])
     target = TargetLM(load_model(path), load_tokenizer(path))
@@ -275,7 +276,7 @@ def test_a_prompt_longer_than_the_context_is_refused_or_cut_from_the_left(tiny_m
 
 
 def test_hub_models_are_keyed_by_the_commit_they_resolve_to(tmp_path, monkeypatch):
-    from calibfuse.models import fingerprint, hub_commit
+    from calibfuse.models.loading import fingerprint, hub_commit
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--org--model"
@@ -296,7 +297,7 @@ def test_hub_models_are_keyed_by_the_commit_they_resolve_to(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".tsv"])
 def test_a_binary_prompt_file_is_named(suffix, tmp_path):
-    from calibfuse.prompts import load_prompts
+    from calibfuse.data.prompts import load_prompts
 
     path = tmp_path / f"prompts{suffix}"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
@@ -307,7 +308,7 @@ def test_a_binary_prompt_file_is_named(suffix, tmp_path):
 def test_unloadable_model_dirs_and_offline_hub_ids_are_named(tiny_model_dirs, tmp_path, monkeypatch):
     import shutil
 
-    from calibfuse.models import load_model, load_tokenizer
+    from calibfuse.models.loading import load_model, load_tokenizer
 
     no_config = tmp_path / "no_config"
     shutil.copytree(tiny_model_dirs["llama"], no_config)

@@ -16,8 +16,8 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from calibfuse.checks import check_wandb_credentials, secret_keys
-from calibfuse.toxicity import build_scorer
+from calibfuse.scoring.toxicity import build_scorer
+from calibfuse.utils.checks import check_wandb_credentials, secret_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 ONLINE = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "offline": False}})
@@ -103,8 +103,8 @@ def test_a_malformed_netrc_key_is_refused(online_wandb):
 
 
 def test_evaluate_refuses_a_malformed_key_before_any_model_loads(online_wandb, monkeypatch, tmp_path):
-    from calibfuse import models
     from calibfuse.evaluate import evaluate
+    from calibfuse.models import loading as models
 
     monkeypatch.setenv("WANDB_API_KEY", "not-a-key")
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))

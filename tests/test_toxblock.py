@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from calibfuse import toxblock
-from calibfuse.toxblock import LABELS, RestrictedUnpickler, TokenizerSettings, ToxBlockModel, ToxBlockScorer
-from calibfuse.toxicity import build_scorer
+from calibfuse.scoring import toxblock as toxblock
+from calibfuse.scoring.toxblock import LABELS, RestrictedUnpickler, TokenizerSettings, ToxBlockModel, ToxBlockScorer
+from calibfuse.scoring.toxicity import build_scorer
 
 FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'  # Keras' default, the one tox-block's tokenizer holds
 VOCABULARY, EMBEDDING, UNITS, DENSE, MAX_LENGTH = 12, 4, 3, 5, 8

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibfuse.evaluation.paired import confirmation_split, paired_change, per_prompt
-from calibfuse.verdict import goal_checks, goal_table, verdict
+from calibfuse.reporting.verdict import goal_checks, goal_table, verdict
 
 
 def rows_of(toxicities, losses, prefix="p", continuation="some words here"):
@@ -171,7 +171,7 @@ def test_goal_falls_back_to_unpaired_intervals_without_generations():
 
 
 def test_summary_rows_mark_the_confirmed_setting():
-    from calibfuse.pareto import summary_rows
+    from calibfuse.reporting.pareto import summary_rows
 
     base = rows_of(np.linspace(0.05, 0.9, 40), np.linspace(1.5, 2.5, 40))
     settings = {
@@ -188,7 +188,7 @@ def test_summary_rows_mark_the_confirmed_setting():
 
 
 def test_report_labels_points_by_what_varies():
-    from calibfuse.report import label_by_what_varies, overrides_of
+    from calibfuse.reporting.report import label_by_what_varies, overrides_of
 
     assert overrides_of("method_names=[fusion,word_filter],calibration_layers=1") == ["method_names=[fusion,word_filter]", "calibration_layers=1"]
     cells = [{"setting": "method_names=[fusion],calibration_layers=" + n} for n in ("1", "3")] + [{"setting": "method_names=[fusion],calibration_layers=3"}]
@@ -203,7 +203,7 @@ def test_the_table_shows_the_alpha_asked_for(tmp_path):
     """build_report's `alpha` picks the table's fused column, whichever alphas come after it."""
     import json
 
-    from calibfuse.report import build_report
+    from calibfuse.reporting.report import build_report
 
     def cell(alpha, tox, ppl):
         values = {"toxicity": tox, "toxicity_lo": tox - 1, "toxicity_hi": tox + 1, "perplexity": ppl, "perplexity_lo": ppl - 0.1, "perplexity_hi": ppl + 0.1}

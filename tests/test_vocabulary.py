@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from calibfuse.vocabulary import raw_forms, shared_vocabulary, surface_forms
+from calibfuse.models.vocabulary import raw_forms, shared_vocabulary, surface_forms
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from calibfuse.utils import sha256_json, write_json, write_text
+from calibfuse.utils.files import sha256_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 

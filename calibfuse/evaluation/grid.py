@@ -11,32 +11,21 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from calibfuse.checks import check_accelerator, check_int, check_ints, check_output_dir, check_required, check_wandb_credentials
-from calibfuse.decoding import GenerationSettings
+from calibfuse.data.prompts import Prompt, load_prompts
 from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
 from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
 from calibfuse.evaluation.paired import annotate_grid, toxicity_metric
 from calibfuse.evaluation.results import format_table, sample_rows, write_grid
 from calibfuse.evaluation.runner import EvaluationModule, run_cell
+from calibfuse.fusion.decoding import GenerationSettings
+from calibfuse.fusion.target import TargetLM
 from calibfuse.methods import Method, build_methods
-from calibfuse.models import ModelCache, ModelSpec, as_spec, fingerprint, runtime_identity
-from calibfuse.perplexity import ReferenceLM
-from calibfuse.prompts import Prompt, load_prompts
-from calibfuse.target import TargetLM
-from calibfuse.utils import (
-    file_lock,
-    instantiate,
-    instantiate_group,
-    redact_secrets,
-    resolved_config,
-    sha256_json,
-    sweep_knobs,
-    task_wrapper,
-    versions,
-    write_json,
-    write_text,
-)
+from calibfuse.models.loading import ModelCache, ModelSpec, as_spec, fingerprint, runtime_identity
+from calibfuse.scoring.perplexity import ReferenceLM
+from calibfuse.utils.checks import check_accelerator, check_int, check_ints, check_output_dir, check_required, check_wandb_credentials
+from calibfuse.utils.files import file_lock, sha256_json, write_json, write_text
+from calibfuse.utils.run import instantiate, instantiate_group, redact_secrets, resolved_config, sweep_knobs, task_wrapper, versions
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from calibfuse import metrics as M
+import calibfuse.evaluation.statistics as M
 
 
 @dataclass(frozen=True)

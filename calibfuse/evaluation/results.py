@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from calibfuse.utils import write_json, write_text
+from calibfuse.utils.files import write_json, write_text
 
 GENERATION_FIELDS = ("target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens")
 

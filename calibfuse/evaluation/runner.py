@@ -14,13 +14,13 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from calibfuse.decoding import GenerationSettings
+from calibfuse.data.prompts import Prompt
 from calibfuse.evaluation.cells import Cell, append_rows, finish_cell, finished_prompt_ids, read_partial_rows
+from calibfuse.fusion.decoding import GenerationSettings
+from calibfuse.fusion.target import TargetLM
 from calibfuse.methods import Method
-from calibfuse.perplexity import ReferenceLM
-from calibfuse.prompts import Prompt
-from calibfuse.target import TargetLM
-from calibfuse.utils import PeakMemory, instantiate
+from calibfuse.scoring.perplexity import ReferenceLM
+from calibfuse.utils.run import PeakMemory, instantiate
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,13 @@ side in the evaluation grid. Adding a method is one module and one config file.
 
 A method may change three things, each optional: the prompt (`prompt`), the target's final hidden
 state (`hidden_transform`: fusion), the logits (`logits_processors`: the word filter, DExperts).
-The decode loop itself (calibfuse.decoding) is the same for all of them.
+The decode loop itself (calibfuse.fusion.decoding) is the same for all of them.
 """
 
 from __future__ import annotations
 
-from calibfuse.models import ModelCache, ModelSpec
-from calibfuse.target import TargetLM
+from calibfuse.fusion.target import TargetLM
+from calibfuse.models.loading import ModelCache, ModelSpec
 
 
 class Method:
@@ -61,7 +61,7 @@ class Method:
 
 def build_methods(configs: dict) -> list[Method]:
     """Instantiate every selected method config (in selection order); each learns its name from its key."""
-    from calibfuse.utils import instantiate
+    from calibfuse.utils.run import instantiate
 
     if not configs:
         raise ValueError("no methods selected; expected e.g. methods=[fusion] or methods=[fusion,none,word_filter]")

@@ -4,8 +4,8 @@ same alignments as fusion (each records the calibration model it was made with).
 
 from __future__ import annotations
 
+from calibfuse.fusion.target import TargetLM
 from calibfuse.methods.fusion import Fusion
-from calibfuse.target import TargetLM
 
 
 class CalibrationAlone(Fusion):

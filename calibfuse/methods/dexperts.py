@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from calibfuse.decoding import DecodeState, forward_step
-from calibfuse.lm import check_head, lm_head_logits, same_tokenizer
+from calibfuse.fusion.decoding import DecodeState, forward_step
 from calibfuse.methods import Method
-from calibfuse.models import as_spec, fingerprint
+from calibfuse.models.lm import check_head, lm_head_logits, same_tokenizer
+from calibfuse.models.loading import as_spec, fingerprint
 
 ROLES = ("expert", "anti_expert")
 

@@ -1,5 +1,5 @@
 """calibfuse's method as a grid method: the aligned calibration state mixed into the target's final
-hidden state with weight alpha (calibfuse.fusion). At alpha 0 it is the target alone, so those
+hidden state with weight alpha (calibfuse.fusion.fuse). At alpha 0 it is the target alone, so those
 cells are shared with `none` and with every other fusion setting."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import math
 from numbers import Real
 from pathlib import Path
 
-from calibfuse.artifacts import alignment_gain, alignment_norm_affine, check_alignment_made_for, load_alignment, recorded_model
-from calibfuse.fusion import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alpha
+from calibfuse.fusion.artifacts import alignment_gain, alignment_norm_affine, check_alignment_made_for, load_alignment, recorded_model
+from calibfuse.fusion.fuse import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alpha
 from calibfuse.methods import Method
-from calibfuse.models import ModelSpec, as_spec, fingerprint, runtime_identity
-from calibfuse.utils import sha256_file
+from calibfuse.models.loading import ModelSpec, as_spec, fingerprint, runtime_identity
+from calibfuse.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import NoBadWordsLogitsProcessor
 
 from calibfuse.methods import Method
-from calibfuse.utils import sha256_json
+from calibfuse.utils.files import sha256_json
 
 PROFANITY_CHECK_LEXICON = "embedded:profanity_check"
 

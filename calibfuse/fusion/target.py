@@ -10,8 +10,8 @@ import logging
 
 import torch
 
-from calibfuse.decoding import PROMPT_FORMATS, Generation, GenerationSettings, decode, row_generators
-from calibfuse.lm import check_head
+from calibfuse.fusion.decoding import PROMPT_FORMATS, Generation, GenerationSettings, decode, row_generators
+from calibfuse.models.lm import check_head
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from calibfuse.utils import instantiate, instantiate_group, versions, write_json
+from calibfuse.utils.files import write_json
+from calibfuse.utils.run import instantiate, instantiate_group, versions
 
 
 class ExportArtifact(L.Callback):

@@ -12,7 +12,7 @@ import unicodedata
 from importlib import resources
 from pathlib import Path
 
-from calibfuse.data import read_rows
+from calibfuse.data.rows import read_rows
 
 log = logging.getLogger(__name__)
 

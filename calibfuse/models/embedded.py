@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from calibfuse.utils import sha256_file
+from calibfuse.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from calibfuse.embedded import EMBEDDED_MODELS
+from calibfuse.models.embedded import EMBEDDED_MODELS
 
 
 def check_model_dir(directory: Path) -> None:

