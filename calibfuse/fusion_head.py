@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from calibfuse.data.datamodule import read_prompt_completions
 from calibfuse.fusion.artifacts import alignment_gain, alignment_norm_affine, load_alignment, recorded_model
-from calibfuse.fusion.fuse import LAYER_NORMS, SCALES, check_alpha
+from calibfuse.fusion.config import check_alpha
 from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 from calibfuse.stages.export import fit_and_export
 from calibfuse.stages.fusion_head import INITS, TOXIC_LOSSES, ExportFusionHead, FusionHeadModule, fit_on_hidden_states, held_out_loss, toxic_nll
@@ -45,8 +45,7 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.init not in INITS:
         raise ValueError(f"init={cfg.init!r}; expected one of {list(INITS)}")
-    if cfg.layer_norm not in LAYER_NORMS or cfg.scale not in SCALES:
-        raise ValueError(f"layer_norm={cfg.layer_norm!r}, scale={cfg.scale!r}; expected one of {list(LAYER_NORMS)} and {list(SCALES)}")
+    fusion = instantiate(cfg.fusion)  # FusionConfig: a bad option is named here, before any model loads
     if not cfg.toxic_weight >= 0:
         raise ValueError(f"toxic_weight={cfg.toxic_weight}; expected a number >= 0")
     if cfg.toxic_loss not in TOXIC_LOSSES:
@@ -64,12 +63,10 @@ def train_fusion_head(cfg: DictConfig) -> dict:
 
     loaded = {role: (spec, load_model(spec)) for role, spec in specs.items()}
     tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
-    gain = alignment_gain(stage2, default=1.0) if cfg.scale == "learned" else 1.0  # a head's gain carries on
-    norm_affine = alignment_norm_affine(stage2, required=False) if cfg.layer_norm == "affine" else None  # as do its LN weights
+    gain = alignment_gain(stage2, default=1.0) if fusion.scale == "learned" else 1.0  # a head's gain carries on
+    norm_affine = alignment_norm_affine(stage2, required=False) if fusion.layer_norm == "affine" else None  # as do its LN weights
     toxic_options = dict(toxic_weight=cfg.toxic_weight, toxic_loss=cfg.toxic_loss, margin=cfg.margin)
-    module = FusionHeadModule(
-        A, cfg.alpha, cfg.layer_norm, cfg.scale, cfg.max_length, instantiate(cfg.optimizer), gain, norm_affine=norm_affine, **toxic_options
-    )
+    module = FusionHeadModule(A, cfg.alpha, fusion, cfg.max_length, instantiate(cfg.optimizer), gain, norm_affine=norm_affine, **toxic_options)
     module.attach(loaded["target"][1], tokenizers["target"], loaded["calibration_model"][1], tokenizers["calibration_model"])
     if cfg.init == "hidden_states":
         rows = datamodule.train[: cfg.init_rows]

@@ -1,6 +1,6 @@
 """Fused generation from the command line: prompts in, generations.jsonl out.
 
-    python -m calibfuse.generate alignment_dir=<align run>/alignment "fusion.alphas=[0,0.3,0.5]"
+    python -m calibfuse.generate alignment_dir=<align run>/alignment "alphas=[0,0.3,0.5]"
     python -m calibfuse.generate ... prompts.path=my_prompts.jsonl generation.do_sample=true generation.num_samples=5
     python -m calibfuse.generate ... target=gemma3-270m alignment_dir=<align run to gemma>/alignment
 
@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig
 
 from calibfuse.data.prompts import load_prompts
-from calibfuse.fusion.artifacts import alignment_gain, alignment_norm_affine, load_alignment, recorded_model
+from calibfuse.fusion.artifacts import alignment_extras, load_alignment, recorded_model
 from calibfuse.fusion.decoding import GenerationSettings
 from calibfuse.fusion.generator import FusedGenerator
 from calibfuse.utils.checks import check_ints, check_required
@@ -56,32 +56,21 @@ def generate(cfg: DictConfig) -> dict:
             "generation.seed": (None, False),
         },
     )
+    fusion = instantiate(cfg.fusion)  # FusionConfig: a bad option is named here, before any model loads
     calibration = instantiate(cfg.calibration_model)
     if cfg.alignment_dir is not None:
         _, meta = load_alignment(cfg.alignment_dir)  # a missing or non-finite A fails here, before the models load
         if calibration.name_or_path is None:  # the calibration model the alignment was made with
             calibration = replace(calibration, name_or_path=recorded_model(meta["calibration_model"], Path(cfg.alignment_dir).expanduser()))
-        if cfg.fusion.scale == "learned":
-            alignment_gain(cfg.alignment_dir)  # as does a missing gain
-        if cfg.fusion.layer_norm == "affine":
-            alignment_norm_affine(cfg.alignment_dir)  # or missing LayerNorm weights
+        alignment_extras(cfg.alignment_dir, fusion)  # as does a missing gain or LayerNorm weight the config needs
     if calibration.name_or_path is None:
         raise ValueError("calibration_model.name_or_path=null with alignment_dir=null; expected the calibration model's dir (no alignment records one)")
     output_dir = Path(cfg.paths.output_dir)
     prompts = read_prompts(cfg.prompts.path, cfg.prompts.texts, cfg.prompts.limit)
     settings: GenerationSettings = instantiate(cfg.generation)
-    generator = FusedGenerator.from_artifacts(
-        target=instantiate(cfg.target),
-        calibration=calibration,
-        alignment=cfg.alignment_dir,
-        check_fingerprints=cfg.fusion.check_fingerprints,
-        calibration_context=cfg.fusion.calibration_context,
-        layer_norm=cfg.fusion.layer_norm,
-        prompt_format=cfg.fusion.prompt_format,
-        scale=cfg.fusion.scale,
-    )
+    generator = FusedGenerator.from_artifacts(instantiate(cfg.target), calibration, cfg.alignment_dir, fusion, cfg.prompt_format)
     started = time.time()
-    rows = generator.generate(prompts, list(cfg.fusion.alphas), settings)
+    rows = generator.generate(prompts, list(cfg.alphas), settings)
     seconds = time.time() - started
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "generations.jsonl").open("w", encoding="utf-8") as f:

@@ -159,20 +159,14 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
         "fusion_head": [
             f"seed={cfg.train_seed}",
             f"alpha={cfg.fusion_head_alpha}",
-            f"layer_norm={cfg.layer_norm}",
-            f"scale={cfg.scale}",
+            f"fusion.layer_norm={cfg.layer_norm}",
+            f"fusion.scale={cfg.scale}",
             f"init={cfg.fusion_head_init}",
         ],
         "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.method_names)}]", f"prompts={cfg.prompts}"]
+        + [f"fusion.{knob}={cfg[knob]}" for knob in ("layer_norm", "calibration_context", "alignment", "scale")]
         + ([f"prompts.sample={cfg.prompt_sample}"] if cfg.get("prompt_sample") else []),
     }
-    if "fusion" in cfg.method_names:  # fusion's own options exist only when it is selected
-        knobs["evaluate"] += [
-            f"methods.fusion.layer_norm={cfg.layer_norm}",
-            f"methods.fusion.calibration_context={cfg.calibration_context}",
-            f"methods.fusion.alignment={cfg.alignment}",
-            f"methods.fusion.scale={cfg.scale}",
-        ]
     if cfg.get("seeds"):
         knobs["evaluate"].append(f"seeds=[{','.join(str(s) for s in cfg.seeds)}]")
     return {stage: knobs[stage] + list(cfg.get(f"{stage}_overrides") or []) for stage in knobs}

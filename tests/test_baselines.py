@@ -176,7 +176,7 @@ def test_report_puts_every_method_in_the_table_and_tradeoff(baseline_cfg, tiny_m
         baseline_cfg(
             "methods=[fusion,word_filter,dexperts]",
             "alphas=[0,0.5]",
-            "methods.fusion.alignment=identity",
+            "fusion.alignment=identity",
             f"calibration_model={{name_or_path:'{tiny_model_dirs['llama']}',dtype:float32}}",
         )
     )

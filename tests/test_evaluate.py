@@ -160,7 +160,7 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating(eval_cfg, tmp_path,
 
 def test_alpha_zero_cells_are_shared_across_calibration_settings(eval_cfg):
     evaluate(eval_cfg("alphas=[0,0.5]"))
-    summary = evaluate(eval_cfg("alphas=[0,0.5]", "methods.fusion.layer_norm=none"))
+    summary = evaluate(eval_cfg("alphas=[0,0.5]", "fusion.layer_norm=none"))
     assert summary["reused"] == 1 and summary["computed"] == 1  # the target alone does not depend on fusion options
     again = evaluate(eval_cfg("methods=[none,fusion]", "alphas=[0]"))
     assert again["reused"] == 2 and again["computed"] == 0  # `none` is fusion at alpha 0: the same cell

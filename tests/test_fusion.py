@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from calibfuse.fusion.calibration import build_calibration_model
+from calibfuse.fusion.config import FusionConfig
 from calibfuse.fusion.decoding import GenerationSettings, choose
 from calibfuse.fusion.generator import FusedGenerator
 from calibfuse.models.lm import lm_head_logits
@@ -111,7 +112,7 @@ def test_fusion_changes_the_output(generator):
 def test_last_token_context_is_the_references_behaviour(calibration, tiny_model_dirs):
     target, tokenizer = load(tiny_model_dirs["mistral"])
     A = torch.randn(32, 32) / 4
-    reference = FusedGenerator(target, tokenizer, calibration[0], calibration[1], A, calibration_context="last_token")
+    reference = FusedGenerator(target, tokenizer, calibration[0], calibration[1], A, FusionConfig(calibration_context="last_token"))
     settings = GenerationSettings(max_new_tokens=5)
     steps = reference.trace(PROMPTS[:1], 0.5, settings)
     out = reference.generate(PROMPTS[:1], 0.5, settings)[0]
@@ -125,7 +126,7 @@ def test_last_token_context_is_the_references_behaviour(calibration, tiny_model_
 @torch.no_grad()
 def test_layer_norm_off_and_identity_alignment(calibration, tiny_model_dirs):
     target, tokenizer = load(tiny_model_dirs["mistral"])
-    plain = FusedGenerator(target, tokenizer, calibration[0], calibration[1], None, layer_norm="none")
+    plain = FusedGenerator(target, tokenizer, calibration[0], calibration[1], None, FusionConfig(layer_norm="none"))
     torch.testing.assert_close(plain.A, torch.eye(32))
     h_t, h_c = torch.randn(2, 32), torch.randn(2, 32)
     torch.testing.assert_close(plain.fuse(h_t, h_c, 0.25), 0.25 * h_c + 0.75 * h_t)
@@ -287,7 +288,7 @@ def test_target_rms_scale_variant_by_hand():
     h_t, h_c, A = torch.randn(3, 8) * 5, torch.randn(3, 4), torch.randn(4, 8)
     mapped = F.layer_norm(h_c @ A, (8,), eps=1e-5)
     rescaled = mapped * h_t.pow(2).mean(-1, keepdim=True).sqrt() / mapped.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
-    assert torch.allclose(fuse(h_t, h_c, A, 0.4, scale="target_rms"), 0.4 * rescaled + 0.6 * h_t, atol=1e-5)
+    assert torch.allclose(fuse(h_t, h_c, A, 0.4, FusionConfig(scale="target_rms")), 0.4 * rescaled + 0.6 * h_t, atol=1e-5)
     assert torch.allclose(rescaled.pow(2).mean(-1).sqrt(), h_t.pow(2).mean(-1).sqrt(), rtol=1e-4)
     assert torch.equal(fuse(h_t, h_c, A, 0.4), (0.4 * mapped + 0.6 * h_t))  # the faithful default is unchanged
 
@@ -298,8 +299,8 @@ def test_learned_scale_multiplies_the_normalised_calibration_state_by_its_gain()
     torch.manual_seed(0)
     h_t, h_c, A = torch.randn(2, 3, 8), torch.randn(2, 3, 6), torch.randn(6, 8)
     mapped = torch.nn.functional.layer_norm(h_c @ A, (8,), eps=1e-5)
-    assert torch.allclose(fuse(h_t, h_c, A, 0.3, scale="learned", gain=2.5), 0.3 * 2.5 * mapped + 0.7 * h_t, atol=1e-6)
-    assert torch.allclose(fuse(h_t, h_c, A, 0.3, scale="learned", gain=1.0), fuse(h_t, h_c, A, 0.3), atol=0)
+    assert torch.allclose(fuse(h_t, h_c, A, 0.3, FusionConfig(scale="learned"), gain=2.5), 0.3 * 2.5 * mapped + 0.7 * h_t, atol=1e-6)
+    assert torch.allclose(fuse(h_t, h_c, A, 0.3, FusionConfig(scale="learned"), gain=1.0), fuse(h_t, h_c, A, 0.3), atol=0)
 
 
 def test_affine_layer_norm_applies_its_weight_and_bias_per_dimension():
@@ -309,6 +310,6 @@ def test_affine_layer_norm_applies_its_weight_and_bias_per_dimension():
     h_t, h_c, A = torch.randn(2, 3, 8), torch.randn(2, 3, 6), torch.randn(6, 8)
     weight, bias = torch.rand(8) + 0.5, torch.randn(8)
     mapped = torch.nn.functional.layer_norm(h_c @ A, (8,), eps=1e-5)
-    fused = fuse(h_t, h_c, A, 0.3, layer_norm="affine", norm_affine=(weight, bias))
+    fused = fuse(h_t, h_c, A, 0.3, FusionConfig(layer_norm="affine"), norm_affine=(weight, bias))
     assert torch.allclose(fused, 0.3 * (mapped * weight + bias) + 0.7 * h_t, atol=1e-5)
-    assert torch.equal(fuse(h_t, h_c, A, 0.3, layer_norm="affine", norm_affine=(torch.ones(8), torch.zeros(8))), fuse(h_t, h_c, A, 0.3))
+    assert torch.equal(fuse(h_t, h_c, A, 0.3, FusionConfig(layer_norm="affine"), norm_affine=(torch.ones(8), torch.zeros(8))), fuse(h_t, h_c, A, 0.3))

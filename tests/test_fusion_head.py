@@ -59,6 +59,7 @@ def test_a_trained_head_lowers_the_fused_loss_and_is_an_alignment(alignment, tmp
 def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, tmp_path):
     """The alignment-space variant: A fitted in closed form on final hidden states of the same texts."""
     from calibfuse.fusion.artifacts import load_alignment
+    from calibfuse.fusion.config import FusionConfig
     from calibfuse.models.loading import load_model, load_tokenizer
     from calibfuse.stages.fusion_head import FusionHeadModule, fit_on_hidden_states
 
@@ -82,7 +83,7 @@ def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, 
     assert meta["fusion_head"]["init"] == "hidden_states"
     stage2, meta2 = load_alignment(alignment)
     paths = {role: meta2[role]["absolute_path"] for role in ("target", "calibration_model")}
-    module = FusionHeadModule(stage2, 0.5, "parameter_free", "none", 32, optimizer=None)
+    module = FusionHeadModule(stage2, 0.5, FusionConfig(), 32, optimizer=None)
     module.attach(
         load_model(paths["target"]), load_tokenizer(paths["target"]), load_model(paths["calibration_model"]), load_tokenizer(paths["calibration_model"])
     )
@@ -113,7 +114,7 @@ def test_learned_gain_and_a_push_away_from_toxic_completions(alignment, tmp_path
         "fusion_head",
         [
             *overrides,
-            "scale=learned",
+            "fusion.scale=learned",
             "toxic_data=garak_toxic",
             f"toxic_data.path={toxic}",
             "toxic_weight=5",
@@ -131,15 +132,16 @@ def test_learned_gain_and_a_push_away_from_toxic_completions(alignment, tmp_path
     nll = head["toxic_completion_nll"]
     assert head["toxic_loss"] == toxic_loss and head["toxic_rows"] == 48
     assert nll["fused_after"] > nll["fused_before"]  # the held-out toxic completions became less likely
+    from calibfuse.fusion.config import FusionConfig
     from calibfuse.fusion.decoding import GenerationSettings
     from calibfuse.fusion.generator import FusedGenerator
 
     paths = {role: meta[role]["absolute_path"] for role in ("target", "calibration_model")}
-    generator = FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], tmp_path / "head" / "alignment", scale="learned")
+    generator = FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], tmp_path / "head" / "alignment", FusionConfig(scale="learned"))
     assert generator.fusion.gain == pytest.approx(head["gain"])
     assert len(generator.generate(["The cook said"], alphas=[0.5], settings=GenerationSettings(max_new_tokens=3))) == 1
     with pytest.raises(ValueError, match="has no learned gain"):  # stage 2's alignment: no gain, so scale=learned cannot use it
-        FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, scale="learned")
+        FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, FusionConfig(scale="learned"))
     assert "norm_weight" not in load_file(tmp_path / "head" / "alignment" / "alignment.safetensors")
     with pytest.raises(ValueError, match="toxic_weight=-1; expected a number >= 0"):
         train_fusion_head(compose_config("fusion_head", [*overrides, "toxic_weight=-1", "logger=csv"], tmp_path / "bad"))
@@ -150,12 +152,13 @@ def test_affine_layer_norm_trains_with_a_and_fusion_reads_it(alignment, tmp_path
     and every reader of the alignment (the grid's fusion, FusedGenerator) applies them; a head's A and
     weights carry on when a second head starts from it."""
     from calibfuse.fusion.artifacts import alignment_norm_affine, load_alignment
+    from calibfuse.fusion.config import FusionConfig
     from calibfuse.fusion.decoding import GenerationSettings
     from calibfuse.fusion.generator import FusedGenerator
     from calibfuse.methods.fusion import Fusion
     from calibfuse.models.loading import ModelSpec
 
-    overrides = ["data=embedded_nontoxic", "alpha=0.5", "layer_norm=affine", "trainer.max_steps=8", "trainer.val_check_interval=8", "val_rows=8"]
+    overrides = ["data=embedded_nontoxic", "alpha=0.5", "fusion.layer_norm=affine", "trainer.max_steps=8", "trainer.val_check_interval=8", "val_rows=8"]
     overrides += ["max_length=32", "optimizer.lr=0.02", "logger=csv"]
     train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", *overrides], tmp_path / "head"))
     head_dir = tmp_path / "head" / "alignment"
@@ -166,15 +169,15 @@ def test_affine_layer_norm_trains_with_a_and_fusion_reads_it(alignment, tmp_path
     assert meta["fusion_head"]["val_fused_perplexity"] < meta["fusion_head"]["val_fused_perplexity_before"]
 
     paths = {role: meta[role]["absolute_path"] for role in ("target", "calibration_model")}
-    generator = FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], head_dir, layer_norm="affine")
+    generator = FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], head_dir, FusionConfig(layer_norm="affine"))
     assert torch.equal(generator.fusion.norm_affine[1], bias)
     assert len(generator.generate(["The cook said"], alphas=[0.5], settings=GenerationSettings(max_new_tokens=3))) == 1
-    fusion = Fusion([0.5], alignments={"t": str(head_dir)}, layer_norm="affine")
+    fusion = Fusion([0.5], alignments={"t": str(head_dir)}, config={"layer_norm": "affine"})
     fusion.prepare({"t": ModelSpec(paths["target"], dtype="float32")})
     assert torch.equal(fusion.plans["t"]["norm_affine"][0], weight)
 
-    with pytest.raises(ValueError, match="has no LayerNorm weight and bias; expected an alignment from calibfuse.fusion_head layer_norm=affine"):
-        FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, layer_norm="affine")
+    with pytest.raises(ValueError, match="has no LayerNorm weight and bias; expected an alignment from calibfuse.fusion_head fusion.layer_norm=affine"):
+        FusedGenerator.from_artifacts(paths["target"], paths["calibration_model"], alignment, FusionConfig(layer_norm="affine"))
     train_fusion_head(
         compose_config(
             "fusion_head",
@@ -184,6 +187,5 @@ def test_affine_layer_norm_trains_with_a_and_fusion_reads_it(alignment, tmp_path
     )
     again, _ = alignment_norm_affine(tmp_path / "again" / "alignment")
     assert (again - weight).abs().max() < 0.1  # one step on from the first head's weights, not from 1
-    identity = Fusion([0.5], layer_norm="affine", alignment="identity", calibration_model={"name_or_path": paths["calibration_model"]})
-    with pytest.raises(ValueError, match="layer_norm=affine need a fusion head's alignment .* alignment=identity has none"):
-        identity.prepare({"t": ModelSpec(paths["target"], dtype="float32")})
+    with pytest.raises(ValueError, match="layer_norm=affine need a fusion head's alignment .* fusion.alignment=identity has none"):  # before any model
+        Fusion([0.5], config={"layer_norm": "affine", "alignment": "identity"}, calibration_model={"name_or_path": paths["calibration_model"]})

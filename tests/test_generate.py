@@ -15,7 +15,7 @@ def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_t
             f"calibration_model.name_or_path={tiny_model_dirs['llama']}",
             f"target.name_or_path={tiny_target_dir}",
             f"alignment_dir={tiny_alignment}",
-            "fusion.alphas=[0,0.5]",
+            "alphas=[0,0.5]",
             "generation.max_new_tokens=5",
             "generation.do_sample=true",
             "generation.num_samples=2",
@@ -62,7 +62,7 @@ def test_shipped_challenge_set_reads_as_rtp():
 def test_generate_takes_the_calibration_model_the_alignment_records_and_prints(tiny_target_dir, tiny_alignment, tmp_path, capsys):
     cfg = compose_config(
         "generate",
-        [f"target.name_or_path={tiny_target_dir}", f"alignment_dir={tiny_alignment}", "fusion.alphas=[0,0.5]", "generation.max_new_tokens=3"],
+        [f"target.name_or_path={tiny_target_dir}", f"alignment_dir={tiny_alignment}", "alphas=[0,0.5]", "generation.max_new_tokens=3"],
         tmp_path / "run",
     )
     assert cfg.calibration_model.name_or_path is None  # not asked for: the alignment names it

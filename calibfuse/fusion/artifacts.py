@@ -85,7 +85,7 @@ def load_alignment(path: str | Path) -> tuple[torch.Tensor, dict]:
 
 
 def alignment_gain(path: str | Path, default: float | None = None) -> float:
-    """The scalar gain a fusion head learned with A (methods.fusion.scale=learned); `default` where there is
+    """The scalar gain a fusion head learned with A (fusion.scale=learned); `default` where there is
     none (else an error)."""
     directory = Path(path).expanduser()
     weights = (directory.parent if directory.is_file() else directory) / "alignment.safetensors"
@@ -94,8 +94,8 @@ def alignment_gain(path: str | Path, default: float | None = None) -> float:
         return default
     if "gain" not in tensors:
         raise ValueError(
-            f"alignment file {str(weights)!r} has no learned gain; expected an alignment from calibfuse.fusion_head scale=learned "
-            "(or methods.fusion.scale=none|target_rms)"
+            f"alignment file {str(weights)!r} has no learned gain; expected an alignment from calibfuse.fusion_head fusion.scale=learned "
+            "(or fusion.scale=none|target_rms)"
         )
     gain = float(tensors["gain"])
     if not math.isfinite(gain):
@@ -104,7 +104,7 @@ def alignment_gain(path: str | Path, default: float | None = None) -> float:
 
 
 def alignment_norm_affine(path: str | Path, required: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The LayerNorm weight and bias a fusion head learned with A (methods.fusion.layer_norm=affine); None
+    """The LayerNorm weight and bias a fusion head learned with A (fusion.layer_norm=affine); None
     where there are none and they are not `required` (else an error)."""
     directory = Path(path).expanduser()
     weights = (directory.parent if directory.is_file() else directory) / "alignment.safetensors"
@@ -114,12 +114,21 @@ def alignment_norm_affine(path: str | Path, required: bool = True) -> tuple[torc
     if "norm_weight" not in tensors or "norm_bias" not in tensors:
         raise ValueError(
             f"alignment file {str(weights)!r} has no LayerNorm weight and bias; expected an alignment from "
-            "calibfuse.fusion_head layer_norm=affine (or methods.fusion.layer_norm=parameter_free|none)"
+            "calibfuse.fusion_head fusion.layer_norm=affine (or fusion.layer_norm=parameter_free|none)"
         )
     affine = tensors["norm_weight"], tensors["norm_bias"]
     if not all(torch.isfinite(t).all() for t in affine):
         raise ValueError(f"alignment file {str(weights)!r} holds non-finite LayerNorm weights; expected finite values: train the head again")
     return affine
+
+
+def alignment_extras(path: str | Path, config) -> dict:
+    """What a FusionConfig needs from an alignment besides A: a fusion head's gain (scale=learned) and
+    LayerNorm weight and bias (layer_norm=affine); missing ones are named errors."""
+    return {
+        "gain": alignment_gain(path) if config.scale == "learned" else None,
+        "norm_affine": alignment_norm_affine(path) if config.layer_norm == "affine" else None,
+    }
 
 
 def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, object]) -> None:
@@ -133,7 +142,7 @@ def check_alignment_made_for(alignment, meta: dict, **models: tuple[ModelSpec, o
             raise ValueError(
                 f"alignment {str(alignment)!r} was made for {role_names.get(role, role)} {record['name_or_path']!r} ({recorded}), "
                 f"not for {spec.name_or_path!r} ({actual}); align these models first, or turn the check off: check_fingerprints=False "
-                "(methods.fusion.check_fingerprints=false in calibfuse.evaluate, fusion.check_fingerprints=false in calibfuse.generate)"
+                "(fusion.check_fingerprints=false)"
             )
 
 

@@ -13,11 +13,8 @@ also when the two models tokenize differently: the calibration model then reads 
 target has consumed through its own tokenizer. `calibration_context="last_token"` keeps the
 reference's behaviour (newest token only, position 0, no cache) for the ablation.
 
-    from calibfuse.fusion import FusedGenerator, GenerationSettings
-    generator = FusedGenerator.from_artifacts(target="smollm2-135m-instruct",
-                                              calibration="<pretrain run>/calibration_model",
-                                              alignment="<align run>/alignment")
-    rows = generator.generate(["You are such a"], alphas=[0.0, 0.3], settings=GenerationSettings(max_new_tokens=20))
+
+FusedGenerator (calibfuse.fusion.generator) puts it to work; FusionConfig (calibfuse.fusion.config) holds its options.
 """
 
 from __future__ import annotations
@@ -28,25 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from calibfuse.fusion.calibration import CalibrationStream
+from calibfuse.fusion.config import FusionConfig, check_alpha
 from calibfuse.fusion.decoding import DecodeState, forward_step
 from calibfuse.models.lm import final_hidden, positions_from_mask, same_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-CALIBRATION_CONTEXTS = ("full", "last_token")
-
-
-LAYER_NORMS = ("parameter_free", "none", "affine")  # affine: its weight and bias trained by calibfuse.fusion_head, stored with A
-
-
-SCALES = ("none", "target_rms", "learned")  # learned: a scalar gain trained by calibfuse.fusion_head, stored with A
-
-
-def check_alpha(alpha: float) -> float:
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha={alpha}; expected a weight in [0, 1] (0 = the target alone)")
-    return float(alpha)
+DEFAULT = FusionConfig()  # the faithful fusion
 
 
 def fuse(
@@ -54,9 +38,7 @@ def fuse(
     h_calibration: torch.Tensor,
     A: torch.Tensor,
     alpha: float,
-    layer_norm: str = "parameter_free",
-    eps: float = 1e-5,
-    scale: str = "none",
+    config: FusionConfig = DEFAULT,
     gain: float | torch.Tensor = 1.0,
     norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -66,6 +48,7 @@ def fuse(
     scale, so the same alpha mixes differently per target; rescale it to h_T's RMS at each position.
     scale="learned" (a variant): LN(h_c A) times `gain`, a scalar trained with A (calibfuse.fusion_head).
     layer_norm="affine" (a variant): the LayerNorm's elementwise weight and bias, `norm_affine`, trained with A."""
+    layer_norm, scale, eps = config.layer_norm, config.scale, config.layer_norm_eps
     mapped = h_calibration.float() @ A
     if layer_norm == "parameter_free":  # the reference's fresh nn.LayerNorm: weight 1, bias 0, never trained
         mapped = F.layer_norm(mapped, (mapped.shape[-1],), eps=eps)
@@ -90,19 +73,11 @@ class Calibration:
         alignment: torch.Tensor | None,
         target_tokenizer,
         target_width: int,
-        calibration_context: str = "full",
-        layer_norm: str = "parameter_free",
-        layer_norm_eps: float = 1e-5,
-        scale: str = "none",
+        config: FusionConfig = DEFAULT,
         gain: float | None = None,
         norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        if scale not in SCALES:
-            raise ValueError(f"scale={scale!r}; expected one of {list(SCALES)}")
-        if calibration_context not in CALIBRATION_CONTEXTS:
-            raise ValueError(f"calibration_context={calibration_context!r}; expected one of {list(CALIBRATION_CONTEXTS)}")
-        if layer_norm not in LAYER_NORMS:
-            raise ValueError(f"layer_norm={layer_norm!r}; expected one of {list(LAYER_NORMS)}")
+        layer_norm, scale = config.layer_norm, config.scale
         if scale == "learned" and gain is None:
             raise ValueError(
                 "scale='learned' needs the gain a fusion head learned (alignment.safetensors 'gain'); "
@@ -126,7 +101,7 @@ class Calibration:
             )
         self.model, self.tokenizer, self.target_tokenizer = model.eval(), tokenizer, target_tokenizer
         self.A = alignment.float().to(next(model.parameters()).device)
-        self.calibration_context, self.layer_norm, self.layer_norm_eps, self.scale = calibration_context, layer_norm, layer_norm_eps, scale
+        self.config = config
         self.shared_tokenizer = same_tokenizer(target_tokenizer, tokenizer)
         self.gain = 1.0 if gain is None else float(gain)
         self.norm_affine = None if layer_norm != "affine" else tuple(t.float().to(self.A.device) for t in norm_affine)
@@ -179,13 +154,13 @@ class FusionTransform:
     def start(self, state: DecodeState) -> None:
         c = self.calibration
         self.cache = self.stream = None
-        if not c.shared_tokenizer and c.calibration_context == "full" and state.use_cache:
+        if not c.shared_tokenizer and c.config.calibration_context == "full" and state.use_cache:
             self.stream = CalibrationStream(c.model, c.tokenizer, len(state.prompt_ids), state.input_ids.device)
 
     def calibration_state(self, state: DecodeState) -> torch.Tensor:
         """h_c at every row's newest position, by the configured context rule."""
         c = self.calibration
-        if c.calibration_context == "last_token" and state.step > 0:
+        if c.config.calibration_context == "last_token" and state.step > 0:
             return c.last_token_state(state.step_ids[:, -1])
         if c.shared_tokenizer:  # one to one: the same ids, mask and positions as the target
             h_c, self.cache = forward_step(c.model, state, self.cache)
@@ -198,4 +173,4 @@ class FusionTransform:
         if state.record is not None:
             state.record["h_calibration"] = h_c.float().cpu()
         c = self.calibration
-        return fuse(h_target, h_c, c.A, self.alpha, c.layer_norm, c.layer_norm_eps, c.scale, c.gain, c.norm_affine)
+        return fuse(h_target, h_c, c.A, self.alpha, c.config, c.gain, c.norm_affine)

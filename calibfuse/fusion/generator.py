@@ -1,23 +1,11 @@
-"""Stage 3: output-layer fusion at inference (docs/method.md, stage 3).
+"""Fused generation in one object: a target LM, an aligned calibration model and a FusionConfig.
 
-At every generated position the target's final hidden state h_T (after its final norm) is replaced by
-
-    h = alpha * LN(h_c A) + (1 - alpha) * h_T,        logits = lm_head_T(h)
-
-where h_c is the calibration model's last hidden state for the same text, A the stage-2 alignment
-and LN a parameter-free layer norm over d_T. Fusing in hidden space needs no second vocabulary
-projection and stays right for heads with soft-capping.
-
-Unlike the reference code, the calibration state covers the whole text so far (its own KV cache),
-also when the two models tokenize differently: the calibration model then reads the text the
-target has consumed through its own tokenizer. `calibration_context="last_token"` keeps the
-reference's behaviour (newest token only, position 0, no cache) for the ablation.
-
-    from calibfuse.fusion import FusedGenerator, GenerationSettings
-    generator = FusedGenerator.from_artifacts(target="smollm2-135m-instruct",
-                                              calibration="<pretrain run>/calibration_model",
-                                              alignment="<align run>/alignment")
-    rows = generator.generate(["You are such a"], alphas=[0.0, 0.3], settings=GenerationSettings(max_new_tokens=20))
+from calibfuse.fusion.decoding import GenerationSettings
+from calibfuse.fusion.generator import FusedGenerator
+generator = FusedGenerator.from_artifacts(target="smollm2-135m-instruct",
+                                          calibration="<pretrain run>/calibration_model",
+                                          alignment="<align run>/alignment")
+rows = generator.generate(["You are such a"], alphas=[0.0, 0.3], settings=GenerationSettings(max_new_tokens=20))
 """
 
 from __future__ import annotations
@@ -27,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from calibfuse.fusion.artifacts import alignment_gain, alignment_norm_affine, check_alignment_made_for, load_alignment
+from calibfuse.fusion.artifacts import alignment_extras, check_alignment_made_for, load_alignment
+from calibfuse.fusion.config import FusionConfig, check_alpha
 from calibfuse.fusion.decoding import Generation, GenerationSettings, decode, row_generators
-from calibfuse.fusion.fuse import Calibration, check_alpha, fuse
+from calibfuse.fusion.fuse import Calibration, fuse
 from calibfuse.fusion.target import TargetLM
 from calibfuse.models.loading import ModelSpec, as_spec, load_model, load_tokenizer
 
@@ -46,28 +35,15 @@ class FusedGenerator:
         calibration,
         calibration_tokenizer,
         alignment: torch.Tensor | None,  # (d_c, d_T); None = identity (needs d_c == d_T)
-        calibration_context: str = "full",
-        layer_norm: str = "parameter_free",
+        config: FusionConfig | None = None,
         prompt_format: str = "raw",
-        layer_norm_eps: float = 1e-5,
-        scale: str = "none",
-        gain: float | None = None,
-        norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+        gain: float | None = None,  # scale="learned": the gain a fusion head learned
+        norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None,  # layer_norm="affine": its LayerNorm weight and bias
     ):
+        self.config = FusionConfig.of(config)
         self.target_lm = TargetLM(target, target_tokenizer, prompt_format)
-        self.fusion = Calibration(
-            calibration,
-            calibration_tokenizer,
-            alignment,
-            target_tokenizer,
-            target.config.hidden_size,
-            calibration_context,
-            layer_norm,
-            layer_norm_eps,
-            scale,
-            gain,
-            norm_affine,
-        )
+        width = target.config.hidden_size
+        self.fusion = Calibration(calibration, calibration_tokenizer, alignment, target_tokenizer, width, self.config, gain, norm_affine)
         self.target, self.target_tokenizer = self.target_lm.model, target_tokenizer
         self.calibration, self.calibration_tokenizer = self.fusion.model, calibration_tokenizer
         self.shared_tokenizer = self.fusion.shared_tokenizer
@@ -78,22 +54,22 @@ class FusedGenerator:
         target: ModelSpec | dict | str,
         calibration: ModelSpec | dict | str,
         alignment: str | Path | None,
-        check_fingerprints: bool = True,
-        **options,
+        config: FusionConfig | dict | None = None,
+        prompt_format: str = "raw",
     ) -> FusedGenerator:
-        """Load target, calibration model and alignment; refuse an alignment made for other models."""
+        """Load target, calibration model and alignment (with what `config` needs from it: a head's gain or
+        LayerNorm weights); refuse an alignment made for other models."""
+        config = FusionConfig.of(config)
         target_spec, calibration_spec = as_spec(target), as_spec(calibration)
         target_model, calibration_model = load_model(target_spec), load_model(calibration_spec)
-        A = None
+        A, extras = None, {}
         if alignment is not None:
             A, meta = load_alignment(alignment)
-            if check_fingerprints:
+            if config.check_fingerprints:
                 check_alignment_made_for(alignment, meta, calibration=(calibration_spec, calibration_model), target=(target_spec, target_model))
-            if options.get("scale") == "learned":
-                options["gain"] = alignment_gain(alignment)
-            if options.get("layer_norm") == "affine":
-                options["norm_affine"] = alignment_norm_affine(alignment)
-        return cls(target_model, load_tokenizer(target_spec), calibration_model, load_tokenizer(calibration_spec), A, **options)
+            extras = alignment_extras(alignment, config)
+        tokenizers = load_tokenizer(target_spec), load_tokenizer(calibration_spec)
+        return cls(target_model, tokenizers[0], calibration_model, tokenizers[1], A, config, prompt_format, **extras)
 
     @property
     def A(self) -> torch.Tensor:
@@ -115,7 +91,7 @@ class FusedGenerator:
 
     def fuse(self, h_target: torch.Tensor, h_calibration: torch.Tensor, alpha: float) -> torch.Tensor:
         f = self.fusion
-        return fuse(h_target, h_calibration, self.A, alpha, f.layer_norm, f.layer_norm_eps, f.scale, f.gain, f.norm_affine)
+        return fuse(h_target, h_calibration, self.A, alpha, self.config, f.gain, f.norm_affine)
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         return self.target_lm.prompt_ids(prompts)

@@ -4,13 +4,14 @@ same alignments as fusion (each records the calibration model it was made with).
 
 from __future__ import annotations
 
+from calibfuse.fusion.config import FusionConfig
 from calibfuse.fusion.target import TargetLM
 from calibfuse.methods.fusion import Fusion
 
 
 class CalibrationAlone(Fusion):
-    def __init__(self, alignments: dict | None = None, calibration_model: dict | None = None, check_fingerprints: bool = True):
-        super().__init__(alphas=[0.0], alignments=alignments, calibration_model=calibration_model, check_fingerprints=check_fingerprints)
+    def __init__(self, alignments: dict | None = None, calibration_model: dict | None = None, config: FusionConfig | dict | None = None):
+        super().__init__(alphas=[0.0], alignments=alignments, calibration_model=calibration_model, config=config)
         self.lm: TargetLM | None = None
 
     def identity(self, target: str, strength: float) -> dict | None:

@@ -9,15 +9,14 @@ import math
 from numbers import Real
 from pathlib import Path
 
-from calibfuse.fusion.artifacts import alignment_gain, alignment_norm_affine, check_alignment_made_for, load_alignment, recorded_model
-from calibfuse.fusion.fuse import CALIBRATION_CONTEXTS, LAYER_NORMS, SCALES, Calibration, check_alpha
+from calibfuse.fusion.artifacts import alignment_extras, check_alignment_made_for, load_alignment, recorded_model
+from calibfuse.fusion.config import FusionConfig, check_alpha
+from calibfuse.fusion.fuse import Calibration
 from calibfuse.methods import Method
 from calibfuse.models.loading import ModelSpec, as_spec, fingerprint, runtime_identity
 from calibfuse.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
-
-ALIGNMENTS = ("learned", "identity")
 
 
 def checked_alphas(alphas: list[float]) -> list[float]:
@@ -33,29 +32,10 @@ def checked_alphas(alphas: list[float]) -> list[float]:
 
 
 class Fusion(Method):
-    def __init__(
-        self,
-        alphas: list[float],
-        alignments: dict | None = None,
-        calibration_model: dict | None = None,
-        calibration_context: str = "full",
-        layer_norm: str = "parameter_free",
-        alignment: str = "learned",
-        check_fingerprints: bool = True,
-        scale: str = "none",
-    ):
+    def __init__(self, alphas: list[float], alignments: dict | None = None, calibration_model: dict | None = None, config: FusionConfig | dict | None = None):
         self.alphas = checked_alphas(alphas)
-        for option, value, allowed in (
-            ("calibration_context", calibration_context, CALIBRATION_CONTEXTS),
-            ("layer_norm", layer_norm, LAYER_NORMS),
-            ("alignment", alignment, ALIGNMENTS),
-            ("scale", scale, SCALES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"methods.fusion.{option}={value!r}; expected one of {list(allowed)}")
+        self.config = FusionConfig.of(config)
         self.alignments, self.calibration_model = dict(alignments or {}), calibration_model
-        self.calibration_context, self.layer_norm, self.alignment = calibration_context, layer_norm, alignment
-        self.check_fingerprints, self.scale = check_fingerprints, scale
         self.plans: dict[str, dict] = {}
         self.targets: dict[str, ModelSpec] = {}
         self.calibration: Calibration | None = None
@@ -70,14 +50,9 @@ class Fusion(Method):
 
     def _plan(self, name: str, spec: ModelSpec) -> dict:
         """The target's alignment and calibration model, read from their files; nothing loaded."""
-        if self.alignment == "identity":  # the ablation: no learned map (equal widths only)
-            if self.scale == "learned" or self.layer_norm == "affine":
-                raise ValueError(
-                    f"methods.fusion.scale={self.scale}, layer_norm={self.layer_norm}: scale=learned and layer_norm=affine need a fusion "
-                    "head's alignment (its gain, its LayerNorm weights); alignment=identity has none"
-                )
+        if self.config.alignment == "identity":  # the ablation: no learned map (equal widths only)
             if self.calibration_model is None:
-                raise ValueError("methods.fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
+                raise ValueError("fusion.alignment=identity needs calibration_model.name_or_path: there is no alignment to read it from")
             calibration = as_spec(self.calibration_model)
             return {
                 "A": None,
@@ -112,13 +87,12 @@ class Fusion(Method):
                 cache_dir=spec.cache_dir,
             )
         calibration_fingerprint = fingerprint(calibration)
-        if self.check_fingerprints:  # local weights are hashed without loading: a wrong pairing fails now, not after loading
+        if self.config.check_fingerprints:  # local weights are hashed without loading: a wrong pairing fails now, not after loading
             local = {role: (model, None) for role, model in (("calibration", calibration), ("target", spec)) if fingerprint(model).startswith("sha256:")}
             check_alignment_made_for(directory, meta, **local)
         return {
             "A": A,
-            "gain": alignment_gain(directory) if self.scale == "learned" else None,
-            "norm_affine": alignment_norm_affine(directory) if self.layer_norm == "affine" else None,
+            **alignment_extras(directory, self.config),
             "meta": meta,
             "alignment": str(directory),
             "alignment_sha256": sha256_file(directory / "alignment.safetensors"),
@@ -133,14 +107,14 @@ class Fusion(Method):
         return {
             "calibration": plan["calibration_fingerprint"],
             "alignment": plan["alignment_sha256"],
-            "calibration_context": self.calibration_context,
-            "layer_norm": self.layer_norm,
-        } | ({"scale": self.scale} if self.scale != "none" else {})
+            "calibration_context": self.config.calibration_context,
+            "layer_norm": self.config.layer_norm,
+        } | ({"scale": self.config.scale} if self.config.scale != "none" else {})
 
     def bind(self, target, target_lm, models) -> None:
         plan = self.plans[target]
         model, tokenizer = models.get(plan["calibration"])
-        if self.check_fingerprints and plan["meta"] is not None:
+        if self.config.check_fingerprints and plan["meta"] is not None:
             check_alignment_made_for(plan["alignment"], plan["meta"], calibration=(plan["calibration"], model), target=(self.targets[target], target_lm.model))
         self.calibration = Calibration(
             model,
@@ -148,9 +122,7 @@ class Fusion(Method):
             plan["A"],
             target_lm.tokenizer,
             target_lm.model.config.hidden_size,
-            self.calibration_context,
-            self.layer_norm,
-            scale=self.scale,
+            self.config,
             gain=plan.get("gain"),
             norm_affine=plan.get("norm_affine"),
         )

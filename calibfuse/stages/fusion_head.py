@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibfuse.fusion.artifacts import model_record
-from calibfuse.fusion.fuse import check_alpha, fuse
+from calibfuse.fusion.config import FusionConfig, check_alpha
+from calibfuse.fusion.fuse import fuse
 from calibfuse.models.lm import final_hidden, lm_head_logits
 from calibfuse.stages.export import ExportArtifact
 
@@ -58,8 +59,7 @@ class FusionHeadModule(L.LightningModule):
         self,
         A: torch.Tensor,
         alpha: float,
-        layer_norm: str,
-        scale: str,
+        fusion: FusionConfig,
         max_length: int,
         optimizer,
         gain: float = 1.0,
@@ -70,13 +70,13 @@ class FusionHeadModule(L.LightningModule):
     ):
         super().__init__()
         self.A = torch.nn.Parameter(A.detach().clone().float())
-        self.log_gain = torch.nn.Parameter(torch.tensor(math.log(gain))) if scale == "learned" else None
-        if layer_norm == "affine":  # from a head's earlier weights, else the parameter-free LN's (1, 0)
+        self.log_gain = torch.nn.Parameter(torch.tensor(math.log(gain))) if fusion.scale == "learned" else None
+        if fusion.layer_norm == "affine":  # from a head's earlier weights, else the parameter-free LN's (1, 0)
             weight, bias = norm_affine if norm_affine is not None else (torch.ones(A.shape[1]), torch.zeros(A.shape[1]))
             self.norm_weight, self.norm_bias = (torch.nn.Parameter(t.detach().clone().float()) for t in (weight, bias))
         else:
             self.norm_weight = self.norm_bias = None
-        self.alpha, self.layer_norm, self.scale, self.max_length = check_alpha(alpha), layer_norm, scale, max_length
+        self.alpha, self.fusion, self.max_length = check_alpha(alpha), fusion, max_length
         self.optimizer_factory, self.toxic_weight = optimizer, toxic_weight
         self.toxic_loss, self.margin = toxic_loss, margin
         self.frozen: dict = {}
@@ -122,7 +122,7 @@ class FusionHeadModule(L.LightningModule):
         (with_target) log p_target, without gradient."""
         h_t, h_c, ids, mask = self._states(texts)
         alpha = self.alpha if alpha is None else alpha
-        fused = fuse(h_t, h_c, self.A, alpha, layer_norm=self.layer_norm, scale=self.scale, gain=self.gain, norm_affine=self.norm_affine) if alpha > 0 else h_t
+        fused = fuse(h_t, h_c, self.A, alpha, self.fusion, self.gain, self.norm_affine) if alpha > 0 else h_t
 
         def logprobs(hidden):
             logits = lm_head_logits(self.frozen["target"], hidden.float()).float()[:, :-1]
@@ -198,8 +198,8 @@ class ExportFusionHead(ExportArtifact):
         after = trainer.callback_metrics["val/fused_loss"].item()
         head = {
             "alpha": pl_module.alpha,
-            "layer_norm": pl_module.layer_norm,
-            "scale": pl_module.scale,
+            "layer_norm": pl_module.fusion.layer_norm,
+            "scale": pl_module.fusion.scale,
             "gain": gain,
             "initial_alignment": str(self.stage2_dir.resolve()),
             "init": self.config.get("init", "stage2"),
