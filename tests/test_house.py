@@ -24,9 +24,12 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 def imports_of(name: str) -> set[str]:
     """The calibfuse modules `name` imports, lazily or not (a `from package import module` counts the module)."""
-    path = MODULES[name]
+    tree = ast.parse(MODULES[name].read_text())
+    for node in ast.walk(tree):  # imports for annotations only never run: not part of the house
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            node.body = []
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             candidates = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

@@ -75,10 +75,12 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     near_zero = [r["continuation"] for r in rows if r["alpha"] == 0.001]
     assert near_zero == [g.continuation for g in greedy]  # the processor ran: temperature -> 0 is greedy
     assert near_zero != [r["continuation"] for r in rows if r["alpha"] == 1.0]
-    # The report places it like any method: in the frontier's candidates and, when judged, in goal.md.
+    # The report places it like any method: its role (Method.role, "method" unless it says otherwise) puts it
+    # in the frontier's candidates and in goal.md, judged, with no report option naming it.
     from calibfuse.reporting.report import build_report
 
-    report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.001, goal={"method": "temperature", "baselines": []}, resamples=50)
+    assert {c["role"] for c in cells if not c["target_alone"]} == {"method"}
+    report = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.001, resamples=50)
     labels = {r["label"] for r in report["summary"]}
     assert labels == {"target alone", "temperature α=0.001", "temperature α=1"}
     assert report["goal"].startswith("The goal for temperature") and "| tiny | " in report["goal"]
@@ -117,3 +119,14 @@ def test_the_calibration_model_alone_is_a_row_of_its_own(tiny_model_dirs, tiny_t
     )[0]
     mine = next(r for r in rows if r["method"] == "calibration_alone" and r["prompt"] == rows[0]["prompt"])
     assert mine["continuation"] == expected.continuation  # exactly the calibration model's own greedy continuation
+
+
+def test_built_in_roles_agree_with_each_class(tmp_path):
+    """Old grids are read by BUILT_IN_ROLES; every built-in method's class must say the same role."""
+    from hydra.utils import get_class
+
+    from calibfuse.methods import BUILT_IN_ROLES
+
+    for name, expected in BUILT_IN_ROLES.items():
+        cfg = compose_config("evaluate", [f"methods=[{name}]"], tmp_path / name)
+        assert get_class(cfg.methods[name]._target_).role == expected, name

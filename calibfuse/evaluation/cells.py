@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from calibfuse.methods import Method
 from calibfuse.utils.files import sha256_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ class Cell:
     seed: int
     key: str  # sha256 of everything that decides the cell's rows
     target_alone: bool = False  # the method leaves the target as it is (`none`, fusion at alpha 0)
+    role: str = "method"  # what the method says it is to the report (calibfuse.methods.Method.role)
 
     @property
     def name(self) -> str:
         """Its dir in the cell store; cells of the target alone are one cell, whichever method asks."""
-        label = "none" if self.target_alone else self.method
+        label = Method.name if self.target_alone else self.method
         return f"{self.target}_{label}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
 
 
@@ -44,7 +46,7 @@ def cell_key(target: dict, method: str, identity: dict | None, alpha: float, see
     shares (decoding, prompts, prompt format, scorer, reference LM, accelerator and precision)."""
     alone = identity is None
     return sha256_json(
-        {"format": CELL_FORMAT, "target": target, "method": "none" if alone else method, "identity": identity, "alpha": alpha, "seed": seed, **context}
+        {"format": CELL_FORMAT, "target": target, "method": Method.name if alone else method, "identity": identity, "alpha": alpha, "seed": seed, **context}
     )
 
 

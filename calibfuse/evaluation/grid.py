@@ -134,7 +134,7 @@ def run_target(run: GridRun, name: str) -> None:
         for alpha in method.strengths():
             for seed in run.seeds:
                 identity = method.identity(name, alpha)
-                cell = Cell(name, method.name, alpha, seed, cell_key(target, method.name, identity, alpha, seed, run.context), target_alone=identity is None)
+                cell = Cell(name, method.name, alpha, seed, cell_key(target, method.name, identity, alpha, seed, run.context), identity is None, method.role)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
                 # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
@@ -197,6 +197,7 @@ def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
         "degenerate": is_degenerate(metrics, **protocol.degenerate),
         "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"),
         "target_alone": cell.target_alone,
+        "role": cell.role,
         "cell": cell.name,
     }
     run.grid.append(row)

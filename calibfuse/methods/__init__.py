@@ -9,14 +9,36 @@ The decode loop itself (calibfuse.fusion.decoding) is the same for all of them.
 
 from __future__ import annotations
 
-from calibfuse.fusion.target import TargetLM
-from calibfuse.models.loading import ModelCache, ModelSpec
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the base class stays on a low floor, below the grid that reads its role
+    from calibfuse.fusion.target import TargetLM
+    from calibfuse.models.loading import ModelCache, ModelSpec
+
+# The built-in methods' roles (each class says its own; tests/test_methods.py checks the two agree), for
+# grids written before cells recorded a role. A method not listed is a "method", as the class default.
+BUILT_IN_ROLES = {
+    "fusion": "method",
+    "calibration_alone": "diagnostic",
+    "null_calibration": "diagnostic",
+    "word_filter": "baseline",
+    "prompting": "baseline",
+    "dexperts": "baseline",
+}
+
+
+def role_of(row: dict) -> str:
+    """A grid row's method role: the one it recorded, else the built-in method's, else "method"."""
+    return row.get("role") or BUILT_IN_ROLES.get(row["method"], "method")
 
 
 class Method:
     """The target alone: the base every method extends, and the `none` method itself."""
 
     name = "none"  # the key of its config under `methods`
+    # What it is to the report and the verdict: "method" (judged: the goal is asked of it), "baseline" (what
+    # a judged method must beat), "diagnostic" (a row shown, never judged). Written into every grid cell.
+    role = "method"
 
     def strengths(self) -> list[float]:
         """The strengths it runs at (fusion's alphas, DExperts' alphas); one cell each."""

@@ -10,6 +10,8 @@ from calibfuse.methods.fusion import Fusion
 
 
 class CalibrationAlone(Fusion):
+    role = "diagnostic"  # what fusion mixes in, shown beside it
+
     def __init__(self, alignments: dict | None = None, calibration_model: dict | None = None, config: FusionConfig | dict | None = None):
         super().__init__(alphas=[0.0], alignments=alignments, calibration_model=calibration_model, config=config)
         self.lm: TargetLM | None = None

@@ -40,6 +40,8 @@ class DExpertsProcessor(LogitsProcessor):
 
 
 class DExperts(Method):
+    role = "baseline"
+
     def __init__(self, alphas: list[float] = (2.0,), expert: dict | None = None, anti_expert: dict | None = None):
         if not alphas:
             raise ValueError("methods.dexperts.alphas=[]; expected at least one strength, e.g. [2.0]")

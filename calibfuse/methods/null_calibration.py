@@ -15,6 +15,8 @@ from calibfuse.methods.fusion import checked_alphas
 
 
 class NullCalibration(Method):
+    role = "diagnostic"  # fusion's alpha without the calibration model
+
     def __init__(self, alphas: list[float]):
         self.alphas = checked_alphas(alphas)
 

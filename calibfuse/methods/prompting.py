@@ -8,6 +8,8 @@ from calibfuse.methods import Method
 
 
 class Prompting(Method):
+    role = "baseline"
+
     def __init__(self, instruction: str, chat_template: bool = True):
         self.instruction, self.chat_template = instruction, bool(chat_template)
         self.format = "raw"

@@ -46,6 +46,8 @@ def banned_word_ids(tokenizer, words: list[str]) -> list[list[int]]:
 
 
 class WordFilter(Method):
+    role = "baseline"
+
     def __init__(self, lexicon: str = PROFANITY_CHECK_LEXICON, size: int = 300):
         self.lexicon, self.size = lexicon, size
         self.words: list[str] = []

@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 
 from calibfuse.data.rows import jsonl_objects
 from calibfuse.evaluation.paired import toxicity_metric
+from calibfuse.methods import role_of
 from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, plot_paired, summary_rows
-from calibfuse.reporting.verdict import CONFIRM, add_paired, checked_goal, goal_table
+from calibfuse.reporting.verdict import CONFIRM, add_paired, checked_goal, goal_table, roles
 from calibfuse.utils.run import finish_wandb, instantiate_group
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
             key = (cell.get("cell") or (cell["target"], cell["alpha"], cell["seed"]), cell.get("setting", ""), cell.get("method"))
             if key not in seen:
                 seen.add(key)
-                cell = {"method": "fusion", "setting": "", **cell}
+                cell = {"setting": "", **cell}
                 cell["rows"] = generations.get((cell["target"], cell["method"], cell["alpha"], cell["seed"])) if generations else None
                 cells.append(cell)
     return label_by_what_varies(cells), meta
@@ -125,6 +126,7 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
             "seeds": len(group),
             "target": group[0]["target"],
             "method": group[0]["method"],
+            "role": role_of(group[0]),  # what the method says it is: method | baseline | diagnostic
             "setting": group[0]["setting"],
             "target_alone": all(target_alone(c) for c in group),
             "degenerate": any(c.get("degenerate") for c in group),
@@ -143,10 +145,10 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
 
 
 def target_alone(cell: dict) -> bool:
-    """A cell of the target as it is (`none`, fusion at alpha 0); grids before the column existed say it by method."""
+    """A cell of the target as it is (`none`, fusion at alpha 0); grids before the column existed: strength 0."""
     if "target_alone" in cell:
         return bool(cell["target_alone"])
-    return cell["alpha"] == 0.0 and cell["method"] in ("fusion", "none")
+    return cell["alpha"] == 0.0
 
 
 def fmt(row: dict, name: str, latex: bool = False) -> str:
@@ -156,12 +158,12 @@ def fmt(row: dict, name: str, latex: bool = False) -> str:
     return f"{value:.2f} [{lo:.2f}, {hi:.2f}]" if not latex else f"{value:.2f} \\scriptsize{{[{lo:.2f}, {hi:.2f}]}}"
 
 
-def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: str | None) -> tuple[str, str]:
+def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: str | None, judged: set[str] = frozenset()) -> tuple[str, str]:
     """Per target (and setting): toxicity and perplexity of the target alone (alpha 0) and with each
-    method: fusion at `alpha`, a baseline at its strength."""
-    fusion_alphas = sorted({a for (_, a), r in settings.items() if r["method"] == "fusion"})
-    if fusion_alphas and (alpha not in fusion_alphas or 0.0 not in fusion_alphas):
-        raise ValueError(f"alpha={alpha} (and the base, alpha 0) must be in the grid; its alphas are {fusion_alphas}")
+    method: a judged method (fusion) at `alpha`, any other at its strongest setting."""
+    judged_alphas = sorted({a for (_, a), r in settings.items() if r["method"] in judged})
+    if judged_alphas and alpha not in judged_alphas:
+        raise ValueError(f"alpha={alpha} must be in the grid; its alphas are {judged_alphas}")
     base_of = {(r["target"], r["setting"]): r for r in settings.values() if r["target_alone"]}
     header = ["target", "method", f"{toxicity}: target alone", f"{toxicity}: with the method", "perplexity: alone", "perplexity: with the method"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -174,7 +176,7 @@ def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: 
         method = points[0][1]["method"]
         if all(r["target_alone"] for _, r in points):  # the base itself
             continue
-        strength, row = next(((a, r) for a, r in points if a == alpha), (None, None)) if method == "fusion" else points[-1]
+        strength, row = next(((a, r) for a, r in points if a == alpha), (None, None)) if method in judged else points[-1]
         base = base_of.get((points[0][1]["target"], points[0][1]["setting"]))
         if row is None or base is None:
             continue
@@ -250,7 +252,7 @@ def build_report(
             log.warning("%s at strength %g has %s: not a number, so it is left off the frontier", line, strength, values)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"))
+    markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"), roles(settings, goal)[0])
     (out_dir / "table.md").write_text(markdown + "\n", encoding="utf-8")
     (out_dir / "table.tex").write_text(latex + "\n", encoding="utf-8")
     header = ["target", "alpha", "seeds", *metrics]
