@@ -2,6 +2,7 @@
 
     python benchmarks/align_negative_sampling.py                     # SmolLM2 -> Gemma-3-270M vocabularies
     python benchmarks/align_negative_sampling.py --target smollm2-135m-instruct
+    python benchmarks/align_negative_sampling.py --smoke            # CI: SmolLM2 with itself, 256 tokens, one repeat (seconds)
 
 Runs one epoch over the whole shared vocabulary (K=10 negatives, batch 32) both ways, in one
 process, and prints both times and their ratio: first the sampling alone (the part that differs;
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 from calibfuse.models.vocabulary import shared_vocabulary
 from calibfuse.stages.align import AlignmentModule, embedding_rows, sample_negatives
+from calibfuse.utils.run import quiet_libraries
 
 
 def batches_bulk(module, batch_size, num_negatives, seed):
@@ -66,12 +68,17 @@ def training_epoch(module, optimizer, batches):
 
 
 def main():
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibration", default="smollm2-135m-instruct")
     parser.add_argument("--target", default="gemma3-270m")
     parser.add_argument("--num-negatives", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=None, help="use only the first N shared tokens (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, not the speed-up")
     args = parser.parse_args()
+    if args.smoke:
+        args.target, args.tokens = args.calibration, 256
 
     calibration_spec, target_spec = ModelSpec(args.calibration, dtype="float32"), ModelSpec(args.target, dtype="float32")
     vocabulary = shared_vocabulary(load_tokenizer(calibration_spec), load_tokenizer(target_spec))
@@ -82,13 +89,13 @@ def main():
         f"K={args.num_negatives}, batch {args.batch_size}, {torch.get_num_threads()} threads"
     )
 
-    for what, epoch, repeats in [("sampling only", sampling_epoch, 5), ("training epoch", training_epoch, 1)]:
+    for what, epoch, repeats in [("sampling only", sampling_epoch, 1 if args.smoke else 5), ("training epoch", training_epoch, 1)]:
         times = {}
         for name, batches in [("bulk", batches_bulk), ("per token", batches_per_token)]:
             best = float("inf")
             for repeat in range(repeats):  # the fastest of a few: this machine is noisy
                 torch.manual_seed(repeat)
-                module = AlignmentModule(x, y, torch.arange(len(vocabulary)), args.num_negatives)
+                module = AlignmentModule(x, y, torch.arange(len(vocabulary))[: args.tokens], args.num_negatives)
                 optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
                 started = time.perf_counter()
                 epoch(module, optimizer, batches(module, args.batch_size, args.num_negatives, seed=repeat))

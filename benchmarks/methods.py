@@ -3,6 +3,7 @@ to the target alone, peak memory, and toxicity and perplexity at each method's d
 
     python benchmarks/methods.py                          # SmolLM2 target, shipped challenge set, paper protocol
     python benchmarks/methods.py --target gemma3-270m --alpha 0.3
+    python benchmarks/methods.py --smoke --out /tmp/methods_smoke   # CI: 1-layer stage 1 and stage 2 of 2 steps, 2 prompts x 2 tokens
 
 Runs calibfuse.pipeline (stages 1-2 are built once and reused from outputs/pipeline/stages/; the
 grid's cells are all generated afresh, in this run) with
@@ -20,19 +21,28 @@ import shutil
 import time
 from pathlib import Path
 
+from calibfuse.utils.run import quiet_libraries
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def listed(items: list[str]) -> str:
+    """Overrides as one override's value (a pipeline's `<stage>_overrides`)."""
+    return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+
 def main():
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2-135m-instruct")
     parser.add_argument("--alpha", type=float, default=0.3, help="fusion's alpha")
     parser.add_argument("--expert", default=None, help="DExperts expert (a model sharing the target's tokenizer)")
     parser.add_argument("--anti-expert", default=None)
     parser.add_argument("--out", default="outputs/benchmarks/methods")
+    parser.add_argument("--smoke", action="store_true", help="tiny stages and grid in --out: checks the script runs, not the methods")
     args = parser.parse_args()
 
     from hydra import compose, initialize_config_dir
@@ -43,26 +53,39 @@ def main():
     experts = [f"methods.dexperts.expert.name_or_path={args.expert}", f"methods.dexperts.anti_expert.name_or_path={args.anti_expert}"]
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)  # every method's cell is generated in this run, none reused from earlier ones
+    smoke = []
+    if args.smoke:  # its own stage store: the main job's stages are never replaced by these
+        tiny = ["logger=csv", "trainer.max_steps=2"]
+        pretrain = ["data=embedded_nontoxic", "data.max_examples=16", "data.batch_size=4", *tiny]
+        evaluate = ["prompts.limit=2", "protocol.generation.max_new_tokens=2"]
+        smoke = [
+            f"stage_store={out / 'stages'}",
+            "calibration_layers=1",
+            f"pretrain_overrides={listed(pretrain)}",
+            f"align_overrides={listed([*tiny, '++trainer.val_check_interval=2', '++trainer.limit_val_batches=2'])}",
+        ]
     started = time.time()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         # Warm-up: the first pass over the prompts pays CPU kernel set-up for every new shape (~20 s
         # here); a throwaway run of the target alone keeps that out of the measured cells.
-        for store, run_methods, run_dir in ((out / "warmup_cells", ["none"], out / "warmup"), (out / "cells", methods, out)):
-            extra = [f"cell_store={store}"] + (experts if "dexperts" in run_methods else [])
+        runs = ((out / "warmup_cells", ["none"], out / "warmup"), (out / "cells", methods, out))
+        for store, run_methods, run_dir in runs[1:] if args.smoke else runs:
+            extra = [f"cell_store={store}"] + (experts if "dexperts" in run_methods else []) + (["logger=csv", *evaluate] if args.smoke else [])
             cfg = compose(
                 "pipeline",
                 overrides=[
                     f"targets=[{args.target}]",
                     f"alphas=[0,{args.alpha}]",
                     f"report.alpha={args.alpha}",
-                    f"methods=[{','.join(run_methods)}]",
-                    "evaluate_overrides=[" + ",".join(f"'{o}'" for o in extra) + "]",
+                    f"method_names=[{','.join(run_methods)}]",
+                    f"evaluate_overrides={listed(extra)}",
+                    *smoke,
                 ],
             )
             cfg.paths.output_dir = str(run_dir)
             pipeline(cfg)
     grid = json.loads((out / "evaluate" / "grid.json").read_text())
-    cells = [c for c in grid["cells"] if not (c["method"] == "fusion" and c["alpha"] == 0)]  # the same cell as `none`
+    cells = [c for c in grid["cells"] if not (c["target_alone"] and c["method"] != "none")]  # fusion at alpha 0: the same cell as `none`
     base = next(c for c in cells if c["method"] == "none")
     metrics = [m for m in grid["metrics"] if m != "perplexity"][:1] + ["perplexity"]
     print(f"\n{args.target}, {grid['prompts']} prompts, {grid['protocol']} protocol, scorer {grid['scorer']} (whole run {time.time() - started:.0f} s)\n")

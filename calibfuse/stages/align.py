@@ -192,6 +192,11 @@ class ExportAlignment(ExportArtifact):
 
     def write(self, trainer, pl_module, A: torch.Tensor) -> dict:
         metrics = trainer.callback_metrics
+        if "val/top1" not in metrics:  # an alignment is only written with its held-out check
+            raise ValueError(
+                f"stage 2 ended after {trainer.global_step} steps without a held-out check (val/top1); expected a run that validates: "
+                "trainer.val_check_interval <= trainer.max_steps, or whole epochs"
+            )
         save_file(
             {"A": A, "calibration_ids": self.vocabulary.calibration_ids, "target_ids": self.vocabulary.target_ids},
             self.out_dir / "alignment.safetensors",
