@@ -26,8 +26,6 @@ def test_every_benchmark_is_covered():
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_benchmark_runs_in_smoke_mode(script, tmp_path):
     extra = ["--out", str(tmp_path / "out")] if script == "methods.py" else []
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert EXPECTED[script] in result.stdout, result.stdout[-3000:]
