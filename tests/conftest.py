@@ -67,7 +67,7 @@ def train_tiny_tokenizer(out: Path, style: str = "byte_level", vocab_size: int =
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
         tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
-        alphabet = []
+        alphabet = ["\n"]  # as a real SentencePiece covers it (byte fallback): a dropped character shifts the offsets after it
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=alphabet)
     tokenizer.train_from_iterator(embedded_corpus_path().read_text(encoding="utf-8").splitlines(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

@@ -15,6 +15,7 @@ EXPECTED = {
     "align_negative_sampling.py": "per token / bulk =",
     "fusion_overhead.py": "fused / calibfuse alpha=0:",
     "methods.py": "| fusion | α=0.3 |",
+    "positions.py": "rows split differently 0 of 200",
 }
 
 

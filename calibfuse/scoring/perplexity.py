@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from calibfuse.models.lm import IGNORE_INDEX, check_head, collate, lm_head_logits
 from calibfuse.models.loading import ModelSpec, as_spec, load_model, load_tokenizer
+from calibfuse.models.positions import first_token_past, with_offsets
 
 
 class ReferenceLM:
@@ -30,9 +31,9 @@ class ReferenceLM:
         """Prompt and continuation tokenized together, as the model reads them in context; the continuation's
         tokens are those that end past the prompt's last character (character offsets). Tokenized apart, a
         SentencePiece tokenizer (Llama-2, Gemma) would add a prefix token that in-context text never has."""
-        encoded = self.tokenizer(prompt + continuation, add_special_tokens=True, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        first = next((i for i, (start, end) in enumerate(offsets) if end > len(prompt) and end > start), len(ids))
+        encoded = with_offsets(self.tokenizer, prompt + continuation, add_special_tokens=True)
+        ids = encoded["input_ids"]
+        first = first_token_past(encoded["offset_mapping"], len(prompt))
         first = max(first, 1)  # position 0 is never predicted: the first token is context
         keep = max(1, self.max_length - (len(ids) - first))  # too long: keep the prompt's end
         ids, first = ids[max(0, first - keep) :][: self.max_length], min(first, keep)

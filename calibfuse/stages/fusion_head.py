@@ -28,6 +28,7 @@ from calibfuse.fusion.artifacts import model_record
 from calibfuse.fusion.config import FusionConfig, check_alpha
 from calibfuse.fusion.fuse import fuse
 from calibfuse.models.lm import final_hidden, lm_head_logits
+from calibfuse.models.positions import matched_positions, with_offsets
 from calibfuse.stages.export import ExportArtifact
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ HEAD_TENSORS = ("A", "gain", "norm_weight", "norm_bias")  # what a head writes i
 
 
 INITS = ("stage2", "hidden_states")  # where A starts: stage 2's embedding alignment, or fitted on paired hidden states
-
-
-def char_matched_positions(source_offsets: torch.Tensor, source_mask: torch.Tensor, target_offsets: torch.Tensor) -> torch.Tensor:
-    """For every target token, the index of the last source token that ends within the characters read
-    through it (both right-padded; special tokens end at 0, so a leading BOS is always matched)."""
-    source_end = source_offsets[..., 1].masked_fill(source_mask == 0, torch.iinfo(torch.long).max)
-    read = (source_end[:, None, :] <= target_offsets[..., 1][:, :, None]).sum(-1)
-    return (read - 1).clamp(min=0)
 
 
 class FusionHeadModule(L.LightningModule):
@@ -105,7 +98,7 @@ class FusionHeadModule(L.LightningModule):
 
     def _encode(self, tokenizer, texts: list[str]):
         kwargs = dict(padding=True, padding_side="right", truncation=True, max_length=self.max_length, return_tensors="pt")
-        return tokenizer(texts, return_offsets_mapping=True, **kwargs)
+        return with_offsets(tokenizer, texts, **kwargs)
 
     def _states(self, texts: list[str]):
         f, device = self.frozen, self.device
@@ -113,7 +106,7 @@ class FusionHeadModule(L.LightningModule):
         with torch.no_grad():
             h_t, _ = final_hidden(f["target"], input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device), use_cache=False)
             h_c, _ = final_hidden(f["calibration"], input_ids=c["input_ids"].to(device), attention_mask=c["attention_mask"].to(device), use_cache=False)
-        index = char_matched_positions(c["offset_mapping"], c["attention_mask"], t["offset_mapping"]).to(device)
+        index = matched_positions(c["offset_mapping"], c["attention_mask"], t["offset_mapping"]).to(device)
         h_c = torch.gather(h_c, 1, index[..., None].expand(-1, -1, h_c.shape[-1]))
         return h_t, h_c, t["input_ids"].to(device), t["attention_mask"].to(device)
 
