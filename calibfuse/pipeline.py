@@ -165,6 +165,7 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
         ],
         "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.method_names)}]", f"prompts={cfg.prompts}"]
         + [f"fusion.{knob}={cfg[knob]}" for knob in ("layer_norm", "calibration_context", "alignment", "scale")]
+        + [f"cell_store={cfg.cell_store}"]
         + ([f"prompts.sample={cfg.prompt_sample}"] if cfg.get("prompt_sample") else []),
     }
     if cfg.get("seeds"):

@@ -52,12 +52,12 @@ def read_prompt_completions(
     local = Path(path).expanduser()
     if local.is_file():
         rows, columns = read_rows(local), None
-    elif local.suffix in (".tsv", ".csv", ".jsonl", ".json") or path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"data file {path!r} does not exist; expected a .tsv/.csv/.jsonl file or a dataset id")
-    else:
+    elif not local.is_dir() and (local.suffix in (".tsv", ".csv", ".jsonl", ".json") or path.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"data file {path!r} does not exist; expected a .tsv/.csv/.jsonl file, a local dataset dir or a dataset id")
+    else:  # a hub dataset, or a local copy of one (a dataset dir: what compute nodes without internet read)
         import datasets
 
-        dataset = datasets.load_dataset(path, hf_name, split=split, **dict(load_kwargs or {}))
+        dataset = datasets.load_dataset(str(local) if local.is_dir() else path, hf_name, split=split, **dict(load_kwargs or {}))
         rows, columns = dataset, list(dataset.column_names)
     source = f"{path}" + (f" ({hf_name}/{split})" if hf_name else "")
     if columns is None:
