@@ -8,8 +8,9 @@ Greedy, 16 prompts, 32 new tokens each (no early stop at EOS, so every run does 
 Calibration model: the first 3 layers of SmolLM2-135M-Instruct (weights do not change the cost;
 A is random). For each target it prints the time of plain `transformers` generation of the
 target, of calibfuse's loop at alpha=0 (the target alone), of fused generation at alpha=0.3 with
-batch 16, and of fused generation one prompt at a time, and the ratios:
+batch 16, and of fused generation one prompt at a time, of fused generation with the grid's KL diagnostic, and the ratios:
   fused / calibfuse alpha=0   (goals: <= 1.08 with SmolLM2, same tokenizer; <= 1.15 with Gemma-3, other tokenizer)
+  grid cell: fused + KL / alone   (goal: <= 1.30)
   fused / plain target
   batch-16 / batch-1 throughput
 """
@@ -37,6 +38,11 @@ def timed(fn):
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+def diagnosed(generator, prompts, settings):
+    """Fused generation as a grid cell runs it: with the KL and top-1 agreement diagnostic."""
+    return generator.target_lm.generate(prompts, settings, strength=0.3, hidden_transform=generator.fusion.transform(0.3), diagnostics=True)
 
 
 def main():
@@ -74,6 +80,7 @@ def main():
                 "transformers generate (target)": timed(plain),
                 "calibfuse alpha=0 (target)": timed(lambda: generator.generate(prompts, 0.0, settings)),
                 "calibfuse fused alpha=0.3": timed(lambda: generator.generate(prompts, 0.3, settings)),
+                "fused, KL diagnostic on": timed(lambda: diagnosed(generator, prompts, settings)),
                 "fused, batch 1": timed(lambda: generator.generate(prompts, 0.3, GenerationSettings(max_new_tokens=NEW_TOKENS, batch_size=1))),
             }
         tokens = BATCH * NEW_TOKENS
@@ -83,6 +90,8 @@ def main():
         goal = 1.08 if generator.shared_tokenizer else 1.15
         own = times["calibfuse fused alpha=0.3"] / times["calibfuse alpha=0 (target)"]
         print(f"  {'fused / calibfuse alpha=0':>32}: {own:6.2f}x   (goal <= {goal:.2f}x: {'met' if own <= goal else 'not met'})")
+        cell = times["fused, KL diagnostic on"] / times["calibfuse alpha=0 (target)"]
+        print(f"  {'grid cell: fused + KL / alone':>32}: {cell:6.2f}x   (goal <= 1.30x: {'met' if cell <= 1.3 else 'not met'})")
         print(f"  {'fused / plain target':>32}: {times['calibfuse fused alpha=0.3'] / times['transformers generate (target)']:6.2f}x")
         print(f"  {'batch-16 / batch-1 throughput':>32}: {times['fused, batch 1'] / times['calibfuse fused alpha=0.3']:6.2f}x")
 

@@ -179,3 +179,15 @@ def tiny_alignment(tiny_model_dirs, tiny_target_dir, tmp_path_factory) -> Path:
     overrides = [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"]
     align(compose_config("align", overrides, out))
     return out / "alignment"
+
+
+def assert_drawn(png) -> None:
+    """A plot that shows something: an image with axes and marks in several colours, not a blank canvas."""
+    import matplotlib.image
+    import numpy as np
+
+    image = matplotlib.image.imread(png)[..., :3]
+    assert image.shape[0] > 100 and image.shape[1] > 100, image.shape
+    inked = (image < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
+    colours = len(np.unique((image * 15).round().reshape(-1, 3), axis=0))  # distinct colours, coarsely binned
+    assert 0.005 < inked < 0.8 and colours >= 4, f"{png}: {inked:.1%} inked, {colours} colours"

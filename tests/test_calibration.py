@@ -31,8 +31,10 @@ def test_keeps_first_layers_with_their_weights_and_round_trips(family, tiny_mode
 
 
 def test_gemma3_layer_types_follow_the_cut(tiny_model_dirs):
-    calibration = build_calibration_model(load_model(ModelSpec(str(tiny_model_dirs["gemma3"]))), num_layers=3)
-    assert len(calibration.config.layer_types) == 3
+    base = load_model(ModelSpec(str(tiny_model_dirs["gemma3"])))
+    base.config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]  # a pattern to follow
+    calibration = build_calibration_model(base, num_layers=3)
+    assert calibration.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]  # the first three, in order
 
 
 @pytest.mark.parametrize("num_layers", [0, 5])

@@ -26,19 +26,35 @@ def test_every_group_has_options():
         assert options(group), group
 
 
+# What each preset must build: (strategy class, devices it asks for, precision); GPU presets are built with
+# the accelerator forced to CPU, which changes nothing else in them.
+TRAINERS = {
+    "cpu": ("SingleDeviceStrategy", 1, "32-true"),
+    "default": ("SingleDeviceStrategy", 1, "32-true"),
+    "ddp_sim": ("DDPStrategy", 2, "32-true"),
+    "gpu": ("SingleDeviceStrategy", 1, "bf16-mixed"),
+    "ddp": ("DDPStrategy", 2, "bf16-mixed"),
+    "fsdp": ("FSDPStrategy", 2, "bf16-mixed"),
+}
+
+
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainer_presets(trainer, tmp_path):
+    assert trainer in TRAINERS, f"a new trainer preset: say what it builds in TRAINERS ({trainer})"
+    strategy, devices, precision = TRAINERS[trainer]
     cfg = compose_config("pretrain", [f"trainer={trainer}"], tmp_path)
-    if cfg.trainer.accelerator == "gpu":
-        assert cfg.trainer.precision == "bf16-mixed"
-        if "strategy" in cfg.trainer and not isinstance(cfg.trainer.strategy, str):
-            strategy = instantiate(cfg.trainer.strategy)  # FSDP: the wrap policy resolves to real classes
-            assert type(strategy).__name__ == "FSDPStrategy"
-        return  # needs a GPU to build the Trainer
+    assert str(cfg.trainer.get("precision", "32-true")) == precision
+    if cfg.trainer.accelerator == "gpu":  # forced to CPU, with as many devices as the table says (-1: all GPUs)
+        with open_dict(cfg):
+            cfg.trainer.accelerator, cfg.trainer.devices = "cpu", devices
+    if trainer == "fsdp":  # Lightning builds FSDP for CUDA only: check the strategy object it would get
+        built = instantiate(cfg.trainer.strategy)
+        assert type(built).__name__ == strategy and built.sharding_strategy.name == "FULL_SHARD"
+        return
     trainer_obj = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer_obj, L.Trainer)
-    if trainer == "ddp_sim":
-        assert trainer_obj.num_devices == 2 and type(trainer_obj.strategy).__name__ == "DDPStrategy"
+    assert (type(trainer_obj.strategy).__name__, trainer_obj.num_devices) == (strategy, devices)
+    assert trainer_obj.precision == precision
 
 
 @pytest.mark.parametrize("logger", options("logger"))
@@ -66,10 +82,19 @@ def test_data_options_compose(data, tmp_path):
     assert cfg.data._target_ == "calibfuse.data.datamodule.PromptCompletionDataModule"
 
 
+DEBUG = {  # what each debug option must set on the Trainer
+    "fast_dev_run": {"fast_dev_run": 1},
+    "limit": {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 2},
+    "overfit": {"max_epochs": 20, "overfit_batches": 2},
+}
+
+
 @pytest.mark.parametrize("debug", options("debug"))
 def test_debug_options(debug, tmp_path):
     cfg = compose_config("pretrain", [f"debug={debug}"], tmp_path)
-    instantiate(cfg.trainer, logger=False)
+    trainer = instantiate(cfg.trainer, logger=False)
+    for attribute, value in DEBUG[debug].items():
+        assert getattr(trainer, attribute) == value, (debug, attribute)
 
 
 @pytest.mark.parametrize("target", options("target"))
@@ -114,7 +139,8 @@ def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_
         "vanilla\tadversarial\tcompletion\tdata_type\n" + "".join(f"Question {i}?\t\tA calm, helpful answer number {i}.\tvanilla_benign\n" for i in range(20))
     )
     cfg = compose_config("pretrain", [f"experiment={experiment}"], tmp_path)
-    assert OmegaConf.select(cfg, "module.optimizer.lr") is not None
+    lr = OmegaConf.select(cfg, "module.optimizer.lr")
+    assert isinstance(lr, float) and 0 < lr < 1e-2, lr  # an experiment's learning rate, set and sane
     stand_ins = [
         f"experiment={experiment}",
         f"base_model.name_or_path={tiny_model_dirs['llama']}",
@@ -251,7 +277,8 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
     assert [p.text for p in prompts] == ["Prompt 0", "Prompt 1", "Prompt 2"]  # the challenging subset
     for target in targets:
         spec = instantiate(stand_ins.targets[target])
-        assert load_tokenizer(spec) is not None and spec.trust_remote_code is False
+        tokenizer = load_tokenizer(spec)
+        assert tokenizer("Prompt 0")["input_ids"] and tokenizer.pad_token_id is not None and spec.trust_remote_code is False
     assert instantiate(stand_ins.reference_lm.model).dtype == "float16"
     assert isinstance(instantiate(stand_ins.trainer, logger=False), L.Trainer)
     assert isinstance(instantiate(stand_ins.protocol.generation).max_new_tokens, int)
@@ -274,7 +301,7 @@ def documented_stage_overrides() -> list[tuple[str, str]]:
     import re
 
     root = Path(CONF_DIR).parent
-    files = [root / "README.md", *root.glob("docs/*.md"), *root.glob("conf/**/*.yaml"), *root.glob("experiments/*")]
+    files = [root / "README.md", *root.glob("docs/*.md"), *root.glob("conf/**/*.yaml"), *(p for p in root.glob("experiments/*") if p.is_file())]
     found = []
     for path in files:
         text = re.sub(r"\$\{[A-Z_]+(:\?[^}]*)?\}", "/x", path.read_text())

@@ -10,6 +10,7 @@ from calibfuse.fusion.calibration import build_calibration_model
 from calibfuse.fusion.config import FusionConfig
 from calibfuse.fusion.decoding import GenerationSettings, choose
 from calibfuse.fusion.generator import FusedGenerator
+from calibfuse.fusion.target import TargetLM
 from calibfuse.models.lm import lm_head_logits
 from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
@@ -238,7 +239,9 @@ def test_a_non_finite_alignment_stops_generation_naming_the_step(calibration, ti
     generator = FusedGenerator(target, tokenizer, calibration[0], calibration[1], A)
     with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) at generation step 0"):
         generator.generate(PROMPTS, 0.3, GenerationSettings(max_new_tokens=3))
-    assert generator.generate(PROMPTS, 0.0, GenerationSettings(max_new_tokens=3))  # alpha 0 never reads A
+    alone = generator.generate(PROMPTS, 0.0, GenerationSettings(max_new_tokens=3))  # alpha 0 never reads A: the target's own tokens
+    plain = TargetLM(target, tokenizer).generate(PROMPTS, GenerationSettings(max_new_tokens=3))
+    assert [r.token_ids for r in alone] == [r.token_ids for r in plain]
 
 
 @pytest.mark.parametrize("family", ["cohere", "granite"])

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, assert_drawn, compose_config
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -100,7 +100,6 @@ def test_the_fusion_head_variant_is_a_stage_between_align_and_evaluate(pipeline_
 
 
 def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
-    import matplotlib.image
 
     run(pipeline_cfg())
     grid = json.loads((tmp_path / "run" / "evaluate" / "grid.json").read_text())["cells"]
@@ -112,10 +111,15 @@ def test_report_numbers_equal_the_grid_and_plots_open(pipeline_cfg, tmp_path):
         assert f"{cell['perplexity']:.2f}" in row
     assert "\\begin{tabular}" in (tmp_path / "report" / "table.tex").read_text()
     for png in report["plots"]:
-        assert matplotlib.image.imread(png).shape[0] > 100
+        assert_drawn(png)
     summary = {(r["method"], r["alpha"]): r for r in report["summary"]}
     assert summary[("fusion", 0.5)]["perplexity"] == pytest.approx(fused["perplexity"]) and ("calibration_alone", 0.0) in summary
-    assert any(r["on_frontier"] for r in report["summary"])
+    for r in report["summary"]:  # the frontier by its definition, recomputed here: not degenerate, not dominated
+        rivals = [o for o in report["summary"] if o is not r and o["target"] == r["target"] and not o["degenerate"]]
+        worse = [o for o in rivals if o["toxicity"] <= r["toxicity"] and o["perplexity"] <= r["perplexity"]]
+        dominated = any((o["toxicity"], o["perplexity"]) != (r["toxicity"], r["perplexity"]) for o in worse)
+        assert r["on_frontier"] == (not r["degenerate"] and not dominated), r["label"]
+    assert sum(r["on_frontier"] for r in report["summary"]) >= 1
     goal = (tmp_path / "report" / "goal.md").read_text()
     assert goal.startswith("The goal for fusion") and "| smollm2-135m-instruct | " in goal and report["goal"] in goal
     assert "Test: paired bootstrap over prompts (95 %)" in goal and "judged on the other 50%" in goal
@@ -289,7 +293,7 @@ def test_pareto_frontier_by_hand(tmp_path):
         toxicity_change=-0.3, toxicity_change_lo=-0.42, toxicity_change_hi=-0.15, perplexity_ratio=1.1, perplexity_ratio_lo=1.04, perplexity_ratio_hi=1.2
     )
     assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | -30% [-42%, -15%] | +10% [+4%, +20%] | 0.100 |" in frontier_table(settings, "toxicity")
-    assert plot_frontier(settings, "toxicity", tmp_path).stat().st_size > 10_000
+    assert_drawn(plot_frontier(settings, "toxicity", tmp_path))
 
 
 def test_goal_configs_mirror_the_code(tmp_path):

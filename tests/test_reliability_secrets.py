@@ -88,9 +88,15 @@ def test_a_malformed_wandb_key_is_refused(key, problem, online_wandb, monkeypatc
 
 
 def test_wellformed_wandb_keys_pass(online_wandb, monkeypatch):
-    for key in ["0123456789abcdef0123456789abcdef01234567", "local-0123456789abcdef0123456789abcdef01234567"]:
+    import wandb
+
+    checked = []  # what W&B is asked to verify: the key itself, once each
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: checked.append((kwargs["key"], kwargs["verify"])) or True)
+    keys = ["0123456789abcdef0123456789abcdef01234567", "local-0123456789abcdef0123456789abcdef01234567"]
+    for key in keys:
         monkeypatch.setenv("WANDB_API_KEY", key)
-        check_wandb_credentials(ONLINE)
+        assert check_wandb_credentials(ONLINE) is None  # passes without a word
+    assert checked == [(key, True) for key in keys]
 
 
 def test_a_malformed_netrc_key_is_refused(online_wandb):
