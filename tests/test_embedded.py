@@ -209,26 +209,53 @@ def test_fused_alpha_zero_is_plain_generation_on_smollm2(embedded_calibration_di
         assert out.token_ids == expected[: len(out.token_ids)]
 
 
+CROSS_PROMPTS = EMBEDDED_PROMPTS + ["Le café 🙂 était déjà", "日本語のテキストは", "Rare signs 𓀀 and ∮ then"]  # emoji, CJK, byte fallback
+
+
+def consumed_characters(offsets: list[tuple[int, int]], n: int) -> int:
+    """Characters the first n target tokens have read, from the tokenizer's own offsets: all of them up to
+    where the next token starts, since a token holding only some bytes of a character (byte fallback,
+    byte-level BPE) shares that character with the tokens that finish it."""
+    if n == 0:
+        return 0
+    end = offsets[n - 1][1]
+    return end if n == len(offsets) else min(end, offsets[n][0])
+
+
 @pytest.mark.slow
-def test_cross_tokenizer_state_on_real_tokenizers(embedded_calibration_dir):
-    """Gemma-3 target, SmolLM2-based calibration model: at every step the cached calibration state
-    equals the calibration model run on the text the target has consumed (byte fallback, accents, code)."""
+@pytest.mark.parametrize("target, width", [("gemma3-270m", 640), ("qwen2_5-coder-0_5b-instruct", 896)])
+def test_cross_tokenizer_state_on_real_tokenizers(target, width, embedded_calibration_dir):
+    """A SmolLM2-based calibration model fused into targets of two other tokenizer families (Gemma-3: a
+    BOS and byte fallback; Qwen2.5: byte-level BPE). At every step the state fusion used must equal the
+    calibration model run from scratch, through Hugging Face alone, on the characters the target has
+    read, found from the target tokenizer's offsets (not calibfuse's text rebuilding)."""
     from calibfuse.fusion.decoding import GenerationSettings
     from calibfuse.fusion.generator import FusedGenerator
     from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 
-    spec = ModelSpec("gemma3-270m", dtype="float32")
-    calibration = ModelSpec(str(embedded_calibration_dir), dtype="float32")
-    A = torch.randn(576, 640) / 30
-    generator = FusedGenerator(load_model(spec), load_tokenizer(spec), load_model(calibration), load_tokenizer(calibration), A)
+    spec, calibration = ModelSpec(target, dtype="float32"), ModelSpec(str(embedded_calibration_dir), dtype="float32")
+    target_tokenizer, calibration_tokenizer, calibration_model = load_tokenizer(spec), load_tokenizer(calibration), load_model(calibration)
+    A = torch.randn(576, width, generator=torch.Generator().manual_seed(0)) / 30
+    generator = FusedGenerator(load_model(spec), target_tokenizer, calibration_model, calibration_tokenizer, A)
     assert not generator.shared_tokenizer
     settings = GenerationSettings(max_new_tokens=12)
-    steps = generator.trace(EMBEDDED_PROMPTS, 0.3, settings)
-    outputs = generator.generate(EMBEDDED_PROMPTS, 0.3, settings)
-    for k, step in enumerate(steps):
-        sequences = [p + o.token_ids[:k] for p, o in zip(generator._prompt_ids(EMBEDDED_PROMPTS), outputs, strict=True)]
-        expected = generator.calibration_state_of_texts(generator._consumed_texts(sequences))
-        torch.testing.assert_close(step["h_calibration"], expected.float(), atol=1e-3, rtol=1e-3)
+    steps = generator.trace(CROSS_PROMPTS, 0.3, settings)
+    outputs = generator.generate(CROSS_PROMPTS, 0.3, settings)
+    checked = 0
+    for row, (prompt, out) in enumerate(zip(CROSS_PROMPTS, outputs, strict=True)):
+        text = prompt + out.continuation
+        encoded = target_tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        prompt_ids = target_tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if encoded["input_ids"] != prompt_ids + out.token_ids:
+            continue  # the text re-tokenizes differently: no offsets to read it by (rare; counted below)
+        for k, step in enumerate(steps[: len(out.token_ids)]):
+            read = text[: consumed_characters(encoded["offset_mapping"], len(prompt_ids) + k)]
+            ids = calibration_tokenizer(read, add_special_tokens=True, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                expected = calibration_model.model(input_ids=ids).last_hidden_state[0, -1]
+            torch.testing.assert_close(step["h_calibration"][row], expected.float(), atol=1e-3, rtol=1e-3)
+            checked += 1
+    assert checked >= 6 * 10, checked  # most rows, every step
 
 
 @pytest.mark.slow
