@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from calibfuse.models.footprint import GB, activation_bytes, dtype_bytes, kv_cache_bytes, model_config, size_of, training_bytes
-from calibfuse.pipeline import compose_stage, evaluate_overrides, stage_overrides
+from calibfuse.utils.composing import compose_stage, evaluate_overrides, stage_overrides
 
 
 def machine_memory_gb() -> float:

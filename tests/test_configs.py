@@ -206,7 +206,7 @@ def test_pipeline_experiments_compose_down_to_every_stage(experiment, tmp_path):
     """Each pipeline experiment, and every stage config it leads to (one per sweep setting), composes."""
     from hydra import compose, initialize_config_dir
 
-    from calibfuse.pipeline import evaluate_overrides, stage_overrides
+    from calibfuse.utils.composing import evaluate_overrides, stage_overrides
 
     cfg = compose_config("pipeline", [f"experiment={experiment}"], tmp_path)
     sweep = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
@@ -234,7 +234,7 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
 
     from calibfuse.data.prompts import load_prompts
     from calibfuse.models.loading import load_tokenizer
-    from calibfuse.pipeline import evaluate_overrides, stage_overrides
+    from calibfuse.utils.composing import evaluate_overrides, stage_overrides
 
     cfg = compose_config("pipeline", ["experiment=paper_table"], tmp_path)
     assert list(cfg.targets) == ["llama2-7b-chat-uncensored", "llama2-7b-chat", "medicine-chat", "finance-chat"]

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from calibfuse.fusion.artifacts import alignment_extras, check_alignment_made_for, load_alignment
+from calibfuse.fusion.artifacts import check_alignment_made_for
 from calibfuse.fusion.config import FusionConfig, check_alpha
 from calibfuse.fusion.decoding import Generation, GenerationSettings, decode, row_generators
 from calibfuse.fusion.fuse import Calibration, fuse
+from calibfuse.fusion.plan import plan_fusion
 from calibfuse.fusion.target import TargetLM
 from calibfuse.models.loading import ModelSpec, as_spec, load_model, load_tokenizer
 
@@ -52,24 +53,23 @@ class FusedGenerator:
     def from_artifacts(
         cls,
         target: ModelSpec | dict | str,
-        calibration: ModelSpec | dict | str,
+        calibration: ModelSpec | dict | str | None,
         alignment: str | Path | None,
         config: FusionConfig | dict | None = None,
         prompt_format: str = "raw",
     ) -> FusedGenerator:
-        """Load target, calibration model and alignment (with what `config` needs from it: a head's gain or
-        LayerNorm weights); refuse an alignment made for other models."""
-        config = FusionConfig.of(config)
-        target_spec, calibration_spec = as_spec(target), as_spec(calibration)
-        target_model, calibration_model = load_model(target_spec), load_model(calibration_spec)
-        A, extras = None, {}
-        if alignment is not None:
-            A, meta = load_alignment(alignment)
-            if config.check_fingerprints:
-                check_alignment_made_for(alignment, meta, calibration=(calibration_spec, calibration_model), target=(target_spec, target_model))
-            extras = alignment_extras(alignment, config)
-        tokenizers = load_tokenizer(target_spec), load_tokenizer(calibration_spec)
-        return cls(target_model, tokenizers[0], calibration_model, tokenizers[1], A, config, prompt_format, **extras)
+        """Load what the grid's fusion method would (calibfuse.fusion.plan): the alignment and what `config`
+        needs from it, the calibration model (None: the one the alignment records); an alignment made for
+        other models is refused. `alignment=None`: the identity map (equal widths)."""
+        config = FusionConfig.of(config, **({"alignment": "identity"} if alignment is None else {}))
+        target_spec = as_spec(target)
+        plan = plan_fusion("target", target_spec, alignment, calibration, config)
+        target_model, calibration_model = load_model(target_spec), load_model(plan["calibration"])
+        if config.check_fingerprints and plan["meta"] is not None:
+            models = {"calibration": (plan["calibration"], calibration_model), "target": (target_spec, target_model)}
+            check_alignment_made_for(plan["alignment"], plan["meta"], **models)
+        tokenizers = load_tokenizer(target_spec), load_tokenizer(plan["calibration"])
+        return cls(target_model, tokenizers[0], calibration_model, tokenizers[1], plan["A"], config, prompt_format, plan.get("gain"), plan.get("norm_affine"))
 
     @property
     def A(self) -> torch.Tensor:
