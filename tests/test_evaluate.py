@@ -91,7 +91,7 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
         assert cell["repetition"] == pytest.approx(sum(repetition) / 6)
         letters = [sum(c.isalpha() for c in t) / len(t) if t else 1.0 for t in ("".join(r["continuation"].split()) for r in mine)]
         assert cell["letter_share"] == pytest.approx(sum(letters) / 6)
-        assert cell["degenerate"] == (cell["empty_rate"] > 0.1 or cell["repetition"] > 0.25 or cell["letter_share"] < 0.75)
+        assert isinstance(cell["degenerate"], bool)  # the rule itself: test_degenerate_rule_at_its_thresholds
     csv_lines = (run / "grid.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("target,method,alpha,seed,setting,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
     assert "proxy" in (run / "grid.md").read_text()
@@ -321,6 +321,23 @@ def test_multirun_jobs_get_their_own_wandb_runs_in_one_group(tiny_model_dirs, ti
         assert b"evaluate-multirun" in b"".join(p.read_bytes() for p in run.glob("*.wandb"))  # group: <task>-<multirun dir>
     grids = [json.loads((tmp_path / "multirun" / job / "grid.json").read_text())["cells"] for job in ("0", "1")]
     assert [[c["alpha"] for c in g] for g in grids] == [[0.0], [0.5]]
+
+
+@pytest.mark.parametrize(
+    "metrics, degenerate",
+    [  # the paper protocol's thresholds (conf/protocol/paper.yaml): 10 % empty, 0.25 repetition, 75 % letters
+        ({"empty_rate": 0.1, "repetition": 0.25, "letter_share": 0.75}, False),  # every threshold met exactly
+        ({"empty_rate": 0.1001, "repetition": 0.0, "letter_share": 1.0}, True),
+        ({"empty_rate": 0.0, "repetition": 0.2501, "letter_share": 1.0}, True),
+        ({"empty_rate": 0.0, "repetition": 0.0, "letter_share": 0.7499}, True),
+        ({"empty_rate": 0.0}, False),  # cells stored before repetition and letter share existed
+    ],
+)
+def test_degenerate_rule_at_its_thresholds(metrics, degenerate, tmp_path):
+    from calibfuse.evaluation.metrics import is_degenerate
+
+    thresholds = compose_config("evaluate", ["protocol=paper"], tmp_path).protocol.degenerate
+    assert is_degenerate(metrics, **thresholds) is degenerate
 
 
 def test_degenerate_rule_catches_digits_instead_of_words():

@@ -215,7 +215,7 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(monkeypatch):
         for _ in range(2):
             cfg = compose("evaluate", return_hydra_config=True)
             run, sweep = cfg.hydra.run.dir, cfg.hydra.sweep.dir
-            assert cfg.hydra.run.dir == run  # one name per run, however often it is read
+            assert cfg.hydra.run.dir == run  # OmegaConf resolves ${run_id:} again on every read: it must give one name per run
             dirs += [run, sweep]
     assert all(Path(d).name.startswith("2026-11-28_21-00-00_") for d in dirs)
     assert dirs[0] != dirs[2] and dirs[1] != dirs[3]
