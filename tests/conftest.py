@@ -191,3 +191,13 @@ def assert_drawn(png) -> None:
     inked = (image < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
     colours = len(np.unique((image * 15).round().reshape(-1, 3), axis=0))  # distinct colours, coarsely binned
     assert 0.005 < inked < 0.8 and colours >= 4, f"{png}: {inked:.1%} inked, {colours} colours"
+
+
+def read_characters(offsets: list[tuple[int, int]], n: int) -> int:
+    """Characters the first n target tokens have read, from the tokenizer's own offsets: all of them up to
+    where the next token starts, since a token holding only some bytes of a character (byte fallback,
+    byte-level BPE) shares that character with the tokens that finish it."""
+    if n == 0:
+        return 0
+    end = offsets[n - 1][1]
+    return end if n == len(offsets) else min(end, offsets[n][0])

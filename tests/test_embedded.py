@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_characters
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,16 +213,6 @@ def test_fused_alpha_zero_is_plain_generation_on_smollm2(embedded_calibration_di
 CROSS_PROMPTS = EMBEDDED_PROMPTS + ["Le café 🙂 était déjà", "日本語のテキストは", "Rare signs 𓀀 and ∮ then"]  # emoji, CJK, byte fallback
 
 
-def consumed_characters(offsets: list[tuple[int, int]], n: int) -> int:
-    """Characters the first n target tokens have read, from the tokenizer's own offsets: all of them up to
-    where the next token starts, since a token holding only some bytes of a character (byte fallback,
-    byte-level BPE) shares that character with the tokens that finish it."""
-    if n == 0:
-        return 0
-    end = offsets[n - 1][1]
-    return end if n == len(offsets) else min(end, offsets[n][0])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("target, width", [("gemma3-270m", 640), ("qwen2_5-coder-0_5b-instruct", 896)])
 def test_cross_tokenizer_state_on_real_tokenizers(target, width, embedded_calibration_dir):
@@ -249,10 +240,10 @@ def test_cross_tokenizer_state_on_real_tokenizers(target, width, embedded_calibr
         if encoded["input_ids"] != prompt_ids + out.token_ids:
             continue  # the text re-tokenizes differently: no offsets to read it by (rare; counted below)
         for k, step in enumerate(steps[: len(out.token_ids)]):
-            read = text[: consumed_characters(encoded["offset_mapping"], len(prompt_ids) + k)]
+            read = text[: read_characters(encoded["offset_mapping"], len(prompt_ids) + k)]
             ids = calibration_tokenizer(read, add_special_tokens=True, return_tensors="pt")["input_ids"]
             with torch.no_grad():
-                expected = calibration_model.model(input_ids=ids).last_hidden_state[0, -1]
+                expected = calibration_model.base_model(input_ids=ids).last_hidden_state[0, -1]
             torch.testing.assert_close(step["h_calibration"][row], expected.float(), atol=1e-3, rtol=1e-3)
             checked += 1
     assert checked >= 6 * 10, checked  # most rows, every step
