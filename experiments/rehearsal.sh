@@ -27,16 +27,16 @@ SLURM=("${COMMON[@]}" hydra/launcher=submitit_local)
 "$PY" -m calibfuse.pipeline -m "${SLURM[@]}" until=pretrain hydra.sweep.dir="$OUT/stage1"
 TARGETS=rehearsal-llama2-7b-chat-uncensored,rehearsal-llama2-7b-chat,rehearsal-medicine-chat,rehearsal-finance-chat
 
-echo "== 3. a job killed while its grid runs, then the sweep rerun: it resumes"
-"$PY" -m calibfuse.pipeline -m "${SLURM[@]}" until=evaluate targets=$TARGETS hydra.sweep.dir="$OUT/sweep" > "$OUT/first_attempt.log" 2>&1 &
+echo "== 3. the first target's job killed while its grid runs, then the sweep over all four: that job resumes"
+"$PY" -m calibfuse.pipeline -m "${SLURM[@]}" targets="${TARGETS%%,*}" hydra.sweep.dir="$OUT/sweep" > "$OUT/first_attempt.log" 2>&1 &
 LAUNCHER=$!
-for _ in $(seq 1 300); do  # until the first job has finished a cell
-  grep -qs "cell .*: toxicity" "$OUT"/sweep/0/pipeline.log && break
-  sleep 1
+for _ in $(seq 1 1200); do  # until its grid is done: the job is then writing its report, seconds from its end
+  grep -qs "grid (paper protocol" "$OUT"/sweep/0/pipeline.log && break
+  sleep 0.25
 done
 pkill -9 -f "submitit.core._submit.*$OUT/sweep" || true   # the job dies as on a lost node
 wait "$LAUNCHER" || echo "(the first attempt failed as it should: $OUT/first_attempt.log)"
-"$PY" -m calibfuse.pipeline -m "${SLURM[@]}" until=evaluate targets=$TARGETS hydra.sweep.dir="$OUT/sweep"
+"$PY" -m calibfuse.pipeline -m "${SLURM[@]}" targets=$TARGETS hydra.sweep.dir="$OUT/sweep"
 grep -h "stage .*: reusing\|reused from" "$OUT"/sweep/*/pipeline.log | sed "s/^.*INFO\] - /  /" | head -8
 
 echo "== 4. the paper-style table over the sweep"

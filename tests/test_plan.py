@@ -67,7 +67,7 @@ def test_the_entry_point_refuses_a_plan_that_cannot_fit(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])  # reading a GGUF takes ~10 s: one per family of config
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct"])  # reading a GGUF takes 10-20 s: the smallest stands for the four
 def test_shipped_configs_of_the_embedded_models_match_their_gguf(name):
     from transformers import AutoConfig
 
