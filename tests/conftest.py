@@ -201,3 +201,30 @@ def read_characters(offsets: list[tuple[int, int]], n: int) -> int:
         return 0
     end = offsets[n - 1][1]
     return end if n == len(offsets) else min(end, offsets[n][0])
+
+
+def check_states_by_offsets(generator, prompts: list[str], alpha: float, settings, tolerance: float) -> int:
+    """Fused generation's calibration state at every step against the calibration model run, through
+    Hugging Face alone, on the characters the target has read (its tokenizer's offsets, read_characters).
+    Rows whose text re-tokenizes differently have no offsets to read by and are skipped; returns the
+    number of steps checked."""
+    import torch
+
+    steps = generator.trace(prompts, alpha, settings)
+    outputs = generator.generate(prompts, alpha, settings)
+    target_tokenizer, calibration_tokenizer = generator.target_tokenizer, generator.calibration_tokenizer
+    checked = 0
+    for row, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
+        text = prompt + out.continuation
+        encoded = target_tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        prompt_ids = target_tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if encoded["input_ids"] != prompt_ids + out.token_ids:
+            continue
+        for k, step in enumerate(steps[: len(out.token_ids)]):
+            read = text[: read_characters(encoded["offset_mapping"], len(prompt_ids) + k)]
+            ids = calibration_tokenizer(read, add_special_tokens=True, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                expected = generator.calibration.base_model(input_ids=ids).last_hidden_state[0, -1]
+            torch.testing.assert_close(step["h_calibration"][row], expected.float(), atol=tolerance, rtol=tolerance)
+            checked += 1
+    return checked

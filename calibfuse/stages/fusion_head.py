@@ -1,18 +1,7 @@
-"""A trained fusion head, a fusion variant (docs/method.md, "Fusion variants"): the alignment A trained
-so that the fused model predicts non-toxic text well at a fixed alpha, target and calibration model frozen.
-
-    python -m calibfuse.fusion_head alignment_dir=<align run>/alignment alpha=0.3
-    python -m calibfuse.pipeline fusion_head=true             # after stage 2, for every target
-
-Only A trains (with scale=learned, also a scalar gain on LN(h_c A); with layer_norm=affine, the
-LayerNorm's weight and bias), starting from stage 2's A: the loss
-is the fused model's next-token loss on stage 1's non-toxic corpus, read through the target's tokenizer.
-With `toxic_data` (an extension, not in the paper), it adds a push away from the completion tokens of
-toxic text (unlikelihood, or a margin over the target's NLL), so the head also learns what to avoid. Across tokenizers, the calibration state at a
-target position is the calibration model's state at its last token that ends within the characters the
-target has read (character offsets), as the calibration stream reads it at inference. The result is an
-alignment artifact like stage 2's (`alignment/`), so `methods.fusion` uses it unchanged.
-"""
+"""The fusion head's LightningModule (A, and with the variants a gain or LayerNorm weights, trained on
+the fused model's loss with target and calibration model frozen), the hidden-state fit and its
+export. The entry point, with its usage, is calibfuse.fusion_head; the variant is docs/method.md,
+"Fusion variants"."""
 
 from __future__ import annotations
 

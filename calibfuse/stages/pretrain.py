@@ -1,13 +1,6 @@
-"""Stage 1: pretrain the calibration model on non-toxic data (docs/method.md, stage 1).
-
-    python -m calibfuse.pretrain                                   # embedded default, CPU, ~3 min
-    python -m calibfuse.pretrain trainer.max_epochs=1 logger=csv   # any key can be overridden
-    python -m calibfuse.pretrain hydra.run.dir=DIR ckpt_path=last  # resume the run in DIR
-    python -m calibfuse.pretrain experiment=paper_pretrain         # the paper's setting (GPUs, hub)
-
-The run dir receives `calibration_model/` (a save_pretrained folder: config, safetensors, tokenizer)
-with `manifest.json`, Lightning checkpoints in `checkpoints/` and the offline W&B run in `wandb/`.
-"""
+"""Stage 1's LightningModule (the calibration model: the first layers of a pretrained LM, trained on
+non-toxic completions) and its export. The entry point, with its usage, is calibfuse.pretrain;
+the method is docs/method.md, stage 1."""
 
 from __future__ import annotations
 
