@@ -42,7 +42,7 @@ def timed(fn):
 
 def diagnosed(generator, prompts, settings):
     """Fused generation as a grid cell runs it: with the KL and top-1 agreement diagnostic."""
-    return generator.target_lm.generate(prompts, settings, strength=0.3, hidden_transform=generator.fusion.transform(0.3), diagnostics=True)
+    return generator.target_lm.generate(prompts, settings, alpha=0.3, hidden_transform=generator.fusion.transform(0.3), diagnostics=True)
 
 
 def main():

@@ -25,6 +25,18 @@ def is_local(host) -> bool:
     return host in ("localhost", "", "0.0.0.0", "::1", "::") or host.startswith("127.")
 
 
+# The longest tests start first, so that the two workers (pyproject's addopts) end together.
+LONGEST_FIRST = ("test_rehearsal.py", "test_embedded.py")
+
+
+def pytest_collection_modifyitems(items):
+    def order(item):
+        module = item.path.name
+        return (module not in LONGEST_FIRST, LONGEST_FIRST.index(module) if module in LONGEST_FIRST else 0, item.get_closest_marker("slow") is None)
+
+    items.sort(key=order)  # stable: file order within each rank
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Every test runs with the network blocked: a connection or a name lookup for anything but this

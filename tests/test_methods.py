@@ -20,19 +20,20 @@ from calibfuse.methods import Method
 
 
 class Temperature(Method):
-    """Sampling temperature as a 'method': one strength per temperature, a logits processor each."""
+    """Sampling temperature as a 'method': one cell per temperature (its alphas), a logits processor each."""
 
     def __init__(self, temperatures):
         self.temperatures = [float(t) for t in temperatures]
 
-    def strengths(self):
+    @property
+    def alphas(self):
         return self.temperatures
 
-    def identity(self, target, strength):
-        return {"temperature": strength}
+    def identity(self, target, alpha):
+        return {"temperature": alpha}
 
-    def logits_processors(self, strength):
-        return [TemperatureLogitsWarper(strength)]
+    def logits_processors(self, alpha):
+        return [TemperatureLogitsWarper(alpha)]
 '''
 
 TOY_CONFIG = """

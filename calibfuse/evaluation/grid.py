@@ -131,7 +131,7 @@ def run_target(run: GridRun, name: str) -> None:
     rank_zero = rank_zero_only.rank == 0  # under DDP (subprocess launch) every rank runs this function
     target = {"weights": fingerprint(run.targets[name]), **runtime_identity(run.targets[name])}
     for method in run.methods:
-        for alpha in method.strengths():
+        for alpha in method.alphas:
             for seed in run.seeds:
                 identity = method.identity(name, alpha)
                 cell = Cell(name, method.name, alpha, seed, cell_key(target, method.name, identity, alpha, seed, run.context), identity is None, method.role)

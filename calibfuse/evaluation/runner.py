@@ -67,7 +67,7 @@ class EvaluationModule(L.LightningModule):
         generations = lm.generate(
             texts,
             settings,
-            strength=self.cell.alpha,
+            alpha=self.cell.alpha,
             prompt_format=prompt_format,
             hidden_transform=self.method.hidden_transform(self.cell.alpha),
             processors=self.method.logits_processors(self.cell.alpha),

@@ -145,10 +145,10 @@ class Divergence:
         self.kl = torch.zeros(rows, device=device)
         self.agree = torch.zeros(rows, device=device)
 
-    def update(self, model, h_target: torch.Tensor, logits: torch.Tensor, live: torch.Tensor) -> None:
-        base = lm_head_logits(model, h_target).float()  # the target's own next-token logits
+    def update(self, base: torch.Tensor, logits: torch.Tensor, live: torch.Tensor) -> None:
+        """`base`: the target's own next-token logits; `logits`: the method's, after its processors."""
         log_p, log_q = logits.log_softmax(dim=-1), base.log_softmax(dim=-1)
-        kl = torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), 0.0).sum(dim=-1)  # banned tokens: p = 0
+        kl = (log_p.exp() * (log_p - log_q)).nan_to_num_(0.0).sum(dim=-1)  # a banned token: p = 0, and 0 * -inf -> 0
         self.kl += kl * live
         self.agree += (logits.argmax(dim=-1) == base.argmax(dim=-1)).float() * live
 
@@ -217,7 +217,9 @@ def decode(
         if processors:
             logits = processors(state.full_ids(), logits)
         if divergence is not None:
-            divergence.update(model, h_target, logits, (~finished).float())
+            # The target's own logits in a call of their own: one call over both rows would change the
+            # method's logits in the last bits (a GEMM's order depends on its rows) and so its sampled tokens.
+            divergence.update(lm_head_logits(model, h_target).float(), logits, (~finished).float())
         if trace is not None:
             trace.append({"logits": logits.cpu(), "h_target": h_target.float().cpu(), **state.record})
         next_tokens = torch.where(finished, pad_id, choose(logits, settings, warpers, generators))

@@ -110,7 +110,7 @@ class FusedGenerator:
         alphas = [check_alpha(a) for a in ([alphas] if isinstance(alphas, (int, float)) else alphas)]
         rows = []
         for alpha in alphas:  # the same seed, so the same draws, for every alpha
-            rows += self.target_lm.generate(prompts, settings, strength=alpha, hidden_transform=self.fusion.transform(alpha), use_cache=use_cache)
+            rows += self.target_lm.generate(prompts, settings, alpha=alpha, hidden_transform=self.fusion.transform(alpha), use_cache=use_cache)
         return rows
 
     def trace(self, prompts: list[str], alpha: float, settings: GenerationSettings, use_cache: bool = True, processors=()) -> list[dict]:

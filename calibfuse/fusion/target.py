@@ -92,7 +92,7 @@ class TargetLM:
         prompts: list[str],
         settings: GenerationSettings,
         *,
-        strength: float = 0.0,
+        alpha: float = 0.0,
         prompt_format: str | None = None,
         hidden_transform=None,
         processors=(),
@@ -127,7 +127,7 @@ class TargetLM:
             rows += [
                 Generation(
                     prompt=prompts[i],
-                    alpha=strength,
+                    alpha=alpha,
                     sample=s,
                     continuation=self.tokenizer.decode(new, skip_special_tokens=True),
                     prompt_tokens=len(prompt_ids[i]),

@@ -39,15 +39,13 @@ class Method:
     # What it is to the report and the verdict: "method" (judged: the goal is asked of it), "baseline" (what
     # a judged method must beat), "diagnostic" (a row shown, never judged). Written into every grid cell.
     role = "method"
-
-    def strengths(self) -> list[float]:
-        """The strengths it runs at (fusion's alphas, DExperts' alphas); one cell each."""
-        return [0.0]
+    # The values of its strength α it runs at, one cell each: fusion's α, DExperts' α; [0.0] for a method without one.
+    alphas: list[float] = [0.0]
 
     def prepare(self, targets: dict[str, ModelSpec]) -> None:
         """Check settings and read what is cheap, no models: bad input fails here, before any model loads."""
 
-    def identity(self, target: str, strength: float) -> dict | None:
+    def identity(self, target: str, alpha: float) -> dict | None:
         """What decides its generations beyond the target, the prompts and the decoding: its part of the
         cell key. None means the target alone, a cell shared by every method that says so (`none`,
         fusion at alpha 0)."""
@@ -74,10 +72,10 @@ class Method:
         """The prompts as the target reads them, and the prompt format (None: the target's)."""
         return texts, None
 
-    def hidden_transform(self, strength: float):
+    def hidden_transform(self, alpha: float):
         return None
 
-    def logits_processors(self, strength: float) -> list:
+    def logits_processors(self, alpha: float) -> list:
         return []
 
 

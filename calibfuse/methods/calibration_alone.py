@@ -16,7 +16,7 @@ class CalibrationAlone(Fusion):
         super().__init__(alphas=[0.0], alignments=alignments, calibration_model=calibration_model, config=config)
         self.lm: TargetLM | None = None
 
-    def identity(self, target: str, strength: float) -> dict | None:
+    def identity(self, target: str, alpha: float) -> dict | None:
         return {"generator": "calibration_model", "calibration": self.plans[target]["calibration_fingerprint"]}
 
     def bind(self, target, target_lm, models) -> None:

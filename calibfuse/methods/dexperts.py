@@ -44,13 +44,10 @@ class DExperts(Method):
 
     def __init__(self, alphas: list[float] = (2.0,), expert: dict | None = None, anti_expert: dict | None = None):
         if not alphas:
-            raise ValueError("methods.dexperts.alphas=[]; expected at least one strength, e.g. [2.0]")
+            raise ValueError("methods.dexperts.alphas=[]; expected at least one alpha, e.g. [2.0]")
         self.alphas = [float(a) for a in alphas]
         self.configs = {"expert": expert, "anti_expert": anti_expert}
         self.specs, self.fingerprints, self.models = {}, {}, {}
-
-    def strengths(self) -> list[float]:
-        return self.alphas
 
     def prepare(self, targets) -> None:
         for role in ROLES:

@@ -39,9 +39,6 @@ class Fusion(Method):
         self.targets: dict[str, ModelSpec] = {}
         self.calibration: Calibration | None = None
 
-    def strengths(self) -> list[float]:
-        return self.alphas
-
     def prepare(self, targets: dict[str, ModelSpec]) -> None:
         self.targets = dict(targets)
         for name, spec in targets.items():

@@ -20,9 +20,6 @@ class NullCalibration(Method):
     def __init__(self, alphas: list[float]):
         self.alphas = checked_alphas(alphas)
 
-    def strengths(self) -> list[float]:
-        return self.alphas
-
     def identity(self, target: str, alpha: float) -> dict | None:
         return None if alpha == 0 else {"hidden": "shrink_by_1_minus_alpha"}
 

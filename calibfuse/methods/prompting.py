@@ -14,7 +14,7 @@ class Prompting(Method):
         self.instruction, self.chat_template = instruction, bool(chat_template)
         self.format = "raw"
 
-    def identity(self, target: str, strength: float) -> dict:
+    def identity(self, target: str, alpha: float) -> dict:
         return {"instruction": self.instruction, "chat_template": self.chat_template}
 
     def bind(self, target, target_lm, models) -> None:

@@ -57,12 +57,12 @@ class WordFilter(Method):
     def prepare(self, targets) -> None:
         self.words = read_lexicon(self.lexicon, self.size)
 
-    def identity(self, target: str, strength: float) -> dict:
+    def identity(self, target: str, alpha: float) -> dict:
         return {"lexicon": sha256_json(self.words), "words": len(self.words)}
 
     def bind(self, target, target_lm, models) -> None:
         self.bad_words_ids = banned_word_ids(target_lm.tokenizer, self.words)
         self.eos_ids = target_lm.eos_ids.tolist()
 
-    def logits_processors(self, strength: float) -> list:
+    def logits_processors(self, alpha: float) -> list:
         return [NoBadWordsLogitsProcessor(self.bad_words_ids, eos_token_id=self.eos_ids)]

@@ -136,7 +136,7 @@ def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
 
 
 def target_alone(cell: dict) -> bool:
-    """A cell of the target as it is (`none`, fusion at alpha 0); grids before the column existed: strength 0."""
+    """A cell of the target as it is (`none`, fusion at alpha 0); grids before the column existed: alpha 0."""
     if "target_alone" in cell:
         return bool(cell["target_alone"])
     return cell["alpha"] == 0.0
@@ -167,12 +167,12 @@ def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: 
         method = points[0][1]["method"]
         if all(r["target_alone"] for _, r in points):  # the base itself
             continue
-        strength, row = next(((a, r) for a, r in points if a == alpha), (None, None)) if method in judged else points[-1]
+        shown, row = next(((a, r) for a, r in points if a == alpha), (None, None)) if method in judged else points[-1]
         base = base_of.get((points[0][1]["target"], points[0][1]["setting"]))
         if row is None or base is None:
             continue
         target = points[0][1]["target"] + (f" ({points[0][1]['setting']})" if points[0][1]["setting"] else "")
-        label = f"{method} α={strength:g}" if strength else method
+        label = f"{method} α={shown:g}" if shown else method
         md.append(f"| {target} | {label} | {fmt(base, toxicity)} | {fmt(row, toxicity)} | {fmt(base, 'perplexity')} | {fmt(row, 'perplexity')} |")
         tex_label = label.replace("_", "\\_").replace("α", "$\\alpha$")
         tex.append(
@@ -237,10 +237,10 @@ def build_report(
         raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
     settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
     add_paired(settings, toxicity, meta["empty"], meta["threshold"], resamples)
-    for (line, strength), row in settings.items():  # not `alpha`: that is the table's column
+    for (line, at), row in settings.items():  # not `alpha`: that is the table's column
         if not all(isinstance(row.get(k), float) and math.isfinite(row[k]) for k in (toxicity, "perplexity")):
             values = f"{toxicity} {row.get(toxicity)}, perplexity {row.get('perplexity')}"
-            log.warning("%s at strength %g has %s: not a number, so it is left off the frontier", line, strength, values)
+            log.warning("%s at alpha %g has %s: not a number, so it is left off the frontier", line, at, values)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"), roles(settings, goal)[0])
