@@ -1,5 +1,6 @@
 """Stage 2: negative sampling, InfoNCE, retrieval accuracy, the artifact, and bad input."""
 
+import csv
 import json
 import shutil
 
@@ -147,8 +148,12 @@ def test_resume_continues_the_step_count(align_cfg, tmp_path):
     align(align_cfg("trainer.max_epochs=1", output_dir=tmp_path / "first"))
     first = json.loads((tmp_path / "first" / "alignment" / "alignment.json").read_text())
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    metrics = align(align_cfg(f"ckpt_path={checkpoint}", "trainer.max_epochs=2", output_dir=tmp_path / "second"))
-    assert metrics["global_step"] == 2 * first["training"]["global_step"]
+    steps = first["training"]["global_step"]
+    metrics = align(align_cfg(f"ckpt_path={checkpoint}", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", output_dir=tmp_path / "second"))
+    assert metrics["global_step"] == 2 * steps
+    with open(next((tmp_path / "second").glob("csv/**/metrics.csv"))) as f:
+        trained = {int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")}
+    assert trained == set(range(steps, 2 * steps))  # only the second epoch ran: a run from scratch would log steps 0..2S-1
 
 
 def test_output_embeddings_of_a_tied_model_are_its_input_embeddings_and_it_says_so(caplog):

@@ -1,6 +1,7 @@
 """End-to-end runs through the real command line: the embedded models, DDP on 2 CPU processes,
 resuming with ckpt_path=last. Slow: `pytest -m "not slow"` skips them."""
 
+import csv
 import json
 import os
 import subprocess
@@ -71,11 +72,16 @@ def test_ddp_sim_two_processes(tiny_model_dirs, tmp_path):
 def test_resume_last_in_the_same_run_dir(tiny_model_dirs, tmp_path):
     run_pretrain("logger=csv", "trainer.max_steps=3", "trainer.max_epochs=10", *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
     first = json.loads((tmp_path / "calibration_model" / "manifest.json").read_text())
-    run_pretrain("logger=csv", "trainer.max_steps=5", "trainer.max_epochs=10", "ckpt_path=last", *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
+    logged = set(tmp_path.glob("csv/**/metrics.csv"))
+    again = ["trainer.max_steps=5", "trainer.max_epochs=10", "trainer.log_every_n_steps=1", "ckpt_path=last"]
+    run_pretrain("logger=csv", *again, *tiny_overrides(tiny_model_dirs["llama"], tmp_path))
     second = json.loads((tmp_path / "calibration_model" / "manifest.json").read_text())
     assert (first["training"]["global_step"], second["training"]["global_step"]) == (3, 5)
     assert second["training"]["resumed_from"].endswith("last.ckpt")
     assert second["val_loss_before_training"] == first["val_loss_before_training"]
+    (metrics,) = set(tmp_path.glob("csv/**/metrics.csv")) - logged  # the second run's own log
+    with open(metrics) as f:
+        assert {int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")} == {3, 4}  # not 0..4: it resumed
 
 
 @pytest.mark.slow

@@ -87,10 +87,7 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
         assert cell["top1_agreement"] == pytest.approx(sum(r["agreement"] for r in mine) / 6) and (cell["top1_agreement"] < 1) == (cell["alpha"] > 0)
         early = [r["ended_with_eos"] and r["new_tokens"] < 4 for r in mine]
         assert cell["early_eos_rate"] == pytest.approx(sum(early) / 6)
-        repetition = [1 - len(set(w)) / len(w) if len(w) > 1 else 0.0 for w in (r["continuation"].split() for r in mine)]
-        assert cell["repetition"] == pytest.approx(sum(repetition) / 6)
-        letters = [sum(c.isalpha() for c in t) / len(t) if t else 1.0 for t in ("".join(r["continuation"].split()) for r in mine)]
-        assert cell["letter_share"] == pytest.approx(sum(letters) / 6)
+        assert 0 <= cell["repetition"] < 1 and 0 < cell["letter_share"] <= 1  # their values by hand: test_cell_metrics_by_hand
         assert isinstance(cell["degenerate"], bool)  # the rule itself: test_degenerate_rule_at_its_thresholds
     csv_lines = (run / "grid.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("target,method,alpha,seed,setting,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
@@ -188,13 +185,19 @@ def test_cell_metrics_by_hand():
         {"prompt_id": p, "sample": s, "toxicity": t, "loss": nll, "continuation": c, "new_tokens": 2, "seconds": 0.5}
         for p, s, t, nll, c in [("a", 0, 0.2, 1.0, "x y"), ("a", 1, 0.6, None, " "), ("b", 0, 0.1, 3.0, "x x"), ("b", 1, 0.3, 2.0, "z")]
     ]
-    m = cell_metrics(rows, ["toxicity", "expected_max_toxicity", "toxicity_probability", "perplexity", "dist_1"], resamples=100)
+    m = cell_metrics(rows, ["toxicity", "expected_max_toxicity", "toxicity_probability", "perplexity", "dist_1", "repetition", "letter_share"], resamples=100)
     assert m["toxicity"] == pytest.approx(100 * (0.4 + 0.2) / 2)
     assert m["expected_max_toxicity"] == pytest.approx(100 * (0.6 + 0.3) / 2)  # every toxicity metric x 100
     assert m["toxicity_probability"] == pytest.approx(100 * 0.5)
     assert m["perplexity"] == pytest.approx(math.exp(2.0))  # the empty continuation's None is left out
     assert m["dist_1"] == pytest.approx((2 / 2 + 2 / 3) / 2)
     assert m["empty"] == 1 and m["prompts"] == 2 and m["tokens_per_second"] == pytest.approx(4.0)
+    # Repetition: 1 - distinct words / words, per continuation ("x x": 1/2; one word or none: 0). Letter share:
+    # letters among the non-space characters ("the the 42": 6 of 8; none at all: 1). Both: per prompt, then the mean.
+    assert m["repetition"] == pytest.approx((0 + 0 + 1 / 2 + 0) / 4) and m["letter_share"] == pytest.approx(1.0)
+    more = [dict(rows[0], prompt_id="c", continuation="the the 42"), dict(rows[0], prompt_id="d", continuation="ok")]
+    m = cell_metrics(more, ["toxicity", "repetition", "letter_share"], resamples=10)
+    assert m["repetition"] == pytest.approx((1 / 3 + 0) / 2) and m["letter_share"] == pytest.approx((6 / 8 + 1) / 2)
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bleu'\]"):
         cell_metrics(rows, ["bleu"])
     # Empty continuations excluded: prompt a's empty sample (scored 0.6) no longer counts; its share is shown.

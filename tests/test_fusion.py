@@ -67,6 +67,24 @@ def test_fused_logits_equal_the_formula_at_every_step(generator, alpha):
 
 
 @torch.no_grad()
+def test_kl_and_agreement_equal_a_from_scratch_recomputation(generator):
+    """The grid's diagnostics per row: the mean over its steps of KL(fused || target alone) and the share of
+    steps whose top tokens agree, recomputed in float64 from the formula's logits and the target's own."""
+    settings = GenerationSettings(max_new_tokens=5)
+    rows = generator.target_lm.generate(PROMPTS, settings, alpha=0.6, hidden_transform=generator.fusion.transform(0.6), diagnostics=True)
+    for prompt_ids, row in zip(generator._prompt_ids(PROMPTS), rows, strict=True):
+        kls, agree = [], []
+        for k in range(row.new_tokens):
+            fused, alone = (by_hand(generator, prompt_ids + row.token_ids[:k], a).double() for a in (0.6, 0.0))
+            log_p, log_q = fused.log_softmax(-1), alone.log_softmax(-1)
+            kls.append(float((log_p.exp() * (log_p - log_q)).sum()))
+            agree.append(float(fused.argmax() == alone.argmax()))
+        assert row.new_tokens > 0 and row.kl == pytest.approx(sum(kls) / len(kls), rel=1e-3, abs=1e-6)
+        assert row.agreement == pytest.approx(sum(agree) / len(agree))
+    assert max(r.kl for r in rows) > 1e-3  # alpha 0.6 moves the distribution (measured: 0.005 and 0.007): the check is not of zeros
+
+
+@torch.no_grad()
 def test_cached_and_uncached_give_the_same_logits(generator):
     settings = GenerationSettings(max_new_tokens=8)
     cached = generator.trace(PROMPTS, 0.5, settings, use_cache=True)

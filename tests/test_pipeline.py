@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONF_DIR, assert_drawn, compose_config
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from calibfuse.pipeline import pipeline
 from calibfuse.reporting.report import build_report
@@ -83,10 +85,13 @@ def test_pipeline_runs_every_stage_then_reuses_them(pipeline_cfg, tmp_path, caps
 def test_a_corrupted_stage_artifact_is_set_aside_and_rebuilt(pipeline_cfg, tmp_path, caplog):
     first = run(pipeline_cfg())
     weights = Path(first["pretrain"]) / "calibration_model" / "model.safetensors"
+    before = {name: tensor.clone() for name, tensor in load_file(weights).items()}  # copied: load_file maps the file
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
     second = run(pipeline_cfg(output_dir=tmp_path / "second"))
     assert "unusable" in caplog.text and "rebuilding the stage" in caplog.text
-    assert second["pretrain"] == first["pretrain"] and weights.stat().st_size > 1000
+    rebuilt = load_file(weights)  # the same seeded training again: the same weights, whole
+    assert second["pretrain"] == first["pretrain"] and rebuilt.keys() == before.keys()
+    assert all(torch.equal(rebuilt[name], before[name]) for name in before)
     assert list((tmp_path / "stages").glob("pretrain-*.broken-*"))  # the old dir is kept, not deleted
 
 

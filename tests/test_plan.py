@@ -34,7 +34,11 @@ def test_the_embedded_default_plan():
     stages = {s["stage"]: s for s in planned()}
     pretrain = stages["pretrain"]
     cut = dict(pretrain["models"])["its first 3 layers (trained)"]
-    assert cut == size_of(model_config("smollm2-135m-instruct"), 3).total  # tied: the table is the head, so all of it computes
+    # By hand, SmolLM2-135M: d 576, MLP 1536, 9 query and 3 key-value heads of 64, vocabulary 49,152, tied head.
+    # A layer: q and o 576², k and v 576·192, MLP 3·576·1536, two norms: 3,540,096. All 30 layers: 134,515,008.
+    layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    assert layer == 3_540_096 and size_of(model_config("smollm2-135m-instruct")).total == 30 * layer + 49_152 * 576 + 576 == 134_515_008
+    assert cut == 3 * layer + 49_152 * 576 + 576 == 38_932_416  # tied: the table is the head, so all of it computes
     assert pretrain["flops"] == 6 * cut * 150 * 8 * 128  # 150 steps x 8 rows x 128 tokens (conf/pretrain.yaml)
     assert set(stages) == {"pretrain", *(f"{s} {t}" for s in ("align", "evaluate") for t in ("smollm2-135m-instruct", "gemma3-270m"))}
     assert all(s["memory"][0] < s["memory"][1] for s in stages.values())

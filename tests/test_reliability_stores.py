@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_reliability import grid_cfg
@@ -126,8 +127,12 @@ def test_the_pipeline_under_strategy_ddp_finishes(tiny_model_dirs, tiny_target_d
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # both ranks took part in stage 1
     (pretrain,) = (tmp_path / "stages").glob("pretrain-*/stage.json")
     (aligned,) = (tmp_path / "stages").glob("align-*/stage.json")  # built once, by rank 0
-    assert json.loads(pretrain.read_text())["stage"] == "pretrain" and aligned.is_file()
-    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["alignments"]
+    manifest = json.loads((pretrain.parent / "calibration_model" / "manifest.json").read_text())
+    assert (manifest["training"]["world_size"], manifest["training"]["global_step"]) == (2, 2)  # trained by both ranks, once
+    record = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert record["alignments"] == {"smollm2-135m-instruct": str(aligned.parent / "alignment")}
+    alignment = json.loads((aligned.parent / "alignment" / "alignment.json").read_text())
+    assert Path(alignment["calibration_model"]["absolute_path"]) == (pretrain.parent / "calibration_model").resolve()  # aligned to stage 1's artifact
 
 
 @pytest.mark.parametrize(
@@ -242,11 +247,15 @@ def test_a_failing_scorer_loses_no_generations(tiny_alignment, tiny_model_dirs, 
     monkeypatch.setattr(EvaluationModule, "generate", lambda self, batch: generated.append(len(batch)) or generate(self, batch))
     evaluate(cfg)
     assert generated == [2]  # only the second batch
-    resumed = json.loads((tmp_path / "run" / "generations.jsonl").read_text().splitlines()[0])
     clean_cfg = grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path / "clean", "prompts.limit=4")
     evaluate(clean_cfg)
-    clean = json.loads((tmp_path / "clean" / "run" / "generations.jsonl").read_text().splitlines()[0])
-    assert (resumed["continuation"], resumed["toxicity"], resumed["loss"]) == (clean["continuation"], clean["toxicity"], clean["loss"])
+
+    def rows(path):  # every row, the kept batch and the one generated after the failure, by prompt and sample
+        read = [json.loads(line) for line in path.read_text().splitlines()]
+        return {(r["method"], r["alpha"], r["prompt_id"], r["sample"]): (r["continuation"], r["toxicity"], r["loss"]) for r in read}
+
+    resumed, clean = rows(tmp_path / "run" / "generations.jsonl"), rows(tmp_path / "clean" / "run" / "generations.jsonl")
+    assert len(resumed) == len(clean) >= 4 and resumed == clean
     assert not list((tmp_path / "cells").glob("*/generated.rank*.jsonl"))  # cleared once the cell is stored
 
 

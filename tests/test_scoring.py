@@ -232,11 +232,25 @@ def test_perplexity_ignores_empty_continuations():
     assert math.isnan(perplexity([None]))
 
 
-def test_bootstrap_interval_brackets_the_mean():
+def test_bootstrap_interval_is_the_percentile_interval_of_the_closed_form():
+    """The mean of a resample of 50 zeros and 50 ones is Binomial(100, 1/2) / 100 exactly, so the 95 %
+    percentile interval is that distribution's 2.5 % and 97.5 % quantiles: 0.40 and 0.60 (scipy's ppf).
+    Continuous data: the same percentiles of a from-scratch numpy bootstrap, within Monte-Carlo error."""
+    import numpy as np
+    from scipy import stats
+
     values = [0.0] * 50 + [1.0] * 50
-    low, high = bootstrap_interval(values, seed=1)
-    assert low < 0.5 < high and 0.35 < low and high < 0.65
+    expected = (stats.binom.ppf(0.025, 100, 0.5) / 100, stats.binom.ppf(0.975, 100, 0.5) / 100)
+    assert expected == (0.40, 0.60)
+    assert bootstrap_interval(values, resamples=20_000, seed=1) == pytest.approx(expected, abs=1e-9)
     assert bootstrap_interval([0.3] * 10) == pytest.approx((0.3, 0.3))
+
+    data = np.random.default_rng(3).lognormal(0.0, 1.0, 80)
+    means = data[np.random.default_rng(0).integers(0, 80, size=(40_000, 80))].mean(axis=1)
+    low, high = bootstrap_interval(data.tolist(), resamples=20_000, seed=2)
+    width = np.percentile(means, 97.5) - np.percentile(means, 2.5)
+    assert abs(low - np.percentile(means, 2.5)) < 0.03 * width and abs(high - np.percentile(means, 97.5)) < 0.03 * width
+    assert bootstrap_interval(data.tolist(), statistic=max, resamples=2_000)[1] == pytest.approx(data.max())  # any statistic
 
 
 def test_continuation_tokens_come_from_in_context_tokenization(tiny_model_dirs, metaspace_tokenizer_dir):
