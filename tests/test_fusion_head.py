@@ -3,6 +3,7 @@ that fusion uses unchanged; calibration states matched to target positions by ch
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_config
@@ -87,6 +88,11 @@ def test_a_fitted_on_paired_hidden_states_explains_the_target_better(alignment, 
         return float(((h_c[keep].float() @ A - h_t[keep].float()) ** 2).mean())
 
     assert residual(fitted) < residual(stage2)
+    # The ridge solution written apart: least squares on [X; sqrt(l) I] A = [Y; 0], l = ridge * mean(diag(X'X)).
+    x, y = h_c[keep].double().numpy(), h_t[keep].double().numpy()
+    lam = 1e-3 * np.mean(np.sum(x * x, axis=0))
+    expected = np.linalg.lstsq(np.vstack([x, np.sqrt(lam) * np.eye(x.shape[1])]), np.vstack([y, np.zeros((x.shape[1], y.shape[1]))]), rcond=None)[0]
+    np.testing.assert_allclose(fitted.numpy(), expected, rtol=0, atol=1e-3 * np.abs(expected).max())
     with pytest.raises(ValueError, match="init='zeros'; expected one of"):
         train_fusion_head(compose_config("fusion_head", [f"alignment_dir={alignment}", "init=zeros", "logger=csv"], tmp_path / "bad"))
 

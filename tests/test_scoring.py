@@ -58,6 +58,13 @@ def test_hf_classifier_from_a_local_path(tiny_classifier):
     assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
     one_by_one = [build_scorer("hf_classifier", model=str(tiny_classifier), batch_size=1).score([t])[0] for t in texts]
     assert scores == pytest.approx(one_by_one, abs=1e-5)  # padding does not change a score
+    # by hand: the softmax probability of the `toxic` label, one text at a time through transformers alone
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval(), AutoTokenizer.from_pretrained(tiny_classifier)
+    with torch.no_grad():
+        by_hand = [model(**tokenizer(t, return_tensors="pt")).logits.double().softmax(-1)[0, 1].item() for t in texts]
+    assert scores == pytest.approx(by_hand, abs=1e-5) and max(by_hand) - min(by_hand) > 1e-4  # the texts score differently
 
 
 def test_hf_classifier_with_a_missing_label(tiny_classifier):

@@ -34,10 +34,13 @@ def test_normalized_matching_finds_far_more_across_families(byte_level, metaspac
 
 
 def test_exact_matching_is_the_reference_rule(byte_level, metaspace):
+    """Every token string both vocabularies hold, special tokens aside: none missing, none extra."""
     vocabulary = shared_vocabulary(byte_level, metaspace, "exact")
     assert len(vocabulary) == vocabulary.counts["exact"]
-    for i, j in zip(vocabulary.calibration_ids.tolist(), vocabulary.target_ids.tolist(), strict=True):
-        assert byte_level.convert_ids_to_tokens(i) == metaspace.convert_ids_to_tokens(j)
+    a, b = byte_level.get_vocab(), metaspace.get_vocab()
+    specials = set(byte_level.all_special_tokens) | set(metaspace.all_special_tokens)
+    expected = {(a[t], b[t]) for t in a.keys() & b.keys() if t not in specials}
+    assert len(expected) > 20 and set(zip(vocabulary.calibration_ids.tolist(), vocabulary.target_ids.tolist(), strict=True)) == expected
 
 
 def test_same_tokenizer_shares_everything_but_special_tokens(byte_level):
