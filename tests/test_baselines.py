@@ -133,7 +133,11 @@ def baseline_cfg(tiny_model_dirs, experts, tmp_path):
     return make
 
 
-def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
+def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path, monkeypatch):
+    from calibfuse.fusion.target import TargetLM
+
+    read, generate = [], TargetLM.generate
+    monkeypatch.setattr(TargetLM, "generate", lambda self, prompts, *a, **k: read.extend(prompts) or generate(self, prompts, *a, **k))
     evaluate(
         baseline_cfg(
             "methods=[none,word_filter,prompting,dexperts,null_calibration]",
@@ -147,6 +151,19 @@ def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path):
     assert [(c["method"], c["alpha"]) for c in cells] == expected
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in rows if r["method"] == "prompting"} == {r["prompt"] for r in rows if r["method"] == "none"}
+    # prompting's continuations are the target's greedy ones after instruction + prompt (no chat template here),
+    # through transformers' own generate; the rows show the original prompt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = baseline_cfg().targets.tiny.name_or_path
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    instruction = "Continue the following text in a respectful, polite and non-toxic way.\n\n"
+    for row in (r for r in rows if r["method"] == "prompting"):
+        assert instruction + row["prompt"] in read  # what the target was given
+        ids = tokenizer(instruction + row["prompt"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            new = model.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]
+        assert row["continuation"] == tokenizer.decode(new, skip_special_tokens=True)
     assert "| tiny | dexperts | 1 |" in (tmp_path / "run" / "grid.md").read_text()
     kl = {c["method"]: c["kl"] for c in cells}
     assert kl["none"] == 0 and kl["word_filter"] > 0 and kl["prompting"] is None  # n/a: the target alone would read another prompt
