@@ -89,13 +89,13 @@ def main():
     base = next(c for c in cells if c["method"] == "none")
     metrics = [m for m in grid["metrics"] if m != "perplexity"][:1] + ["perplexity"]
     print(f"\n{args.target}, {grid['prompts']} prompts, {grid['protocol']} protocol, scorer {grid['scorer']} (whole run {time.time() - started:.0f} s)\n")
-    print(f"| method | strength | generation time vs target alone | tok/s | peak memory (MB) | {' | '.join(metrics)} |")
+    print(f"| method | alpha | generation time vs target alone | tok/s | peak memory (MB) | {' | '.join(metrics)} |")
     print("|---|---|---|---|---|" + "---|" * len(metrics))
     for c in cells:
-        strength = f"α={c['alpha']:g}" if c["method"] in ("fusion", "dexperts") else "–"
+        alpha = f"α={c['alpha']:g}" if c["alpha"] else "–"  # the grid's alpha column, whatever the method
         values = " | ".join(f"{c[m]:.2f} [{c[m + '_lo']:.2f}, {c[m + '_hi']:.2f}]" for m in metrics)
         print(
-            f"| {c['method']} | {strength} | {c['generation_seconds'] / base['generation_seconds']:.2f}× | {c['tokens_per_second']:.1f} | "
+            f"| {c['method']} | {alpha} | {c['generation_seconds'] / base['generation_seconds']:.2f}× | {c['tokens_per_second']:.1f} | "
             f"{c['peak_memory_mb']} | {values} |"
         )
     if not args.expert:

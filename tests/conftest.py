@@ -22,6 +22,18 @@ from omegaconf import open_dict  # noqa: E402
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def greedy_by_transformers(model_dir, text: str, max_new_tokens: int) -> tuple[int, list[int], object]:
+    """Greedy decoding through transformers alone, one unpadded prompt: (prompt tokens, new ids, tokenizer).
+    The independent expectation for calibfuse's own decode at alpha 0 and for the baselines."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return ids.shape[1], out[0, ids.shape[1] :].tolist(), tokenizer
+
+
 def is_local(host) -> bool:
     host = str(host)
     return host in ("localhost", "", "0.0.0.0", "::1", "::") or host.startswith("127.")

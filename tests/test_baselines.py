@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_drawn, compose_config, make_tiny_model
+from conftest import assert_drawn, compose_config, greedy_by_transformers, make_tiny_model
 from omegaconf import open_dict
 from transformers import NoBadWordsLogitsProcessor
 
@@ -153,16 +153,11 @@ def test_every_offline_method_side_by_side_in_one_grid(baseline_cfg, tmp_path, m
     assert {r["prompt"] for r in rows if r["method"] == "prompting"} == {r["prompt"] for r in rows if r["method"] == "none"}
     # prompting's continuations are the target's greedy ones after instruction + prompt (no chat template here),
     # through transformers' own generate; the rows show the original prompt
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = baseline_cfg().targets.tiny.name_or_path
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     instruction = "Continue the following text in a respectful, polite and non-toxic way.\n\n"
     for row in (r for r in rows if r["method"] == "prompting"):
         assert instruction + row["prompt"] in read  # what the target was given
-        ids = tokenizer(instruction + row["prompt"], return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            new = model.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]
+        _, new, tokenizer = greedy_by_transformers(path, instruction + row["prompt"], 4)
         assert row["continuation"] == tokenizer.decode(new, skip_special_tokens=True)
     assert "| tiny | dexperts | 1 |" in (tmp_path / "run" / "grid.md").read_text()
     kl = {c["method"]: c["kl"] for c in cells}

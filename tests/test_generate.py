@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, greedy_by_transformers
 
 from calibfuse.generate import generate, read_prompts
 
@@ -34,21 +34,14 @@ def test_generate_writes_one_row_per_alpha_prompt_sample(tiny_model_dirs, tiny_t
 def test_greedy_alpha_zero_is_what_transformers_generates(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
     """At alpha 0 the target alone: each continuation and its prompt's token count are what the target
     generates greedily through transformers' own `generate`, one prompt at a time."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     overrides = [f"target.name_or_path={tiny_target_dir}", f"alignment_dir={tiny_alignment}", "alphas=[0]", "generation.max_new_tokens=6"]
     generate(compose_config("generate", overrides, tmp_path / "run"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_target_dir).eval(), AutoTokenizer.from_pretrained(tiny_target_dir)
     assert len(rows) == 3
     for row in rows:
-        ids = tokenizer(row["prompt"], return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = out[0, ids.shape[1] :].tolist()
+        prompt_tokens, new, tokenizer = greedy_by_transformers(tiny_target_dir, row["prompt"], 6)
         ended = tokenizer.eos_token_id in new
-        assert row["prompt_tokens"] == ids.shape[1] and row["new_tokens"] == len(new) and row["ended_with_eos"] == ended
+        assert row["prompt_tokens"] == prompt_tokens and row["new_tokens"] == len(new) and row["ended_with_eos"] == ended
         assert row["continuation"] == tokenizer.decode([t for t in new if t != tokenizer.eos_token_id], skip_special_tokens=True)
 
 

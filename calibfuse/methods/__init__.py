@@ -9,6 +9,7 @@ The decode loop itself (calibfuse.fusion.decoding) is the same for all of them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the base class stays on a low floor, below the grid that reads its role
@@ -40,7 +41,7 @@ class Method:
     # a judged method must beat), "diagnostic" (a row shown, never judged). Written into every grid cell.
     role = "method"
     # The values of its strength α it runs at, one cell each: fusion's α, DExperts' α; [0.0] for a method without one.
-    alphas: list[float] = [0.0]
+    alphas: Sequence[float] = (0.0,)  # a tuple: a class default no instance can change
 
     def prepare(self, targets: dict[str, ModelSpec]) -> None:
         """Check settings and read what is cheap, no models: bad input fails here, before any model loads."""
