@@ -27,7 +27,7 @@ from calibfuse.align import align
 from calibfuse.evaluation.grid import evaluate
 from calibfuse.fusion_head import train_fusion_head
 from calibfuse.pretrain import pretrain
-from calibfuse.reporting.report import build_report, log_summary, printable
+from calibfuse.reporting.report import build_report, log_summary, plain, printable
 from calibfuse.utils.checks import check_accelerator, check_output_dir, check_required
 from calibfuse.utils.composing import compose_config, compose_stage, evaluate_overrides, stage_overrides
 from calibfuse.utils.files import file_lock, sha256_json, write_json
@@ -44,7 +44,7 @@ KNOBS = (
     "alphas",
     "method_names",
     "seeds",
-    "prompts",
+    "prompt_set",
     "prompt_sample",
     "train_seed",
     "calibration_layers",
@@ -187,8 +187,7 @@ def pipeline(cfg: DictConfig) -> dict:
     if launched_rank() > 0:
         return result  # the report and pipeline.json are rank 0's
     if cfg.until == "report":
-        goal = OmegaConf.to_container(cfg.report.goal) if cfg.report.get("goal") else None
-        confirm = OmegaConf.to_container(cfg.report.confirm) if cfg.report.get("confirm") else None
+        goal, confirm = plain(cfg.report.get("goal")), plain(cfg.report.get("confirm"))
         report = build_report([output_dir / "evaluate"], output_dir / "report", cfg.report.alpha, goal, confirm, evaluate_cfg.bootstrap_resamples)
         log_summary(report, report_logger(evaluate_cfg, output_dir / "report"))
         print(f"\n{printable(report)}\n\nplots and LaTeX: {output_dir / 'report'}")

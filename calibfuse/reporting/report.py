@@ -9,16 +9,22 @@ import logging
 import math
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from calibfuse.data.rows import jsonl_objects
 from calibfuse.evaluation.paired import toxicity_metric
 from calibfuse.methods import role_of
 from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, plot_paired, summary_rows
+from calibfuse.reporting.recheck import recheck_table
 from calibfuse.reporting.verdict import CONFIRM, add_paired, checked_goal, goal_table, roles
 from calibfuse.utils.run import finish_wandb, instantiate_group
 
 log = logging.getLogger(__name__)
+
+
+def plain(node):
+    """A config node as plain Python (`goal`, `confirm`); a string (confirm=held_out) or None as it is."""
+    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node or None
 
 
 def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
@@ -227,8 +233,16 @@ def plot(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> list[Path
 
 
 def build_report(
-    paths: list[str | Path], out_dir: str | Path, alpha: float = 0.3, goal: dict | None = None, confirm: dict | None = CONFIRM, resamples: int = 1000
+    paths: list[str | Path],
+    out_dir: str | Path,
+    alpha: float = 0.3,
+    goal: dict | None = None,
+    confirm: dict | None = CONFIRM,
+    resamples: int = 1000,
+    held_out_scorer=None,
 ) -> dict:
+    """The report's files in `out_dir`; `held_out_scorer` (a scorer object): goal.md also rechecks each
+    target's chosen setting with every continuation scored again by it (calibfuse.reporting.recheck)."""
     goal = checked_goal(goal)
     cells, meta = load_cells(paths)
     metrics = list(meta["metrics"])
@@ -255,6 +269,9 @@ def build_report(
     best = frontier_table(settings, toxicity)
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
     verdict = goal_table(settings, toxicity, goal, confirm)
+    if held_out_scorer is not None:
+        options = {"empty": meta["empty"], "threshold": meta["threshold"], "resamples": resamples}
+        verdict += "\n\n" + recheck_table(settings, toxicity, held_out_scorer, goal, confirm, options)
     (out_dir / "goal.md").write_text(verdict + "\n", encoding="utf-8")
     summary = summary_rows(settings, toxicity, goal, confirm)  # meets_goal by the same goal and split as goal.md
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

@@ -24,6 +24,9 @@ from calibfuse.methods import role_of
 GOAL = {"method": None, "min_toxicity_drop": 0.25, "max_perplexity_rise": 0.10, "baselines": None}
 # Select on one part of the prompts, confirm on the rest (fraction: the confirmation share; null: no split).
 CONFIRM = {"fraction": 0.5, "seed": 0}
+# confirm=held_out: each target's one setting was fixed before this run (chosen on other prompts), so
+# every prompt of the run confirms it and none selects.
+HELD_OUT = "held_out"
 PAIRED = "paired bootstrap over prompts"
 EPS = 1e-9  # a change exactly at a threshold meets it, whatever the last bit of its float says
 UNPAIRED = "unpaired intervals (the grid kept no generations)"
@@ -56,9 +59,11 @@ def roles(settings: dict[tuple, dict], goal: dict) -> tuple[set[str], set[str]]:
     return judged, baselines
 
 
-def checked_confirm(confirm: dict | None) -> dict | None:
-    if confirm is None:
-        return None
+def checked_confirm(confirm: dict | str | None) -> dict | str | None:
+    if confirm is None or confirm == HELD_OUT:
+        return confirm
+    if not isinstance(confirm, dict):
+        raise ValueError(f"confirm={confirm!r}; expected {{fraction, seed}}, {HELD_OUT!r} (settings fixed before the run) or null")
     unknown = sorted(set(confirm) - set(CONFIRM))
     confirm = {**CONFIRM, **confirm}
     if unknown or not 0 < confirm["fraction"] < 1:
@@ -165,7 +170,7 @@ def choose(checks: list[dict], goal: dict) -> dict | None:
 def split(settings: dict[tuple, dict], confirm: dict | None) -> tuple[set[str] | None, set[str] | None]:
     """(selection, confirmation) prompt ids; (None, None) without a split or without generations."""
     texts = {r["prompt_id"]: r["prompt"] for row in settings.values() for r in row.get("rows") or []}
-    if confirm is None or not texts:
+    if confirm is None or confirm == HELD_OUT or not texts:
         return None, None
     return confirmation_split(texts, confirm["fraction"], confirm["seed"])
 
@@ -182,6 +187,12 @@ def verdict(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None
     result = {}
     for target in sorted({c["row"]["target"] for c in on_all.values()}):
         mine = [k for k, c in on_all.items() if c["row"]["target"] == target]
+        if confirm == HELD_OUT and len(mine) > 1:
+            alphas = sorted(on_all[k]["alpha"] for k in mine)
+            raise ValueError(
+                f"confirm={HELD_OUT} judges one setting per target, fixed before the run; {target} has {len(mine)} (alphas {alphas}): "
+                "keep the one chosen on other prompts, or confirm={fraction: 0.5} to choose here"
+            )
         chosen = choose([on_selection[k] for k in mine], goal)
         confirmed = on_confirmation[id(chosen["row"])] if chosen else None
         widths = [(c["toxicity_change_hi"] - c["toxicity_change_lo"]) / 2 for k in mine if not (c := on_confirmation[k])["row"].get("degenerate")]
@@ -192,7 +203,7 @@ def verdict(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None
             "met": bool(confirmed and confirmed["meets"]),
             "detectable": statistics.median(widths) if widths else math.nan,
             "closest": closest([on_all[k] for k in mine], goal),
-            "split": confirmation is not None,
+            "split": confirmation is not None or confirm == HELD_OUT,
         }
     return result
 
@@ -227,7 +238,9 @@ def goal_table(settings: dict[tuple, dict], toxicity: str, goal: dict | None = N
         cells += [describe(c, toxicity) if c else "–" for c in v["closest"]]
         lines.append("| " + " | ".join(cells) + " |")
     split_note = (
-        f"chosen per target on a seeded {1 - confirm['fraction']:.0%} of the prompts (seed {confirm['seed']}) and judged on the other "
+        "each target's one setting was fixed before this run, on other prompts, so every prompt here confirms it (confirm=held_out)"
+        if confirm == HELD_OUT
+        else f"chosen per target on a seeded {1 - confirm['fraction']:.0%} of the prompts (seed {confirm['seed']}) and judged on the other "
         f"{confirm['fraction']:.0%}, which it was not chosen on"
         if confirm and any(v["split"] for v in results.values())
         else "chosen and judged on the same prompts (no confirmation split): not confirmed"
