@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from calibfuse.align import align
@@ -188,7 +189,8 @@ def pipeline(cfg: DictConfig) -> dict:
         return result  # the report and pipeline.json are rank 0's
     if cfg.until == "report":
         goal, confirm = plain(cfg.report.get("goal")), plain(cfg.report.get("confirm"))
-        report = build_report([output_dir / "evaluate"], output_dir / "report", cfg.report.alpha, goal, confirm, evaluate_cfg.bootstrap_resamples)
+        held_out = instantiate(cfg.report.held_out_scorer) if cfg.report.get("held_out_scorer") else None
+        report = build_report([output_dir / "evaluate"], output_dir / "report", cfg.report.alpha, goal, confirm, evaluate_cfg.bootstrap_resamples, held_out)
         log_summary(report, report_logger(evaluate_cfg, output_dir / "report"))
         print(f"\n{printable(report)}\n\nplots and LaTeX: {output_dir / 'report'}")
         result["report"] = str(output_dir / "report")
