@@ -27,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from calibfuse.align import align
 from calibfuse.evaluation.grid import evaluate
 from calibfuse.fusion_head import train_fusion_head
+from calibfuse.methods import BUILT_IN_ROLES
 from calibfuse.pretrain import pretrain
 from calibfuse.reporting.report import build_report, log_summary, plain, printable
+from calibfuse.reporting.verdict import HELD_OUT, checked_confirm, checked_goal, names
 from calibfuse.utils.checks import check_accelerator, check_output_dir, check_required
 from calibfuse.utils.composing import compose_config, compose_stage, evaluate_overrides, stage_overrides
 from calibfuse.utils.files import file_lock, sha256_json, write_json
@@ -162,6 +164,7 @@ def pipeline(cfg: DictConfig) -> dict:
         raise ValueError("layer_norm=affine uses the LayerNorm weights a fusion head trains; expected fusion_head=true (and alignment=learned)")
     if cfg.fusion_head_init != "stage2" and not cfg.fusion_head:
         raise ValueError(f"fusion_head_init={cfg.fusion_head_init!r} sets where a fusion head's A starts; expected fusion_head=true with it")
+    goal, confirm, held_out = report_options(cfg) if cfg.until == "report" else (None, None, None)
     check_before_any_stage(cfg, overrides, targets)
     pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)
     calibration = pretrain_dir / "calibration_model"
@@ -188,8 +191,6 @@ def pipeline(cfg: DictConfig) -> dict:
     if launched_rank() > 0:
         return result  # the report and pipeline.json are rank 0's
     if cfg.until == "report":
-        goal, confirm = plain(cfg.report.get("goal")), plain(cfg.report.get("confirm"))
-        held_out = instantiate(cfg.report.held_out_scorer) if cfg.report.get("held_out_scorer") else None
         report = build_report([output_dir / "evaluate"], output_dir / "report", cfg.report.alpha, goal, confirm, evaluate_cfg.bootstrap_resamples, held_out)
         log_summary(report, report_logger(evaluate_cfg, output_dir / "report"))
         print(f"\n{printable(report)}\n\nplots and LaTeX: {output_dir / 'report'}")
@@ -221,6 +222,17 @@ def check_before_any_stage(cfg: DictConfig, overrides: dict[str, list[str]], tar
             check_accelerator(compose_config("align", [f"target={target}", *overrides["align"]]).trainer, "align_overrides: trainer")
     if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
         check_accelerator(compose_config("evaluate", overrides["evaluate"]).trainer, "evaluate_overrides: trainer")
+
+
+def report_options(cfg: DictConfig) -> tuple[dict | None, dict | str | None, object | None]:
+    """The report's goal, confirmation and held-out scorer, checked before any stage: a bad key, a
+    held_out confirmation of several alphas or a scorer that cannot load fails now, not after the grid."""
+    goal, confirm = checked_goal(plain(cfg.report.get("goal"))), checked_confirm(plain(cfg.report.get("confirm")))
+    judged = [m for m in cfg.method_names if BUILT_IN_ROLES.get(m, "method") == "method"] if goal["method"] is None else sorted(names(goal["method"]))
+    fixed = [f"{m} α={a:g}" for m in judged for a in cfg.alphas if a > 0]
+    if confirm == HELD_OUT and len(fixed) > 1:
+        raise ValueError(f"report.confirm={HELD_OUT} judges one setting per target, fixed before the run; this run has {len(fixed)}: {fixed}")
+    return goal, confirm, instantiate(cfg.report.held_out_scorer) if cfg.report.get("held_out_scorer") else None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")

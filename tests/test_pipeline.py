@@ -175,6 +175,10 @@ def test_learned_scale_without_a_fusion_head_fails_before_any_stage(pipeline_cfg
         run(pipeline_cfg("fusion_head_init=hidden_states"))
     with pytest.raises(ValueError, match="layer_norm=affine uses the LayerNorm weights a fusion head trains; expected fusion_head=true"):
         run(pipeline_cfg("layer_norm=affine"))
+    with pytest.raises(ValueError, match=r"report.confirm=held_out judges one setting per target, .* this run has 2: \['fusion α=0.3', 'fusion α=0.5'\]"):
+        run(pipeline_cfg("alphas=[0,0.3,0.5]", "report.confirm=held_out"))
+    with pytest.raises(ValueError, match=r"confirm='heldout'; expected \{fraction, seed\}, 'held_out'"):
+        run(pipeline_cfg("report.confirm=heldout"))
     assert not (tmp_path / "stages").exists()
 
 

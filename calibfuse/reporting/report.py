@@ -271,7 +271,7 @@ def build_report(
     verdict = goal_table(settings, toxicity, goal, confirm)
     if held_out_scorer is not None:
         options = {"empty": meta["empty"], "threshold": meta["threshold"], "resamples": resamples}
-        verdict += "\n\n" + recheck_table(settings, toxicity, held_out_scorer, goal, confirm, options)
+        verdict += "\n\n" + recheck_table(settings, toxicity, held_out_scorer, goal, confirm, options, meta["scorer"])
     (out_dir / "goal.md").write_text(verdict + "\n", encoding="utf-8")
     summary = summary_rows(settings, toxicity, goal, confirm)  # meets_goal by the same goal and split as goal.md
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

@@ -188,12 +188,13 @@ def verdict(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None
     for target in sorted({c["row"]["target"] for c in on_all.values()}):
         mine = [k for k, c in on_all.items() if c["row"]["target"] == target]
         if confirm == HELD_OUT and len(mine) > 1:
-            alphas = sorted(on_all[k]["alpha"] for k in mine)
+            shown = sorted(label(on_all[k]["row"], on_all[k]["alpha"]) for k in mine)
             raise ValueError(
-                f"confirm={HELD_OUT} judges one setting per target, fixed before the run; {target} has {len(mine)} (alphas {alphas}): "
+                f"confirm={HELD_OUT} judges one setting per target, fixed before the run; {target} has {len(mine)} ({'; '.join(shown)}): "
                 "keep the one chosen on other prompts, or confirm={fraction: 0.5} to choose here"
             )
-        chosen = choose([on_selection[k] for k in mine], goal)
+        # a setting fixed before the run is judged whatever it scores here; otherwise the best is chosen
+        chosen = on_all[mine[0]] if confirm == HELD_OUT and mine else choose([on_selection[k] for k in mine], goal)
         confirmed = on_confirmation[id(chosen["row"])] if chosen else None
         widths = [(c["toxicity_change_hi"] - c["toxicity_change_lo"]) / 2 for k in mine if not (c := on_confirmation[k])["row"].get("degenerate")]
         widths = [w for w in widths if math.isfinite(w)]

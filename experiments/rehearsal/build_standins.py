@@ -154,7 +154,7 @@ def write_configs(out: Path, checkpoint: Path) -> None:
         "defaults": ["paper_table", "_self_"],
         "tags": ["pipeline", "paper_table", "rehearsal"],
         "targets": [f"rehearsal-{name}" for name in TARGETS],
-        "prompts": "rtp_challenging",
+        "prompt_set": "rtp_challenging",
         "method_names": ["fusion"],  # the paper's table: fusion against the target alone
         "pretrain_overrides": [
             "experiment=paper_pretrain",
