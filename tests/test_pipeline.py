@@ -76,11 +76,11 @@ def test_pipeline_runs_every_stage_then_reuses_them(pipeline_cfg, tmp_path, caps
     assert {p.name for p in report.iterdir()} >= {"table.md", "table.tex", "toxicity_vs_alpha.png", "perplexity_vs_alpha.png", "tradeoff.png"}
     assert "| smollm2-135m-instruct |" in capsys.readouterr().out  # the table is printed
 
-    assert "Rechecked by a held-out scorer" not in (report / "goal.md").read_text()
+    assert "Rechecked by a held-out scorer, profanity_check" in (report / "goal.md").read_text()  # by default
 
     stages = sorted(p.name for p in (tmp_path / "stages").iterdir())
-    again = run(pipeline_cfg("alphas=[0,0.3,0.5]", "scorer@report.held_out_scorer=profanity_check", output_dir=tmp_path / "again"))
-    assert "Rechecked by a held-out scorer, profanity_check" in (tmp_path / "again" / "report" / "goal.md").read_text()
+    again = run(pipeline_cfg("alphas=[0,0.3,0.5]", "~scorer@report.held_out_scorer", output_dir=tmp_path / "again"))
+    assert "Rechecked by a held-out scorer" not in (tmp_path / "again" / "report" / "goal.md").read_text()
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == stages  # stages 1-2 reused, nothing new built
     assert (again["evaluate"]["computed"], again["evaluate"]["reused"]) == (1, 3)  # only the new alpha is generated
 
@@ -326,9 +326,9 @@ def test_goal_configs_mirror_the_code(tmp_path):
     assert {**OmegaConf.to_container(report.goal), "min_toxicity_drop": 0.25} == GOAL
     assert OmegaConf.to_container(pipeline.report.goal) == GOAL
     assert OmegaConf.to_container(report.confirm) == OmegaConf.to_container(pipeline.report.confirm) == CONFIRM
-    assert report.get("held_out_scorer") is None and pipeline.report.get("held_out_scorer") is None  # off unless asked
-    recipe = compose_config("pipeline", ["experiment=embedded_paper_table"], tmp_path / "t")
-    assert recipe.report.held_out_scorer._target_ == "calibfuse.scoring.toxicity.ProfanityCheckScorer"
+    assert report.get("held_out_scorer") is None  # calibfuse.report: off unless asked; the pipeline: profanity_check
+    assert pipeline.report.held_out_scorer._target_ == "calibfuse.scoring.toxicity.ProfanityCheckScorer"
+    assert compose_config("pipeline", ["scorer@report.held_out_scorer=toxblock"], tmp_path / "t").report.held_out_scorer.label == "toxic"
 
 
 @pytest.mark.slow
