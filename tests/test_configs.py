@@ -296,8 +296,8 @@ def test_launcher_presets_compose(launcher, target):
 
 
 def documented_stage_overrides() -> list[tuple[str, str]]:
-    """Every `<stage>_overrides=[...]` written in the README, docs, configs and experiment scripts,
-    with shell variables (`${DETOXIFY_CKPT:?...}`) replaced by a path."""
+    """Every `<stage>_overrides=[...]` written in the README, docs, configs and experiment scripts (a
+    list inside an item, `['prompts.exclude=[...]']`, included), with shell variables (`${DETOXIFY_CKPT:?...}`) replaced by a path."""
     import re
 
     root = Path(CONF_DIR).parent
@@ -305,7 +305,7 @@ def documented_stage_overrides() -> list[tuple[str, str]]:
     found = []
     for path in files:
         text = re.sub(r"\$\{[A-Z_]+(:\?[^}]*)?\}", "/x", path.read_text())
-        found += [(path.name, m) for m in re.findall(r"\b(?:pretrain|align|fusion_head|evaluate)_overrides=\[[^\]\n]*\]", text)]
+        found += [(path.name, m) for m in re.findall(r"\b(?:pretrain|align|fusion_head|evaluate)_overrides=\[(?:[^\[\]\n]|\[[^\[\]\n]*\])*\]", text)]
     return found
 
 
