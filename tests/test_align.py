@@ -167,9 +167,11 @@ def test_output_embeddings_of_a_tied_model_are_its_input_embeddings_and_it_says_
     ids = torch.arange(10)
     tied, untied = (AutoModelForCausalLM.from_config(tiny_config(family, 384)) for family in ("llama", "mistral"))
     with caplog.at_level("WARNING", logger="calibfuse.align"):
-        assert torch.equal(embedding_rows(tied, ids, "output"), embedding_rows(tied, ids, "input"))
+        assert torch.equal(embedding_rows(tied, ids, "output"), tied.model.embed_tokens.weight[:10].detach())
     assert "ties its LM head to its input embeddings" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="calibfuse.align"):
-        assert not torch.equal(embedding_rows(untied, ids, "output"), embedding_rows(untied, ids, "input"))
+        assert torch.equal(embedding_rows(untied, ids, "output"), untied.lm_head.weight[:10].detach())
+        assert torch.equal(embedding_rows(untied, ids, "input"), untied.model.embed_tokens.weight[:10].detach())
+        assert not torch.equal(untied.lm_head.weight[:10], untied.model.embed_tokens.weight[:10])
     assert caplog.text == ""

@@ -161,6 +161,7 @@ def test_experiments_instantiate_against_local_stand_ins(experiment, tiny_model_
 
     datamodule = instantiate(cfg.data, tokenizer=load_tokenizer(spec))
     datamodule.setup("fit")
+    assert len(datamodule.train_examples) + len(datamodule.val_examples) == 20 and datamodule.val_examples  # every row of the TSV, split once
     module = instantiate(cfg.module, base_model=spec)
     assert module.model.config.num_hidden_layers == 2
     assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
@@ -218,7 +219,8 @@ def test_pipeline_experiments_compose_down_to_every_stage(experiment, tmp_path):
             compose("pretrain", overrides=overrides["pretrain"])
             targets = list(job.targets)
             for target in targets:
-                assert compose("align", overrides=[f"target={target}", "calibration_model.name_or_path=x", *overrides["align"]]).target
+                aligned = compose("align", overrides=[f"target={target}", "calibration_model.name_or_path=x", *overrides["align"]])
+                assert aligned.target.name_or_path == compose("align", overrides=[f"target={target}", "calibration_model.name_or_path=x"]).target.name_or_path
             alignments = {t: "/x/alignment" for t in targets} if job.alignment == "learned" else {}
             evaluation = compose("evaluate", overrides=evaluate_overrides(targets, alignments, Path("/x"), job, overrides["evaluate"]))
             assert set(evaluation.target_names) == set(targets) and set(targets) <= set(evaluation.targets)
@@ -278,10 +280,11 @@ def test_paper_table_instantiates_against_local_stand_ins(tiny_model_dirs, tiny_
     for target in targets:
         spec = instantiate(stand_ins.targets[target])
         tokenizer = load_tokenizer(spec)
-        assert tokenizer("Prompt 0")["input_ids"] and tokenizer.pad_token_id is not None and spec.trust_remote_code is False
+        assert tokenizer.decode(tokenizer("Prompt 0", add_special_tokens=False)["input_ids"]) == "Prompt 0" and spec.trust_remote_code is False
+        assert tokenizer.pad_token_id is not None  # set by the loader where the tokenizer has none: batches need it
     assert instantiate(stand_ins.reference_lm.model).dtype == "float16"
     assert isinstance(instantiate(stand_ins.trainer, logger=False), L.Trainer)
-    assert isinstance(instantiate(stand_ins.protocol.generation).max_new_tokens, int)
+    assert instantiate(stand_ins.protocol.generation).max_new_tokens == 10  # the paper protocol's continuation length
 
 
 @pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher"), ("local_parallel", "JoblibLauncher")])

@@ -92,6 +92,14 @@ def test_grid_files_hold_every_cell_and_metrics_match_the_generations(eval_cfg, 
     csv_lines = (run / "grid.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("target,method,alpha,seed,setting,protocol,scorer,toxicity,toxicity_lo,toxicity_hi")
     assert "proxy" in (run / "grid.md").read_text()
+    # `degenerate` follows the protocol's thresholds, on the same stored cells: none passes a letter share
+    # above 1, all pass thresholds that no text can break
+    for name, overrides, flag in (("strict", ["protocol.degenerate.min_letter_share=1.01"], True), ("lenient", LENIENT, False)):
+        again = evaluate(eval_cfg(*overrides, output_dir=tmp_path / name))
+        assert again["reused"] == 2 and [c["degenerate"] for c in json.loads((tmp_path / name / "grid.json").read_text())["cells"]] == [flag, flag]
+
+
+LENIENT = ["protocol.degenerate.min_letter_share=0", "protocol.degenerate.max_repetition=1", "protocol.degenerate.max_empty_rate=1"]
 
 
 def test_wandb_run_holds_the_grid_table_plots_and_samples(eval_cfg, tmp_path):

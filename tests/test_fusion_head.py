@@ -184,5 +184,6 @@ def test_affine_layer_norm_trains_with_a_and_fusion_reads_it(alignment, tmp_path
     )
     again, _ = alignment_norm_affine(tmp_path / "again" / "alignment")
     assert torch.equal(again, weight)  # a step at lr 0 from the first head's weights keeps them exactly; from 1 it would not
+    assert torch.equal(load_alignment(tmp_path / "again" / "alignment")[0], A)  # and A is the first head's, not stage 2's
     with pytest.raises(ValueError, match="layer_norm=affine need a fusion head's alignment .* fusion.alignment=identity has none"):  # before any model
         Fusion([0.5], config={"layer_norm": "affine", "alignment": "identity"}, calibration_model={"name_or_path": paths["calibration_model"]})

@@ -95,7 +95,8 @@ def test_a_corrupted_stage_artifact_is_set_aside_and_rebuilt(pipeline_cfg, tmp_p
     rebuilt = load_file(weights)  # the same seeded training again: the same weights, whole
     assert second["pretrain"] == first["pretrain"] and rebuilt.keys() == before.keys()
     assert all(torch.equal(rebuilt[name], before[name]) for name in before)
-    assert list((tmp_path / "stages").glob("pretrain-*.broken-*"))  # the old dir is kept, not deleted
+    (broken,) = (tmp_path / "stages").glob("pretrain-*.broken-*")  # the old dir is kept, not deleted
+    assert (broken / weights.relative_to(Path(first["pretrain"]))).stat().st_size == 1000  # with the damaged file in it
 
 
 def test_the_fusion_head_variant_is_a_stage_between_align_and_evaluate(pipeline_cfg, tmp_path):
@@ -271,9 +272,9 @@ def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
         for s, v in ((1, 10.0), (2, 12.0), (3, 14.0))
     ]
     (row,) = by_setting(cells, ["toxicity"]).values()
-    mean, lo, hi = over_seeds([10.0, 12.0, 14.0])
-    assert (row["toxicity"], row["toxicity_lo"], row["toxicity_hi"]) == pytest.approx((12.0, mean - 4.302653 * 2 / 3**0.5, mean + 4.302653 * 2 / 3**0.5))
-    assert (lo, hi) != (11.0, 13.0)  # not the averaged per-seed ends
+    half = 4.302653 * 2 / 3**0.5  # t(0.975, 2 df) x sd 2 / sqrt(3 seeds)
+    assert (row["toxicity"], row["toxicity_lo"], row["toxicity_hi"]) == pytest.approx((12.0, 12.0 - half, 12.0 + half))
+    assert over_seeds([10.0, 12.0, 14.0]) == pytest.approx((12.0, 12.0 - half, 12.0 + half))  # not the averaged ends, (11, 13)
     (single,) = by_setting(cells[:1], ["toxicity"]).values()
     assert (single["toxicity"], single["toxicity_lo"], single["toxicity_hi"]) == (10.0, 9.0, 11.0)
 

@@ -155,6 +155,7 @@ def test_empty_corpus(tiny_pretrain_cfg, tmp_path):
 
 
 def test_instantiated_module_uses_the_partial_optimizer(tiny_pretrain_cfg):
-    cfg = tiny_pretrain_cfg()
+    cfg = tiny_pretrain_cfg("module.optimizer.lr=7e-4", "module.optimizer.weight_decay=0.05")  # values of this test's own
     module = instantiate(cfg.module, base_model=instantiate(cfg.base_model))
-    assert module.optimizer_factory.keywords["lr"] == 3e-3
+    optimizer = module.optimizer_factory(params=module.model.parameters())
+    assert type(optimizer).__name__ == "AdamW" and (optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]) == (7e-4, 0.05)

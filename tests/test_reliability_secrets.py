@@ -99,13 +99,18 @@ def test_wellformed_wandb_keys_pass(online_wandb, monkeypatch):
     assert checked == [(key, True) for key in keys]
 
 
-def test_a_malformed_netrc_key_is_refused(online_wandb):
+def test_a_malformed_netrc_key_is_refused(online_wandb, monkeypatch):
     online_wandb.write_text("machine api.wandb.ai\n  login user\n  password tooshort\n")
     online_wandb.chmod(0o600)
     with pytest.raises(RuntimeError, match=rf"key in the api.wandb.ai entry of {online_wandb} is malformed: it has 8 characters"):
         check_wandb_credentials(ONLINE)
     online_wandb.write_text("machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
+    import wandb
+
+    checked = []
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: checked.append(kwargs["key"]) or True)
     check_wandb_credentials(ONLINE)
+    assert checked == ["a" * 40]  # the netrc's key is the one W&B verifies
 
 
 def test_evaluate_refuses_a_malformed_key_before_any_model_loads(online_wandb, monkeypatch, tmp_path):
