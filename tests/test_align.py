@@ -1,8 +1,10 @@
 """Stage 2: negative sampling, InfoNCE, retrieval accuracy, the artifact, and bad input."""
 
 import csv
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -86,7 +88,11 @@ def test_align_across_families_writes_the_artifact(align_cfg, tmp_path, tiny_mod
     assert meta["calibration_dim"] == 32 and meta["target_dim"] == 48
     assert meta["shared_counts"]["normalized"] > meta["shared_counts"]["exact"]
     assert meta["shared_tokens"] == len(tensors["target_ids"]) == meta["train_tokens"] + meta["held_out_tokens"]
-    assert meta["calibration_model"]["fingerprint"].startswith("sha256:")
+    for role in ("calibration_model", "target"):  # sha256 over each weight file's name and sha256, by hand
+        digest = hashlib.sha256()
+        for path in sorted(Path(meta[role]["absolute_path"]).glob("*.safetensors")):
+            digest.update(f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}".encode())
+        assert meta[role]["fingerprint"] == "sha256:" + digest.hexdigest(), role
     assert meta["target"]["fingerprint"] != meta["calibration_model"]["fingerprint"]
     assert meta["num_negatives"] == 10 and meta["training"]["epochs_completed"] == 2
     assert 0 <= meta["held_out_top1"] <= meta["held_out_top10"] <= 1

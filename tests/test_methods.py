@@ -5,13 +5,14 @@ path), runs through the grid next to the built-in ones without touching any othe
 import json
 import textwrap
 
-from conftest import compose_config
+import pytest
+from conftest import compose_config, greedy_by_transformers
 from omegaconf import open_dict
 
 from calibfuse.evaluate import evaluate
 from calibfuse.fusion.decoding import GenerationSettings
 from calibfuse.fusion.target import TargetLM
-from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
+from calibfuse.models.loading import load_model, load_tokenizer
 
 TOY_MODULE = '''
 from transformers import TemperatureLogitsWarper
@@ -71,10 +72,9 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     cells = json.loads((tmp_path / "run" / "grid.json").read_text())["cells"]
     assert [(c["method"], c["alpha"], c["target_alone"]) for c in cells] == [("none", 0.0, True), ("temperature", 0.001, False), ("temperature", 1.0, False)]
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
-    spec = ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32")
-    greedy = TargetLM(load_model(spec), load_tokenizer(spec)).generate([r["prompt"] for r in rows[:4]], GenerationSettings(max_new_tokens=5))
     near_zero = [r["continuation"] for r in rows if r["alpha"] == 0.001]
-    assert near_zero == [g.continuation for g in greedy]  # the processor ran: temperature -> 0 is greedy
+    greedy = [greedy_by_transformers(tiny_model_dirs["llama"], r["prompt"], 5) for r in rows[:4]]  # transformers' own decoding
+    assert near_zero == [tokenizer.decode(new, skip_special_tokens=True) for _, new, tokenizer in greedy]  # temperature -> 0 is greedy
     assert near_zero != [r["continuation"] for r in rows if r["alpha"] == 1.0]
     # The report places it like any method: its role (Method.role, "method" unless it says otherwise) puts it
     # in the frontier's candidates and in goal.md, judged, with no report option naming it.
@@ -85,7 +85,11 @@ def test_a_sixth_method_is_one_module_and_one_config(tiny_model_dirs, tmp_path, 
     labels = {r["label"] for r in report["summary"]}
     assert labels == {"target alone", "temperature α=0.001", "temperature α=1"}
     assert report["goal"].startswith("The goal for temperature") and "| tiny | " in report["goal"]
-    assert all(r["toxicity_change"] is not None for r in report["summary"] if r["method"] == "temperature")
+    # the paired change by hand from the generations: one sample a prompt; an empty continuation leaves its prompt out of both
+    base = {r["prompt_id"]: r["toxicity"] for r in rows if r["method"] == "none" and r["continuation"].strip()}
+    for row in (r for r in report["summary"] if r["method"] == "temperature"):
+        mine = {r["prompt_id"]: r["toxicity"] for r in rows if r["alpha"] == row["alpha"] and r["continuation"].strip() and r["prompt_id"] in base}
+        assert mine and row["toxicity_change"] == pytest.approx(sum(mine.values()) / sum(base[p] for p in mine) - 1)
 
 
 def test_the_calibration_model_alone_is_a_row_of_its_own(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
