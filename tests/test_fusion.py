@@ -51,6 +51,8 @@ def by_hand(generator, prompt_ids, alpha):
         calibration_ids = generator.calibration_tokenizer(text)["input_ids"]
     h_c = calibration.base_model(torch.tensor([calibration_ids])).last_hidden_state[0, -1]
     mapped = F.layer_norm(h_c @ generator.A, (generator.A.shape[1],), eps=1e-5)
+    # the head (with its family's post-processing) is the model's own: on h_t alone it gives transformers' logits
+    torch.testing.assert_close(lm_head_logits(target, h_t), target(torch.tensor([prompt_ids])).logits[0, -1])
     return lm_head_logits(target, alpha * mapped + (1 - alpha) * h_t)
 
 
@@ -60,7 +62,8 @@ def test_fused_logits_equal_the_formula_at_every_step(generator, alpha):
     settings = GenerationSettings(max_new_tokens=6)
     steps = generator.trace(PROMPTS, alpha, settings)
     outputs = generator.generate(PROMPTS, alpha, settings)
-    for row, (prompt_ids, out) in enumerate(zip(generator._prompt_ids(PROMPTS), outputs, strict=True)):
+    prompts_ids = [generator.target_tokenizer(p)["input_ids"] for p in PROMPTS]  # the target's tokenizer, as transformers applies it
+    for row, (prompt_ids, out) in enumerate(zip(prompts_ids, outputs, strict=True)):
         for k, step in enumerate(steps[: out.new_tokens]):
             expected = by_hand(generator, prompt_ids + out.token_ids[:k], alpha)
             torch.testing.assert_close(step["logits"][row], expected, atol=2e-4, rtol=2e-4)
