@@ -73,7 +73,7 @@ def test_shipped_challenge_set_reads_as_rtp():
     assert sum(r["challenging"] for r in rows) == 160
 
 
-def test_generate_takes_the_calibration_model_the_alignment_records_and_prints(tiny_target_dir, tiny_alignment, tmp_path, capsys):
+def test_generate_takes_the_calibration_model_the_alignment_records_and_prints(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path, capsys):
     cfg = compose_config(
         "generate",
         [f"target.name_or_path={tiny_target_dir}", f"alignment_dir={tiny_alignment}", "alphas=[0,0.5]", "generation.max_new_tokens=3"],
@@ -84,6 +84,15 @@ def test_generate_takes_the_calibration_model_the_alignment_records_and_prints(t
     rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     printed = capsys.readouterr().out.splitlines()
     assert [f"α={r['alpha']:g} | {r['prompt']!r} -> {r['continuation']!r}" for r in rows] == [line for line in printed if line.startswith("α=")]
+    # the α 0.5 rows are fusion with the model the alignment was trained from (the fixture's tiny Llama), named here
+    from calibfuse.fusion.decoding import GenerationSettings
+    from calibfuse.fusion.generator import FusedGenerator
+
+    named = FusedGenerator.from_artifacts(str(tiny_target_dir), str(tiny_model_dirs["llama"]), tiny_alignment)
+    fused = [r for r in rows if r["alpha"] == 0.5]
+    expected = named.generate([r["prompt"] for r in fused], 0.5, GenerationSettings(max_new_tokens=3))
+    assert [r["continuation"] for r in fused] == [out.continuation for out in expected]
+    assert [r["continuation"] for r in fused] != [r["continuation"] for r in rows if r["alpha"] == 0]  # fusion moved them
     identity = compose_config("generate", [f"target.name_or_path={tiny_target_dir}", "alignment_dir=null"], tmp_path / "identity")
     with pytest.raises(ValueError, match=r"calibration_model\.name_or_path=null with alignment_dir=null"):
         generate(identity)
