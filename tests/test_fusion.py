@@ -237,7 +237,9 @@ def test_chat_prompt_format_uses_the_targets_template(calibration, tiny_model_di
     tokenizer.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}assistant:"
     chat = FusedGenerator(target, tokenizer, calibration[0], calibration[1], None, prompt_format="chat")
     assert tokenizer.decode(chat._prompt_ids(["Hi there"])[0]) == "<s>user: Hi there\nassistant:"
-    assert len(chat.generate(["Hi there"], 0.5, GenerationSettings(max_new_tokens=3))) == 1
+    templated = tokenizer("<s>user: Hi there\nassistant:", add_special_tokens=False)["input_ids"]
+    (out,) = chat.generate(["Hi there"], 0.5, GenerationSettings(max_new_tokens=3))
+    assert out.prompt_tokens == len(templated) and out.new_tokens == 3  # the templated prompt is what it read
 
 
 @torch.no_grad()
