@@ -2,6 +2,7 @@
 from-scratch numpy bootstrap and by exact construction, the confirmation split, and the goal's rules
 on hand-built settings (the thresholds, the base, baselines, degeneration, confirmation)."""
 
+import hashlib
 import math
 
 import numpy as np
@@ -65,6 +66,8 @@ def test_confirmation_split_is_disjoint_seeded_and_by_text():
     selection, confirmation = confirmation_split(prompts, 0.5, seed=3)
     assert not selection & confirmation and selection | confirmation == set(prompts)
     assert 430 < len(confirmation) < 570
+    # the rule by hand, so that a published split never moves: sha256 of "<seed>\0<text>", its first 8 bytes below fraction x 2^64
+    assert confirmation == {i for i, t in prompts.items() if int.from_bytes(hashlib.sha256(f"3\0{t}".encode()).digest()[:8], "big") < 2**63}
     assert ("dup" in confirmation) == ("id5" in confirmation)  # the same text falls on one side
     assert confirmation_split(prompts, 0.5, seed=3) == (selection, confirmation)
     assert confirmation_split(prompts, 0.5, seed=4)[1] != confirmation
