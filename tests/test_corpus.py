@@ -160,7 +160,8 @@ def test_a_second_build_reads_the_cache_and_a_corrupted_one_is_rebuilt(fake_pack
     with (directory / "corpus.tsv").open("a") as f:
         f.write("tampered\t\trow\tvanilla_benign\n")
     assert build(tmp_path) == directory and fake_scorer.calls == 2
-    assert [p for p in directory.parent.iterdir() if ".incomplete-" in p.name]  # set aside, not deleted
+    (aside,) = [p for p in directory.parent.iterdir() if ".incomplete-" in p.name]  # set aside, not deleted
+    assert (aside / "corpus.tsv").read_text().endswith("tampered\t\trow\tvanilla_benign\n")  # the damaged copy, as it was
     manifest = corpus_module.cached_manifest(directory)  # the rebuilt corpus is whole again: its rows as its manifest says
     assert manifest["rows"] == len((directory / "corpus.tsv").read_text().splitlines()) - 1
 
