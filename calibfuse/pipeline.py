@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from calibfuse.align import align
 from calibfuse.evaluation.grid import evaluate
 from calibfuse.fusion_head import train_fusion_head
-from calibfuse.methods import BUILT_IN_ROLES
+from calibfuse.methods import role_of
 from calibfuse.pretrain import pretrain
 from calibfuse.reporting.report import build_report, log_summary, plain, printable
 from calibfuse.reporting.verdict import HELD_OUT, checked_confirm, checked_goal, names
@@ -228,7 +228,7 @@ def report_options(cfg: DictConfig) -> tuple[dict | None, dict | str | None, obj
     """The report's goal, confirmation and held-out scorer, checked before any stage: a bad key, a
     held_out confirmation of several alphas or a scorer that cannot load fails now, not after the grid."""
     goal, confirm = checked_goal(plain(cfg.report.get("goal"))), checked_confirm(plain(cfg.report.get("confirm")))
-    judged = [m for m in cfg.method_names if BUILT_IN_ROLES.get(m, "method") == "method"] if goal["method"] is None else sorted(names(goal["method"]))
+    judged = [m for m in cfg.method_names if role_of({"method": m}) == "method"] if goal["method"] is None else sorted(names(goal["method"]))
     fixed = [f"{m} α={a:g}" for m in judged for a in cfg.alphas if a > 0]
     if confirm == HELD_OUT and len(fixed) > 1:
         raise ValueError(f"report.confirm={HELD_OUT} judges one setting per target, fixed before the run; this run has {len(fixed)}: {fixed}")

@@ -14,7 +14,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from calibfuse.methods import BUILT_IN_ROLES, Method
+from calibfuse.methods import Method, role_of
 from calibfuse.models.footprint import GB, activation_bytes, dtype_bytes, kv_cache_bytes, model_config, size_of, training_bytes
 from calibfuse.utils.composing import compose_stage, evaluate_overrides, stage_overrides
 
@@ -89,7 +89,7 @@ def evaluate_stage(cfg: DictConfig, plan: DictConfig, target: str, calibration) 
     generation = e.protocol.generation
     prompts = cfg.get("prompt_sample") or e.prompts.get("limit") or plan.prompts.get(str(cfg.prompt_set))
     seeds = len(cfg.seeds) if cfg.get("seeds") else 1
-    judged = [m for m in cfg.method_names if BUILT_IN_ROLES.get(m, "method") == "method"]  # fusion: a cell per alpha > 0
+    judged = [m for m in cfg.method_names if role_of({"method": m}) == "method"]  # fusion: a cell per alpha > 0
     fused = sum(a > 0 for a in cfg.alphas) * len(judged)
     others = len([m for m in cfg.method_names if m not in judged and m != Method.name])
     rows = prompts * generation.num_samples * seeds

@@ -28,11 +28,13 @@ def rescored(settings: dict[tuple, dict], scorer) -> dict[tuple, dict]:
     return copies
 
 
-def recheck(settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | None, confirm: dict | None, options: dict) -> dict[str, dict | None]:
+def recheck(
+    settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | None, confirm: dict | None, options: dict, results: dict | None = None
+) -> dict[str, dict | None]:
     """Per target: the chosen setting's check under `scorer`, baselines rescored too, on the prompts
     goal.md judges it on (the confirmation prompts; all of them without a split or with held_out);
     None where nothing was chosen or the choice kept no generations. `options`: add_paired's (empty
-    rule, threshold, resamples)."""
+    rule, threshold, resamples); `results`: the grid scorer's verdict, when the caller has it already."""
     goal, confirm = checked_goal(goal), checked_confirm(confirm)
     again = rescored(settings, scorer)
     add_paired(again, toxicity, **options)
@@ -41,7 +43,7 @@ def recheck(settings: dict[tuple, dict], toxicity: str, scorer, goal: dict | Non
     key_of = {id(row): key for key, row in settings.items()}
     return {
         target: checks.get(id(again[key_of[id(v["chosen"]["row"])]])) if v["chosen"] and v["chosen"]["row"].get("rows") else None
-        for target, v in verdict(settings, toxicity, goal, confirm).items()
+        for target, v in (results or verdict(settings, toxicity, goal, confirm)).items()
     }
 
 
@@ -54,7 +56,7 @@ def recheck_table(
     if name == grid_scorer:
         log.warning("the held-out scorer %s is the grid's own scorer: its recheck is not held out", name)
     first = verdict(settings, toxicity, goal, confirm)
-    second = recheck(settings, toxicity, scorer, goal, confirm, options)
+    second = recheck(settings, toxicity, scorer, goal, confirm, options, first)  # the same choice, not a second bootstrap of it
     lines = [
         f"| target | the chosen setting, judged again with every continuation scored by {name} | met by {name} | met by both scorers |",
         "|---|---|---|---|",
