@@ -1,12 +1,15 @@
 """Stage-1 data: reading every source, completion-only labels, padding, and clear errors."""
 
+import itertools
 import json
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler, RandomSampler
 from transformers import AutoTokenizer
 
 from calibfuse.data.datamodule import PromptCompletionDataModule, encode, encode_many, read_prompt_completions
+from calibfuse.data.resumable import EpochSeededSampler, ResumableDataLoader
 from calibfuse.data.rows import EMBEDDED_CORPUS, PromptCompletion
 from calibfuse.models.lm import IGNORE_INDEX, collate
 
@@ -185,3 +188,61 @@ def test_stage1_joint_tokenisation_with_the_gemma3_tokenizer():
     assert example["input_ids"][:-1] == tokenizer(pair.prompt + "\n" + pair.completion)["input_ids"]
     learned = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(learned[:-1]) == pair.completion
+
+
+def test_the_train_loader_reads_epoch_0_in_random_sampler_s_order_and_epoch_e_with_seed_plus_e():
+    """Epoch 0 is RandomSampler's order (runs that never stop read rows as before); epoch e is randperm
+    from the drawn seed + e, which a resumed run can recompute."""
+    rows = list(range(50))
+    torch.manual_seed(7)
+    before = list(RandomSampler(rows))
+    torch.manual_seed(7)
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    torch.manual_seed(7)
+    sampler = EpochSeededSampler(rows)
+    epochs = [list(sampler), list(sampler), list(sampler)]
+    assert epochs[0] == before and sampler.seed == seed
+    for epoch, order in enumerate(epochs):
+        assert order == torch.randperm(50, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    assert epochs[1] != epochs[0]
+
+
+def _loader(rows):
+    return ResumableDataLoader(rows, batch_size=3, sampler=EpochSeededSampler(rows))  # 20 rows: 7 batches
+
+
+@pytest.mark.parametrize("served", [4, 7], ids=["mid-epoch", "end-of-epoch"])
+def test_a_loader_given_a_stopped_loader_s_state_serves_what_the_stopped_one_would_have(served):
+    rows = list(range(20))
+    torch.manual_seed(1)
+    stopped = _loader(rows)
+    epoch_0 = [batch.tolist() for batch in stopped]
+    epoch_1 = [batch.tolist() for batch in stopped]
+    torch.manual_seed(1)
+    stopped = _loader(rows)
+    for _ in itertools.islice(stopped, served):
+        pass
+    state = stopped.state_dict()
+    assert state["served"] == served
+
+    torch.manual_seed(2)  # a new process: the global generator is elsewhere
+    resumed = _loader(rows)
+    resumed.load_state_dict(state)
+    rest = [batch.tolist() for batch in resumed]
+    assert rest == (epoch_1 if served == 7 else epoch_0[served:])
+    assert resumed.state_dict()["served"] == 7
+
+
+def test_under_ddp_lightning_swaps_in_a_distributed_sampler_and_keeps_the_resumable_loader():
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    rows = list(range(20))
+    sampler = _get_distributed_sampler(_loader(rows), shuffle=True, overfit_batches=0, num_replicas=2, rank=1, seed=0)
+    assert type(sampler) is DistributedSampler
+    sampler.set_epoch(3)
+    rank_1 = _update_dataloader(_loader(rows), sampler)
+    assert isinstance(rank_1, ResumableDataLoader)
+    batches = [batch.tolist() for batch in rank_1]  # 10 rows on this rank: 4 batches
+    rank_1.load_state_dict({"served": 2, "seed": None, "epoch": None})
+    assert [batch.tolist() for batch in rank_1] == batches[2:] and len(batches) == 4

