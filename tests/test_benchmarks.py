@@ -16,6 +16,7 @@ EXPECTED = {
     "fusion_overhead.py": "fused / calibfuse alpha=0:",
     "methods.py": "| fusion | α=0.3 |",
     "positions.py": "rows split differently 0 of 200",
+    "pretrain_step.py": "every position / scored only =",
     "gpu_check.py": "no CUDA GPU here",  # CI has none; on a GPU: "CUDA bf16 vs CPU fp32"
 }
 

@@ -181,3 +181,32 @@ def test_instantiated_module_uses_the_partial_optimizer(tiny_pretrain_cfg):
     module = instantiate(cfg.module, base_model=instantiate(cfg.base_model))
     optimizer = module.optimizer_factory(params=module.model.parameters())
     assert type(optimizer).__name__ == "AdamW" and (optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]) == (7e-4, 0.05)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_the_head_on_scored_positions_only_gives_the_loss_and_gradients_of_the_whole_head(family, tiny_pretrain_cfg):
+    """head_on_scored_only skips the LM head on prompt and padding positions: the loss is the mean
+    -log p(label) over completion tokens, computed here from the full logits by hand."""
+    cfg = tiny_pretrain_cfg(family=family)
+    module = instantiate(cfg.module, base_model=instantiate(cfg.base_model)).eval()  # GPT-2's dropout off: one forward = another
+    datamodule = instantiate(cfg.data, tokenizer=AutoTokenizer.from_pretrained(cfg.base_model.name_or_path))
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.val_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()  # prompts and padding to skip
+
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    labels = batch["labels"][:, 1:]
+    scored = labels != -100
+    by_hand = -logits.log_softmax(-1)[scored].gather(-1, labels[scored, None]).mean()
+
+    gradients = []
+    for head_on_scored_only in (False, True):
+        module.head_on_scored_only = head_on_scored_only
+        module.zero_grad()
+        loss = module.loss(batch)
+        loss.backward()
+        assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+        gradients.append({name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6)
