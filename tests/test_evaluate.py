@@ -116,7 +116,14 @@ def test_wandb_run_holds_the_grid_table_plots_and_samples(eval_cfg, tmp_path):
     assert [r[toxicity] for r in data["data"]] == pytest.approx([c["toxicity"] for c in grid])
     change = data["columns"].index("toxicity_change")  # the paired change against the target alone, under its own column
     assert data["data"][0][change] is None and [r[change] for r in data["data"][1:]] == pytest.approx([c["toxicity_change"] for c in grid[1:]])
-    assert list(run.glob("files/media/table/samples_*.table.json"))
+    (samples,) = run.glob("files/media/table/samples_*.table.json")  # the first 5 generations of each cell, as generations.jsonl has them
+    samples = json.loads(samples.read_text())
+    written = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    columns = ["target", "method", "alpha", "seed", "prompt", "continuation", "toxicity"]
+    first_five = [row for a in (0.0, 0.3, 0.5) for row in [r for r in written if r["alpha"] == a][:5]]
+    assert samples["columns"] == columns and len(first_five) == 15
+    assert [r[:6] for r in samples["data"]] == [[row[c] for c in columns[:6]] for row in first_five]
+    assert [r[6] for r in samples["data"]] == pytest.approx([row["toxicity"] for row in first_five])
     import time
 
     for _ in range(60):  # wandb-core may still be appending the offline record after finish() returns, under load

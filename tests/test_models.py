@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from calibfuse.models.embedded import EMBEDDED_MODELS, _assemble
 from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer, resolve
@@ -13,7 +14,15 @@ def test_local_directory_loads_with_configured_dtype(tiny_model_dirs):
     assert next(model.parameters()).dtype == torch.bfloat16
     assert not model.training
     tokenizer = load_tokenizer(spec)
-    assert tokenizer.pad_token_id is not None and tokenizer.padding_side == "right"
+    assert tokenizer.pad_token == "<pad>" != tokenizer.eos_token and tokenizer.padding_side == "right"  # its own pad token kept
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_of_sequence_token(tiny_model_dirs, tmp_path):
+    own = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    own.pad_token = None
+    own.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(ModelSpec(str(tmp_path)))
+    assert tokenizer.pad_token == "</s>" == tokenizer.eos_token and tokenizer.pad_token_id == 2
 
 
 def test_trust_remote_code_is_off_by_default():
