@@ -9,7 +9,7 @@ from torch.utils.data import DistributedSampler, RandomSampler
 from transformers import AutoTokenizer
 
 from calibfuse.data.datamodule import PromptCompletionDataModule, encode, encode_many, read_prompt_completions
-from calibfuse.data.resumable import EpochSeededSampler, ResumableDataLoader
+from calibfuse.data.resumable import ResumableDataLoader, SeedRecordingSampler, random_state, set_random_state, shuffled_loader
 from calibfuse.data.rows import EMBEDDED_CORPUS, PromptCompletion
 from calibfuse.models.lm import IGNORE_INDEX, collate
 
@@ -190,44 +190,41 @@ def test_stage1_joint_tokenisation_with_the_gemma3_tokenizer():
     assert tokenizer.decode(learned[:-1]) == pair.completion
 
 
-def test_the_train_loader_reads_epoch_0_in_random_sampler_s_order_and_epoch_e_with_seed_plus_e():
-    """Epoch 0 is RandomSampler's order (runs that never stop read rows as before); epoch e is randperm
-    from the drawn seed + e, which a resumed run can recompute."""
+def test_the_train_loader_reads_every_epoch_in_random_sampler_s_order():
+    """Each pass draws its seed from torch's global generator as RandomSampler does (runs that never
+    stop read rows as before, in every epoch), and keeps it: the shuffle is randperm from that seed."""
     rows = list(range(50))
     torch.manual_seed(7)
-    before = list(RandomSampler(rows))
+    before = [list(RandomSampler(rows)) for _ in range(3)]
     torch.manual_seed(7)
-    seed = int(torch.empty((), dtype=torch.int64).random_().item())
-    torch.manual_seed(7)
-    sampler = EpochSeededSampler(rows)
-    epochs = [list(sampler), list(sampler), list(sampler)]
-    assert epochs[0] == before and sampler.seed == seed
-    for epoch, order in enumerate(epochs):
-        assert order == torch.randperm(50, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    assert epochs[1] != epochs[0]
-
-
-def _loader(rows):
-    return ResumableDataLoader(rows, batch_size=3, sampler=EpochSeededSampler(rows))  # 20 rows: 7 batches
+    sampler = SeedRecordingSampler(rows)
+    for order in before:
+        assert list(sampler) == order
+        assert order == torch.randperm(50, generator=torch.Generator().manual_seed(sampler.seed)).tolist()
+    assert before[1] != before[0]
 
 
 @pytest.mark.parametrize("served", [4, 7], ids=["mid-epoch", "end-of-epoch"])
 def test_a_loader_given_a_stopped_loader_s_state_serves_what_the_stopped_one_would_have(served):
+    """20 rows in batches of 3: 7 batches. Resumed mid-epoch it serves the rest of the same shuffle; at
+    the epoch's end it draws the next epoch's shuffle from the random state carried over (as
+    ResumeRandomState sets it back)."""
     rows = list(range(20))
     torch.manual_seed(1)
-    stopped = _loader(rows)
+    stopped = shuffled_loader(rows, batch_size=3)
     epoch_0 = [batch.tolist() for batch in stopped]
     epoch_1 = [batch.tolist() for batch in stopped]
     torch.manual_seed(1)
-    stopped = _loader(rows)
+    stopped = shuffled_loader(rows, batch_size=3)
     for _ in itertools.islice(stopped, served):
         pass
-    state = stopped.state_dict()
+    state, at_stop = stopped.state_dict(), random_state()
     assert state["served"] == served
 
     torch.manual_seed(2)  # a new process: the global generator is elsewhere
-    resumed = _loader(rows)
+    resumed = shuffled_loader(rows, batch_size=3)
     resumed.load_state_dict(state)
+    set_random_state(at_stop)
     rest = [batch.tolist() for batch in resumed]
     assert rest == (epoch_1 if served == 7 else epoch_0[served:])
     assert resumed.state_dict()["served"] == 7
@@ -238,11 +235,11 @@ def test_under_ddp_lightning_swaps_in_a_distributed_sampler_and_keeps_the_resuma
     from lightning.pytorch.utilities.data import _update_dataloader
 
     rows = list(range(20))
-    sampler = _get_distributed_sampler(_loader(rows), shuffle=True, overfit_batches=0, num_replicas=2, rank=1, seed=0)
+    sampler = _get_distributed_sampler(shuffled_loader(rows, batch_size=3), shuffle=True, overfit_batches=0, num_replicas=2, rank=1, seed=0)
     assert type(sampler) is DistributedSampler
     sampler.set_epoch(3)
-    rank_1 = _update_dataloader(_loader(rows), sampler)
+    rank_1 = _update_dataloader(shuffled_loader(rows, batch_size=3), sampler)
     assert isinstance(rank_1, ResumableDataLoader)
     batches = [batch.tolist() for batch in rank_1]  # 10 rows on this rank: 4 batches
-    rank_1.load_state_dict({"served": 2, "seed": None, "epoch": None})
+    rank_1.load_state_dict({"served": 2, "seed": None})
     assert [batch.tolist() for batch in rank_1] == batches[2:] and len(batches) == 4

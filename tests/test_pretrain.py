@@ -78,17 +78,21 @@ def test_resume_continues_the_step_count(tiny_pretrain_cfg, tmp_path):
     assert trained_steps == {3, 4}  # only the two new steps ran
 
 
-@pytest.mark.parametrize("stop, total", [(3, 5), (6, 8), (8, 10)], ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1"])
-def test_a_run_killed_and_resumed_trains_on_the_rows_an_uninterrupted_run_does(stop, total, tiny_pretrain_cfg, tmp_path):
+@pytest.mark.parametrize(
+    "stop, total, family",
+    [(3, 5, "llama"), (6, 8, "llama"), (8, 10, "llama"), (8, 10, "gpt2")],
+    ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1", "mid-epoch-1-dropout"],
+)
+def test_a_run_killed_and_resumed_trains_on_the_rows_an_uninterrupted_run_does(stop, total, family, tiny_pretrain_cfg, tmp_path):
     """A `total`-step run keeps its checkpoint at step `stop` (an epoch is 6 batches), as a run killed
-    after it would have; resumed from there, it ends with the uninterrupted run's weights: the epoch went
-    on with the same shuffle's next rows and the next epoch drew the same shuffle (before, the resumed
-    epoch read its rows again; Lightning #20550 hid the saved position)."""
+    after it would have; resumed from there, it ends with the uninterrupted run's weights: the epoch
+    went on with the same shuffle's next rows, the next epoch drew the same shuffle, and GPT-2's dropout
+    drew the same masks (before, the resumed epoch read its rows again; Lightning #20550 hid the saved place)."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run = (f"trainer.max_steps={total}", "trainer.max_epochs=10", f"callbacks.model_checkpoint.every_n_train_steps={stop}")
-    pretrain(tiny_pretrain_cfg(*run, "callbacks.model_checkpoint.save_top_k=-1", output_dir=whole))
+    pretrain(tiny_pretrain_cfg(*run, "callbacks.model_checkpoint.save_top_k=-1", family=family, output_dir=whole))
     (checkpoint,) = (whole / "checkpoints").glob(f"*-step={stop}.ckpt")
-    pretrain(tiny_pretrain_cfg(*run, f"ckpt_path='{checkpoint}'", output_dir=resumed))
+    pretrain(tiny_pretrain_cfg(*run, f"ckpt_path='{checkpoint}'", family=family, output_dir=resumed))
 
     with open(next(resumed.glob("csv/**/metrics.csv"))) as f:
         trained_steps = sorted(int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss"))

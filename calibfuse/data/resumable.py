@@ -1,43 +1,51 @@
-"""A shuffled training loader that a run stopped mid-epoch resumes exactly.
+"""Training that a stopped run resumes exactly: a shuffled loader that remembers its place, and the
+random state carried in the checkpoint.
 
 Lightning saves a train loader's `state_dict()` in its checkpoints and hands it back on resume; a
 plain shuffled `DataLoader` has none, so a resumed run used to read its epoch again from a new
-shuffle. This one records the shuffle's seed and how many batches of the epoch it has served, and
-after `load_state_dict` goes on with the same shuffle from the next batch.
+shuffle. `ResumableDataLoader` records the shuffle's seed and how many batches of the epoch it has
+served, and after `load_state_dict` goes on with the same shuffle from the next batch.
+`ResumeRandomState` (a callback) saves torch's, NumPy's and Python's random state with every
+checkpoint and sets it back when training restarts, so what is drawn after the stop (the next
+epoch's shuffle, dropout, stage 2's negatives) is what the uninterrupted run drew.
 
-The epoch-0 shuffle is the one `RandomSampler` draws (one seed from torch's global generator), so an
-uninterrupted run reads the rows in the order it always did. Later epochs use seed + epoch, which a
-resumed run can recompute. Under DDP, Lightning swaps the sampler for a `DistributedSampler` (seeded,
-set per epoch) and the skip of served batches still applies.
+Each pass draws its seed from torch's global generator as `RandomSampler` does, so a run that never
+stops reads the rows in the order it always did. Under DDP, Lightning swaps the sampler for a
+`DistributedSampler` (seeded, set per epoch) and the skip of served batches still applies; each
+rank's random state is its own and is not restored.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
+import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 
-class EpochSeededSampler(RandomSampler):
-    """`RandomSampler`'s epoch-0 order; epoch e shuffles with seed + e, the seed drawn once."""
+class SeedRecordingSampler(RandomSampler):
+    """`RandomSampler`'s shuffles, each pass's seed kept so that a resumed run can draw it again."""
 
     def __init__(self, data_source) -> None:
         super().__init__(data_source)
-        self.seed: int | None = None
-        self.epoch = -1  # the epoch of the last pass started
+        self.seed: int | None = None  # the seed of the pass under way
+        self.replay: int | None = None  # a seed to use instead of drawing one, once
 
     def __iter__(self) -> Iterator[int]:
-        if self.seed is None:
+        if self.replay is not None:
+            self.seed, self.replay = self.replay, None
+        else:
             self.seed = int(torch.empty((), dtype=torch.int64).random_().item())  # what RandomSampler draws
-        self.epoch += 1
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
+        generator.manual_seed(self.seed)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class ResumableDataLoader(DataLoader):
-    """A `DataLoader` whose state is the sampler's seed and epoch, and the batches served this epoch."""
+    """A `DataLoader` whose state is the seed of its epoch's shuffle and the batches served so far."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -46,19 +54,69 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator:
         skip, self._skip, self.served = self._skip, 0, 0
-        for index, batch in enumerate(super().__iter__()):
+        if skip:  # DataLoader draws its workers' base seed at each pass's start: the stopped run drew it already
+            state = torch.get_rng_state()
+            batches = super().__iter__()
+            torch.set_rng_state(state)
+        else:
+            batches = super().__iter__()
+        for index, batch in enumerate(batches):
             self.served = index + 1
             if index >= skip:  # the batches before were trained on before the stop; their rows are only read
                 yield batch
 
     def state_dict(self) -> dict:
-        if isinstance(self.sampler, EpochSeededSampler):
-            return {"served": self.served, "seed": self.sampler.seed, "epoch": self.sampler.epoch}
-        return {"served": self.served, "seed": None, "epoch": None}  # a DistributedSampler is set per epoch by Lightning
+        seed = self.sampler.seed if isinstance(self.sampler, SeedRecordingSampler) else None  # a DistributedSampler's is set per epoch
+        return {"served": self.served, "seed": seed}
 
     def load_state_dict(self, state: dict) -> None:
-        finished = state["served"] >= len(self)  # stopped on an epoch's last batch: the next pass is a new epoch
-        self._skip = 0 if finished else state["served"]
-        if isinstance(self.sampler, EpochSeededSampler) and state.get("seed") is not None:
-            self.sampler.seed = state["seed"]
-            self.sampler.epoch = state["epoch"] - (0 if finished else 1)  # __iter__ steps it on
+        if state["served"] >= len(self):  # stopped on an epoch's last batch: the next pass draws a new shuffle
+            return
+        self._skip = state["served"]
+        if isinstance(self.sampler, SeedRecordingSampler):
+            self.sampler.replay = state["seed"]
+
+
+def shuffled_loader(rows, **kwargs) -> ResumableDataLoader:
+    """What `DataLoader(rows, shuffle=True, **kwargs)` reads, resumable."""
+    return ResumableDataLoader(rows, sampler=SeedRecordingSampler(rows), **kwargs)
+
+
+def random_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)  # tensors and plain values load with weights_only
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeRandomState(L.Callback):
+    """Carries the random state and the train loaders' places across a stop (single process)."""
+
+    def __init__(self) -> None:
+        self.saved: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["random_state"] = random_state()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saved = checkpoint.get("random_state")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning #20550: a module whose configure_optimizers reads estimated_stepping_batches has its
+        # train loader set up before the checkpoint is restored, and Lightning never hands the loader its
+        # saved place. Hand it over here, before the first batch is drawn (a no-op once Lightning has).
+        trainer.fit_loop._load_combined_loader_states()
+        if self.saved is not None and trainer.world_size == 1:
+            set_random_state(self.saved)  # as it was at the checkpoint; the sanity check's draws do not count
+        self.saved = None

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
+from calibfuse.data.resumable import shuffled_loader
 from calibfuse.models.vocabulary import SharedVocabulary
 from calibfuse.stages.export import ExportArtifact
 
@@ -80,6 +81,7 @@ class AlignmentModule(L.LightningModule):
         self.register_buffer("train_tokens", train_tokens, persistent=False)
         self.A = nn.Linear(calibration_embeddings.shape[1], target_embeddings.shape[1], bias=False)  # random init
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "top1", "top10")})  # over all held-out tokens
+        self._epoch_negatives: torch.Tensor | None = None
 
     @property
     def alignment_matrix(self) -> torch.Tensor:
@@ -98,7 +100,15 @@ class AlignmentModule(L.LightningModule):
         pool = len(self.train_tokens)
         self._epoch_negatives = self.train_tokens[sample_negatives(torch.arange(pool, device=self.device), pool, self.num_negatives)]
 
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["epoch_negatives"] = self._epoch_negatives  # a run resumed mid-epoch does not start the epoch again
+
+    def on_load_checkpoint(self, checkpoint):
+        self._epoch_negatives = checkpoint.get("epoch_negatives")
+
     def training_step(self, positions, batch_idx):
+        if self._epoch_negatives is None:  # resumed mid-epoch from a checkpoint that did not keep them
+            self.on_train_epoch_start()
         loss = self.info_nce(self.train_tokens[positions], self._epoch_negatives[positions])
         self.log("train/loss", loss, prog_bar=True, batch_size=positions.shape[0])
         return loss
@@ -136,7 +146,7 @@ class SharedVocabularyDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
 
     def train_dataloader(self):
-        return DataLoader(torch.arange(len(self.train_tokens)), batch_size=self.batch_size, shuffle=True)
+        return shuffled_loader(torch.arange(len(self.train_tokens)), batch_size=self.batch_size)  # resumable mid-epoch
 
     def val_dataloader(self):
         return DataLoader(self.val_tokens, batch_size=self.val_batch_size, shuffle=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from calibfuse.data.resumable import ResumeRandomState
 from calibfuse.utils.files import write_json
 from calibfuse.utils.run import instantiate, instantiate_group, versions
 
@@ -76,7 +77,7 @@ class ExportArtifact(L.Callback):
 def fit_and_export(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, export: ExportArtifact) -> dict:
     """Train `module` with the trainer, callbacks and loggers of `cfg` (resuming from cfg.ckpt_path);
     `export` writes the artifact when training ends. Returns the final metrics."""
-    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), export]
+    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), ResumeRandomState(), export]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     # weights_only: Lightning unpickles an http(s) ckpt_path with weights_only=False unless told; a

@@ -8,6 +8,8 @@ import random
 import lightning as L
 from torch.utils.data import DataLoader
 
+from calibfuse.data.resumable import shuffled_loader
+
 
 class TextData(L.LightningDataModule):
     """Stage 1's corpus as plain text (prompt, newline, completion): a seeded held-out slice and the rest.
@@ -30,10 +32,10 @@ class TextData(L.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        clean = DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=list)
+        clean = shuffled_loader(self.train, batch_size=self.batch_size, collate_fn=list)  # resumable mid-epoch
         if self.toxic_train is None:
             return clean
-        toxic = DataLoader(self.toxic_train, batch_size=self.batch_size, shuffle=True, collate_fn=unzip)
+        toxic = shuffled_loader(self.toxic_train, batch_size=self.batch_size, collate_fn=unzip)
         return {"clean": clean, "toxic": toxic}  # Lightning cycles the shorter one
 
     def val_dataloader(self):

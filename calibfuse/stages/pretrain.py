@@ -99,10 +99,6 @@ class CalibrationPretrainModule(L.LightningModule):
         self.log("val/perplexity", torch.exp(loss))
 
     def on_train_start(self):
-        # Lightning #20550: estimated_stepping_batches (configure_optimizers) sets the train loader up before
-        # the checkpoint is restored, so Lightning never hands the resumable loader its saved position.
-        # Hand it over here, before the first batch is drawn (a no-op once Lightning has done so itself).
-        self.trainer.fit_loop._load_combined_loader_states()
         if self.val_loss_before_training is not None:
             self.log("val/loss_before_training", self.val_loss_before_training)
 
