@@ -204,25 +204,26 @@ def test_the_train_loader_reads_every_epoch_in_random_sampler_s_order():
     assert before[1] != before[0]
 
 
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process", "2-workers"])
 @pytest.mark.parametrize("served", [4, 7], ids=["mid-epoch", "end-of-epoch"])
-def test_a_loader_given_a_stopped_loader_s_state_serves_what_the_stopped_one_would_have(served):
+def test_a_loader_given_a_stopped_loader_s_state_serves_what_the_stopped_one_would_have(served, num_workers):
     """20 rows in batches of 3: 7 batches. Resumed mid-epoch it serves the rest of the same shuffle; at
     the epoch's end it draws the next epoch's shuffle from the random state carried over (as
     ResumeRandomState sets it back)."""
     rows = list(range(20))
     torch.manual_seed(1)
-    stopped = shuffled_loader(rows, batch_size=3)
+    stopped = shuffled_loader(rows, batch_size=3, num_workers=num_workers)
     epoch_0 = [batch.tolist() for batch in stopped]
     epoch_1 = [batch.tolist() for batch in stopped]
     torch.manual_seed(1)
-    stopped = shuffled_loader(rows, batch_size=3)
+    stopped = shuffled_loader(rows, batch_size=3, num_workers=num_workers)
     for _ in itertools.islice(stopped, served):
         pass
     state, at_stop = stopped.state_dict(), random_state()
     assert state["served"] == served
 
     torch.manual_seed(2)  # a new process: the global generator is elsewhere
-    resumed = shuffled_loader(rows, batch_size=3)
+    resumed = shuffled_loader(rows, batch_size=3, num_workers=num_workers)
     resumed.load_state_dict(state)
     set_random_state(at_stop)
     rest = [batch.tolist() for batch in resumed]
