@@ -51,15 +51,16 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.served = 0
         self._skip = 0
+        self.resumes_mid_pass = False
 
     def __iter__(self) -> Iterator:
+        # Built now, as DataLoader does (it draws its workers' base seed here, before the epoch-start hooks
+        # draw theirs), so a run that never stops draws what it always drew. Lightning may build it before
+        # a resumed run's state is handed over: the place to start from is read at the first batch.
+        return self._serve(super().__iter__())
+
+    def _serve(self, batches: Iterator) -> Iterator:
         skip, self._skip, self.served = self._skip, 0, 0
-        if skip:  # DataLoader draws its workers' base seed at each pass's start: the stopped run drew it already
-            state = torch.get_rng_state()
-            batches = super().__iter__()
-            torch.set_rng_state(state)
-        else:
-            batches = super().__iter__()
         for index, batch in enumerate(batches):
             self.served = index + 1
             if index >= skip:  # the batches before were trained on before the stop; their rows are only read
@@ -70,7 +71,8 @@ class ResumableDataLoader(DataLoader):
         return {"served": self.served, "seed": seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["served"] >= len(self):  # stopped on an epoch's last batch: the next pass draws a new shuffle
+        self.resumes_mid_pass = state["served"] < len(self)  # else stopped on a pass's last batch: the next draws a new shuffle
+        if not self.resumes_mid_pass:
             return
         self._skip = state["served"]
         if isinstance(self.sampler, SeedRecordingSampler):
@@ -119,4 +121,9 @@ class ResumeRandomState(L.Callback):
         trainer.fit_loop._load_combined_loader_states()
         if self.saved is not None and trainer.world_size == 1:
             set_random_state(self.saved)  # as it was at the checkpoint; the sanity check's draws do not count
+            for loader in trainer.fit_loop._combined_loader.flattened:
+                if isinstance(loader, ResumableDataLoader) and not loader.resumes_mid_pass:
+                    # Its iterator, built before this restore, drew its workers' base seed from the state it
+                    # replaced; the uninterrupted run drew it from this one as the new pass began.
+                    torch.empty((), dtype=torch.int64).random_()
         self.saved = None
