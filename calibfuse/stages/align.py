@@ -104,11 +104,12 @@ class AlignmentModule(L.LightningModule):
         checkpoint["epoch_negatives"] = self._epoch_negatives  # a run resumed mid-epoch does not start the epoch again
 
     def on_load_checkpoint(self, checkpoint):
-        self._epoch_negatives = checkpoint.get("epoch_negatives")
+        self._epoch_negatives = checkpoint.get("epoch_negatives")  # on the CPU: moved at the first step
 
     def training_step(self, positions, batch_idx):
         if self._epoch_negatives is None:  # resumed mid-epoch from a checkpoint that did not keep them
             self.on_train_epoch_start()
+        self._epoch_negatives = self._epoch_negatives.to(positions.device)  # a no-op but after a resume on a GPU
         loss = self.info_nce(self.train_tokens[positions], self._epoch_negatives[positions])
         self.log("train/loss", loss, prog_bar=True, batch_size=positions.shape[0])
         return loss
