@@ -63,13 +63,17 @@ KNOBS = (
     "fusion_head_init",
 )
 VOLATILE_KEYS = ("paths", "logger", "callbacks", "tags", "ckpt_path", "task_name")
+DECIDING_CALLBACKS = ("early_stopping",)  # callbacks that decide when training stops, so what it makes: keyed
 
 
 def stage_key(cfg: DictConfig, inputs: dict | None = None) -> str:
     """sha256 of the resolved stage config (without volatile keys) and its inputs' keys."""
     content = OmegaConf.to_container(cfg, resolve=False)  # unresolved: output paths must not change the key
+    deciding = {name: c for name, c in (content.get("callbacks") or {}).items() if name in DECIDING_CALLBACKS}
     for key in VOLATILE_KEYS:
         content.pop(key, None)
+    if deciding:
+        content["callbacks"] = deciding
     trainer = content.get("trainer") or {}
     trainer.pop("default_root_dir", None)
     return sha256_json({"config": content, "inputs": inputs or {}})

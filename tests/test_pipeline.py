@@ -379,3 +379,22 @@ def test_a_target_from_a_config_folder_of_your_own_reaches_every_stage(tiny_mode
     assert json.loads(aligned.read_text())["target"]["absolute_path"] == str(tiny_target_dir.resolve())  # the target from my folder
     cells = json.loads((tmp_path / "run" / "evaluate" / "grid.json").read_text())["cells"]
     assert [(c["target"], c["alpha"]) for c in cells] == [("mine", 0.0), ("mine", 0.5)]
+
+
+def test_a_stage_is_keyed_by_its_early_stopping_but_not_by_its_checkpointing():
+    """Early stopping decides when training ends, so what a stage makes; checkpoint and logging
+    callbacks do not. A config without early stopping keeps the key it had without any callbacks."""
+    from omegaconf import OmegaConf
+
+    from calibfuse.pipeline import stage_key
+
+    base = {"trainer": {"max_steps": 6000}, "module": {"num_layers": 3}}
+    checkpointing = {"model_checkpoint": {"every_n_train_steps": 250}, "learning_rate_monitor": {"logging_interval": "step"}}
+    stopping = {"early_stopping": {"monitor": "val/loss", "patience": 3, "min_delta": 0.005}}
+
+    def key(callbacks):
+        return stage_key(OmegaConf.create({**base, **({"callbacks": callbacks} if callbacks is not None else {})}))
+
+    assert key(checkpointing) == key(None) == key({"model_checkpoint": {"every_n_train_steps": 50}})
+    assert key({**checkpointing, **stopping}) == key(stopping) != key(None)
+    assert key({"early_stopping": {**stopping["early_stopping"], "patience": 5}}) != key(stopping)
