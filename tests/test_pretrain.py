@@ -214,3 +214,14 @@ def test_the_head_on_scored_positions_only_gives_the_loss_and_gradients_of_the_w
     assert gradients[0].keys() == gradients[1].keys()
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_moved_and_resumed_keeps_writing_the_last_checkpoint_it_resumes_from(tiny_pretrain_cfg, tmp_path):
+    """Lightning versions a last.ckpt it did not write in this directory (last-v1.ckpt), so a run resumed
+    after its directory moved would leave last.ckpt stale, and the next resume would go back to it."""
+    pretrain(tiny_pretrain_cfg("trainer.max_steps=3", "trainer.max_epochs=10", output_dir=tmp_path / "before"))
+    (tmp_path / "before").rename(tmp_path / "moved")
+    checkpoint = tmp_path / "moved" / "checkpoints" / "last.ckpt"
+    pretrain(tiny_pretrain_cfg("trainer.max_steps=5", "trainer.max_epochs=10", f"ckpt_path={checkpoint}", output_dir=tmp_path / "moved"))
+    assert [p.name for p in (tmp_path / "moved" / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert torch.load(checkpoint, weights_only=True, map_location="cpu")["global_step"] == 5
