@@ -1,6 +1,6 @@
 """Plan a pipeline run before it runs: per stage, the models and their parameters (built on the meta device
 from configs, no weights, no network), peak memory per device at the configured dtype, batch sizes and
-strategy, the compute (6 N per trained token, 2 N per generated or scored token) and the time at a stated
+strategy, the compute (6 N per trained token, 2 N per generated, scored or held-out token) and the time at a stated
 utilisation, and whether it fits the configured devices. A plan that cannot fit is refused.
 
     python -m calibfuse.plan                             # the main job (embedded default, CPU)
@@ -42,18 +42,31 @@ def pretrain_stage(cfg: DictConfig, plan: DictConfig) -> dict:
     name, memory, peak, devices = device_of(p.trainer, plan, "train")
     data, trainer = p.data, p.trainer
     rows = data.max_examples or plan.rows.get(str(data.path))
+    held_out = round(rows * data.val_fraction) if rows else 0
     per_step = data.batch_size * devices * trainer.get("accumulate_grad_batches", 1)
-    steps = trainer.max_steps if trainer.get("max_steps", -1) > 0 else (trainer.max_epochs * -(-rows // per_step) if rows else None)
+    epoch = -(-(rows - held_out) // per_step) if rows else None
+    steps = trainer.max_steps if trainer.get("max_steps", -1) > 0 else (trainer.max_epochs * epoch if rows else None)
+    # per position: the layers everywhere; the LM head (vocab x width) only where a completion token is scored if the module says so
+    head = cut.vocab * cut.hidden
+    scored = plan.scored_share.get(str(data.path), 1.0) if p.module.get("head_on_scored_only") else 1.0
+    per_token = cut.compute - head + scored * head
     tokens = steps * per_step * data.max_length if steps else None
+    # held-out passes, forward only: every val_check_interval steps, else once an epoch (early stopping can only end sooner)
+    interval = trainer.get("val_check_interval")
+    passes = (steps // interval if isinstance(interval, int) else -(-steps // epoch)) if steps and rows else 0
+    flops = (6 * per_token * tokens + 2 * per_token * passes * held_out * data.max_length) if tokens else None
     per_device = training_bytes(cut.total, 0, trainer.get("strategy"), devices) + activation_bytes(cut, data.batch_size * data.max_length)
+    work = f"{steps} steps x {per_step} rows x <= {data.max_length} tokens" + (
+        f", {passes} held-out pass{'es' * (passes > 1)} x {held_out} rows" if passes else ""
+    )
     return {
         "stage": "pretrain",
         "models": [(f"{p.base_model.name_or_path} (base)", full.total), (f"its first {p.module.num_layers} layers (trained)", cut.total)],
         "device": f"{devices} x {name}" + (f" ({trainer.strategy})" if trainer.get("strategy") else ""),
         "memory": (per_device, memory * GB),
-        "flops": 6 * cut.compute * tokens if tokens else None,
-        "work": f"{steps} steps x {per_step} rows x <= {data.max_length} tokens" if steps else "steps unknown: set plan.rows for the data",
-        "seconds": 6 * cut.compute * tokens / (peak * 1e12 * devices) if tokens else None,
+        "flops": flops,
+        "work": work if steps else "steps unknown: set plan.rows for the data",
+        "seconds": flops / (peak * 1e12 * devices) if flops else None,
         "calibration": cut,
     }
 

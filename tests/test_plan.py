@@ -39,9 +39,19 @@ def test_the_embedded_default_plan():
     layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
     assert layer == 3_540_096 and size_of(model_config("smollm2-135m-instruct")).total == 30 * layer + 49_152 * 576 + 576 == 134_515_008
     assert cut == 3 * layer + 49_152 * 576 + 576 == 38_932_416  # tied: the table is the head, so all of it computes
-    assert pretrain["flops"] == 6 * cut * 150 * 8 * 128  # 150 steps x 8 rows x 128 tokens (conf/pretrain.yaml)
+    # 150 steps x 8 rows x 128 tokens (conf/pretrain.yaml), then one forward pass over 2 % of 20,025 rows held out
+    assert pretrain["flops"] == 6 * cut * 150 * 8 * 128 + 2 * cut * 400 * 128
     assert set(stages) == {"pretrain", *(f"{s} {t}" for s in ("align", "evaluate") for t in ("smollm2-135m-instruct", "gemma3-270m"))}
     assert all(s["memory"][0] < s["memory"][1] for s in stages.values())
+
+
+def test_recipe_a_plans_its_held_out_passes_and_a_head_on_scored_positions_only():
+    pretrain = {s["stage"]: s for s in planned("experiment=calibration_plateau")}["pretrain"]
+    head, layers = 49_152 * 576, 3 * 3_540_096 + 576  # SmolLM2's tied table as the head; three layers and the final norm
+    per_token = layers + 0.824 * head  # the head only on completion tokens, 82.4 % of the corpus's (conf/plan.yaml)
+    # 6,000 steps of 8 rows of <= 128 tokens; a held-out pass over 400 rows every 250 steps: 24 passes
+    assert pretrain["flops"] == pytest.approx(6 * per_token * 6000 * 8 * 128 + 2 * per_token * 24 * 400 * 128)
+    assert pretrain["work"] == "6000 steps x 8 rows x <= 128 tokens, 24 held-out passes x 400 rows"
 
 
 def test_the_paper_plan_fits_an_h100_not_a_24_gb_card():
@@ -51,7 +61,8 @@ def test_the_paper_plan_fits_an_h100_not_a_24_gb_card():
     # bf16 target and calibration model, fp16 13B reference, fp32 BERT: 2 x (6.74 + 0.87) + 2 x 13.02 + 4 x 0.11 GB of weights
     weights = (2 * (LLAMA2_7B + 869_298_176) + 2 * 13_015_864_320 + 4 * 109_486_854) / 2**30
     assert weights < need < weights + 2 and need < 80
-    assert stages["pretrain"]["work"].startswith("14037 steps x 56 rows")  # 3 epochs of 262,000 rows in batches of 7 x 8 GPUs
+    # 3 epochs of 259,380 rows (262,000 less 1 % held out) in batches of 7 x 8 GPUs; a held-out pass after each
+    assert stages["pretrain"]["work"] == "13896 steps x 56 rows x <= 256 tokens, 3 held-out passes x 2620 rows"
     small = {s["stage"]: s for s in planned("experiment=paper_table", "plan.cpu.memory_gb=512", "plan.gpu.memory_gb=24")}
     assert small["evaluate llama2-7b-chat"]["memory"][0] > small["evaluate llama2-7b-chat"]["memory"][1]
 
