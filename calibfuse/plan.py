@@ -45,15 +45,17 @@ def pretrain_stage(cfg: DictConfig, plan: DictConfig) -> dict:
     held_out = round(rows * data.val_fraction) if rows else 0
     per_step = data.batch_size * devices * trainer.get("accumulate_grad_batches", 1)
     epoch = -(-(rows - held_out) // per_step) if rows else None
-    steps = trainer.max_steps if trainer.get("max_steps", -1) > 0 else (trainer.max_epochs * epoch if rows else None)
+    # Lightning stops at max_steps or max_epochs, whichever comes first
+    limits = [n for n in (trainer.get("max_steps", -1), trainer.max_epochs * epoch if epoch and trainer.get("max_epochs", -1) > 0 else -1) if n > 0]
+    steps = min(limits) if limits else None
     # per position: the layers everywhere; the LM head (vocab x width) only where a completion token is scored if the module says so
     head = cut.vocab * cut.hidden
     scored = plan.scored_share.get(str(data.path), 1.0) if p.module.get("head_on_scored_only") else 1.0
     per_token = cut.compute - head + scored * head
     tokens = steps * per_step * data.max_length if steps else None
-    # held-out passes, forward only: every val_check_interval steps, else once an epoch (early stopping can only end sooner)
-    interval = trainer.get("val_check_interval")
-    passes = (steps // interval if isinstance(interval, int) else -(-steps // epoch)) if steps and rows else 0
+    # held-out passes, forward only: every val_check_interval batches of an epoch, else once an epoch (early stopping can only end sooner)
+    interval, (whole, part) = trainer.get("val_check_interval"), divmod(steps, epoch) if steps and epoch else (0, 0)
+    passes = whole * (epoch // interval) + part // interval if isinstance(interval, int) else whole + (part > 0)
     flops = (6 * per_token * tokens + 2 * per_token * passes * held_out * data.max_length) if tokens else None
     per_device = training_bytes(cut.total, 0, trainer.get("strategy"), devices) + activation_bytes(cut, data.batch_size * data.max_length)
     work = f"{steps} steps x {per_step} rows x <= {data.max_length} tokens" + (

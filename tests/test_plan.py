@@ -49,9 +49,10 @@ def test_recipe_a_plans_its_held_out_passes_and_a_head_on_scored_positions_only(
     pretrain = {s["stage"]: s for s in planned("experiment=calibration_plateau")}["pretrain"]
     head, layers = 49_152 * 576, 3 * 3_540_096 + 576  # SmolLM2's tied table as the head; three layers and the final norm
     per_token = layers + 0.824 * head  # the head only on completion tokens, 82.4 % of the corpus's (conf/plan.yaml)
-    # 6,000 steps of 8 rows of <= 128 tokens; a held-out pass over 400 rows every 250 steps: 24 passes
-    assert pretrain["flops"] == pytest.approx(6 * per_token * 6000 * 8 * 128 + 2 * per_token * 24 * 400 * 128)
-    assert pretrain["work"] == "6000 steps x 8 rows x <= 128 tokens, 24 held-out passes x 400 rows"
+    # 2 epochs of 2,454 steps (19,625 rows in 8s) come before max_steps=6000; a held-out pass over 400 rows every
+    # 250 batches of an epoch: 9 an epoch (the run: 4,906 steps, 18 passes; 8 rows were dropped as too long)
+    assert pretrain["flops"] == pytest.approx(6 * per_token * 4908 * 8 * 128 + 2 * per_token * 18 * 400 * 128)
+    assert pretrain["work"] == "4908 steps x 8 rows x <= 128 tokens, 18 held-out passes x 400 rows"
 
 
 def test_the_paper_plan_fits_an_h100_not_a_24_gb_card():
