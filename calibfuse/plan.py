@@ -36,6 +36,21 @@ def model_size(spec: DictConfig, num_layers: int | None = None):
     return size_of(model_config(spec.name_or_path, spec.get("gguf_file"), spec.get("cache_dir") or "~/.cache/calibfuse"), num_layers)
 
 
+def steps_and_held_out_passes(trainer: DictConfig, epoch: int | None) -> tuple[int | None, int]:
+    """Steps and held-out passes as Lightning counts them: it stops at max_steps or max_epochs, whichever
+    comes first, and validates every val_check_interval batches of an epoch, else at each epoch's end
+    (early stopping can only end it sooner). `epoch`: steps an epoch, None if the data's size is unknown."""
+    limits = [n for n in (trainer.get("max_steps", -1), (trainer.get("max_epochs") or -1) * (epoch or 0)) if n > 0]
+    if not limits:
+        return None, 0
+    steps = min(limits)
+    if not epoch:
+        return steps, 0
+    whole, part = divmod(steps, epoch)
+    interval = trainer.get("val_check_interval")
+    return steps, (whole * (epoch // interval) + part // interval) if isinstance(interval, int) else whole + (part > 0)
+
+
 def pretrain_stage(cfg: DictConfig, plan: DictConfig) -> dict:
     p = compose_stage("pretrain", stage_overrides(cfg)["pretrain"])
     full, cut = model_size(p.base_model), model_size(p.base_model, p.module.num_layers)
@@ -44,18 +59,12 @@ def pretrain_stage(cfg: DictConfig, plan: DictConfig) -> dict:
     rows = data.max_examples or plan.rows.get(str(data.path))
     held_out = round(rows * data.val_fraction) if rows else 0
     per_step = data.batch_size * devices * trainer.get("accumulate_grad_batches", 1)
-    epoch = -(-(rows - held_out) // per_step) if rows else None
-    # Lightning stops at max_steps or max_epochs, whichever comes first
-    limits = [n for n in (trainer.get("max_steps", -1), trainer.max_epochs * epoch if epoch and trainer.get("max_epochs", -1) > 0 else -1) if n > 0]
-    steps = min(limits) if limits else None
+    steps, passes = steps_and_held_out_passes(trainer, -(-(rows - held_out) // per_step) if rows else None)
     # per position: the layers everywhere; the LM head (vocab x width) only where a completion token is scored if the module says so
     head = cut.vocab * cut.hidden
     scored = plan.scored_share.get(str(data.path), 1.0) if p.module.get("head_on_scored_only") else 1.0
     per_token = cut.compute - head + scored * head
     tokens = steps * per_step * data.max_length if steps else None
-    # held-out passes, forward only: every val_check_interval batches of an epoch, else once an epoch (early stopping can only end sooner)
-    interval, (whole, part) = trainer.get("val_check_interval"), divmod(steps, epoch) if steps and epoch else (0, 0)
-    passes = whole * (epoch // interval) + part // interval if isinstance(interval, int) else whole + (part > 0)
     flops = (6 * per_token * tokens + 2 * per_token * passes * held_out * data.max_length) if tokens else None
     per_device = training_bytes(cut.total, 0, trainer.get("strategy"), devices) + activation_bytes(cut, data.batch_size * data.max_length)
     work = f"{steps} steps x {per_step} rows x <= {data.max_length} tokens" + (
