@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny tokenizer trained on the shipped corpus, tiny models of several families
 built from config (never from the hub), and composed Hydra configs pointing at them."""
 
+import json
 import os
 
 # Before anything imports transformers / wandb: tests never touch the network.
@@ -254,3 +255,43 @@ def check_states_by_offsets(generator, prompts: list[str], alpha: float, setting
             torch.testing.assert_close(step["h_calibration"][row], expected.float(), atol=tolerance, rtol=tolerance)
             checked += 1
     return checked
+
+
+def S(line: str, alpha: float):
+    """A report setting built by hand (tests of the verdict and frontier): shown as `line`, keyed by it."""
+    from calibfuse.reporting.settings import Setting
+
+    return Setting(line, line, alpha, f"{line}@{alpha:g}")
+
+
+def read_wandb_run(run_dir: Path) -> dict:
+    """An offline W&B run as a dashboard will show it once synced: its name, group, config and final
+    summary (every summary update merged in order), read from the run's .wandb record log (LevelDB-style
+    blocks of 32 KiB, 7-byte record headers) with wandb's own protobuf schema."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(run_dir).glob("*.wandb")
+    data, pos, block, chunks, buffer = path.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buffer += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            chunks.append(buffer)
+            buffer = b""
+    run = {"summary": {}, "config": {}}
+    for chunk in chunks:
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run |= {"name": record.run.display_name, "group": record.run.run_group}
+        elif kind in ("summary", "config"):
+            items = record.summary.update if kind == "summary" else record.config.update
+            run[kind] |= {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+    return run

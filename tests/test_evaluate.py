@@ -3,10 +3,11 @@ sharding, the prompt sources and the bad input."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, read_wandb_run
 from omegaconf import open_dict
 
 from calibfuse.data.prompts import load_prompts
@@ -304,41 +305,77 @@ def test_bad_input_fails_before_any_model_loads(eval_cfg, overrides, error, matc
 
 
 @pytest.mark.slow
-def test_multirun_jobs_get_their_own_wandb_runs_in_one_group(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
+def test_an_ablation_multirun_keeps_its_arms_apart_in_the_report_and_wandb(tiny_model_dirs, tiny_target_dir, tiny_alignment, tmp_path):
+    """`evaluate -m fusion.layer_norm=parameter_free,none`, then `calibfuse.report` over the sweep, as a user
+    runs them: the report shows each arm as its own setting (one seed each, its own grid's figures), the
+    target alone once; each job is a W&B run named by its arm, whose summary holds its own grid's cells;
+    the jobs and the report share a group of their own; calibfuse.sync finds all three runs."""
     import os
     import subprocess
     import sys
 
+    from calibfuse.reporting.report import build_report
+
     root = Path(__file__).resolve().parents[1]
+    sweep = tmp_path / "multirun"
     overrides = [
         "-m",
-        "alphas=[0],[0.5]",
+        "fusion.layer_norm=parameter_free,none",
+        "alphas=[0,0.5]",
         "target_names=[tiny]",
         f"+alignments.tiny='{tiny_alignment}'",
         f"+targets.tiny={{_target_:calibfuse.models.loading.ModelSpec,name_or_path:'{tiny_target_dir}',dtype:float32}}",
         f"reference_lm.model.name_or_path='{tiny_model_dirs['llama']}'",
         "reference_lm.model.dtype=float32",
-        "prompts.limit=3",
+        "prompts.limit=4",
         "protocol.generation.max_new_tokens=3",
+        "bootstrap_resamples=200",
         f"cell_store='{tmp_path / 'cells'}'",
-        f"hydra.sweep.dir='{tmp_path / 'multirun'}'",
+        f"hydra.sweep.dir='{sweep}'",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "calibfuse.evaluate", *overrides],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
-        timeout=600,
-        check=False,
-    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "calibfuse.evaluate", *overrides], cwd=root, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted((tmp_path / "multirun").glob("*/wandb/offline-run-*"))
+    grids = {job: json.loads((sweep / job / "grid.json").read_text())["cells"] for job in ("0", "1")}
+    assert [[c["alpha"] for c in g] for g in grids.values()] == [[0.0, 0.5], [0.0, 0.5]]
+    assert grids["0"][0]["setting_key"] == grids["1"][0]["setting_key"] and grids["0"][1]["setting_key"] != grids["1"][1]["setting_key"]
+
+    runs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert [r.parents[1].name for r in runs] == ["0", "1"]  # one W&B run per job
-    for run in runs:
-        assert b"evaluate-multirun" in b"".join(p.read_bytes() for p in run.glob("*.wandb"))  # group: <task>-<multirun dir>
-    grids = [json.loads((tmp_path / "multirun" / job / "grid.json").read_text())["cells"] for job in ("0", "1")]
-    assert [[c["alpha"] for c in g] for g in grids] == [[0.0], [0.5]]
+    groups = set()
+    for run, (job, arm) in zip(runs, (("0", "parameter_free"), ("1", "none")), strict=True):
+        shown = read_wandb_run(run)
+        for cell in grids[job]:  # every cell of its own grid, under its own key: none overwrites another
+            for name in ("toxicity", "perplexity"):
+                assert shown["summary"][f"tiny/fusion/alpha={cell['alpha']:g}/{name}"] == pytest.approx(cell[name])
+        assert shown["name"] == f"fusion.layer_norm={arm}"  # named by what the sweep varies
+        assert shown["config"]["knob/fusion.layer_norm"] == arm and shown["config"]["knob/alphas"] == [0, 0.5]  # typed knobs
+        groups.add(shown["group"])
+    (group,) = groups  # one group per launch of the sweep
+    assert re.fullmatch(r"evaluate-multirun-\d{8}-\d{6}", group)
+
+    report = build_report([sweep], tmp_path / "report", alpha=0.5, resamples=200)
+    rows = {r["label"]: r for r in report["summary"]}
+    assert sorted(rows) == ["fusion α=0.5, fusion.layer_norm=none", "fusion α=0.5, fusion.layer_norm=parameter_free", "target alone"]
+    for job, arm in (("0", "parameter_free"), ("1", "none")):
+        row, cell = rows[f"fusion α=0.5, fusion.layer_norm={arm}"], grids[job][1]
+        interval = ("toxicity", "toxicity_lo", "toxicity_hi")
+        assert [row[k] for k in interval] == pytest.approx([cell[k] for k in interval])
+        assert row["perplexity"] == pytest.approx(cell["perplexity"]) and row["toxicity_lo"] >= 0
+    assert (
+        "tiny (fusion.layer_norm=none) | fusion α=0.5 |" in report["markdown"]
+        and "tiny (fusion.layer_norm=parameter_free) | fusion α=0.5 |" in report["markdown"]
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "calibfuse.report", f"runs=[{sweep}]", "alpha=0.5", f"hydra.run.dir={sweep / 'report'}"],
+        cwd=root, capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report_run,) = (sweep / "report" / "wandb").glob("offline-run-*")
+    assert read_wandb_run(report_run)["group"] == group  # the report joins its jobs' group
+    listed = subprocess.run([sys.executable, "-m", "calibfuse.sync", str(sweep), "--list"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert "3 offline W&B run(s)" in listed and str(report_run.resolve()) in listed
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, assert_drawn, compose_config
+from conftest import CONF_DIR, S, assert_drawn, compose_config
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -265,7 +265,7 @@ def test_multirun_ablation_lands_in_one_wandb_group_and_one_report(tiny_model_di
 
 
 def test_report_intervals_over_seeds_are_not_averaged_interval_ends():
-    from calibfuse.reporting.report import by_setting, over_seeds
+    from calibfuse.reporting.settings import by_setting, over_seeds
 
     cells = [
         {"target": "t", "method": "fusion", "setting": "", "alpha": 0.3, "seed": s, "toxicity": v, "toxicity_lo": v - 1, "toxicity_hi": v + 1}
@@ -302,17 +302,17 @@ def test_pareto_frontier_by_hand(tmp_path):
         }
 
     settings = {
-        ("t", 0.0): row("none", 10.0, 5.0),
-        ("t (fusion)", 0.3): row("fusion", 8.0, 6.0),
-        ("t (fusion)", 0.5): row("fusion", 9.0, 7.0),
-        ("t (word_filter)", 0.0): row("word_filter", 7.0, 5.5),
-        ("t (fusion)", 0.9): row("fusion", 1.0, 4.0, degenerate=True),
+        S("t", 0.0): row("none", 10.0, 5.0),
+        S("t (fusion)", 0.3): row("fusion", 8.0, 6.0),
+        S("t (fusion)", 0.5): row("fusion", 9.0, 7.0),
+        S("t (word_filter)", 0.0): row("word_filter", 7.0, 5.5),
+        S("t (fusion)", 0.9): row("fusion", 1.0, 4.0, degenerate=True),
     }
-    best = frontier(list((a, r) for (_, a), r in settings.items()), "toxicity")
+    best = frontier([(s.alpha, r) for s, r in settings.items()], "toxicity")
     assert [(r["method"], r["toxicity"]) for _, r in best] == [("none", 10.0), ("word_filter", 7.0)]  # fusion 0.3 is dominated; 0.9 degenerate
     table = frontier_table(settings, "toxicity")
     assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | – | – | 0.100 | 0.900 | 0.000 | 0.050 | 0.900 |" in table  # no generations: no pairs
-    settings[("t (word_filter)", 0.0)].update(
+    settings[S("t (word_filter)", 0.0)].update(
         toxicity_change=-0.3, toxicity_change_lo=-0.42, toxicity_change_hi=-0.15, perplexity_ratio=1.1, perplexity_ratio_lo=1.04, perplexity_ratio_hi=1.2
     )
     assert "| t | word_filter | 7.00 [6.00, 8.00] | 5.50 [5.00, 6.00] | -30% [-42%, -15%] | +10% [+4%, +20%] | 0.100 |" in frontier_table(settings, "toxicity")

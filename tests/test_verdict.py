@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import S
 
 from calibfuse.evaluation.paired import confirmation_split, paired_change, per_prompt
 from calibfuse.reporting.verdict import goal_checks, goal_table, verdict
@@ -113,18 +114,18 @@ def test_goal_verdict_by_hand():
     base = rows_of(rng.beta(0.6, 1.6, 60), rng.normal(2.0, 0.4, 60))
     selection, confirmation = confirmation_split({r["prompt_id"]: r["prompt"] for r in base}, 0.5, 0)
     settings = {
-        ("a", 0.0): setting("a", "fusion", base, alone=True),
-        ("a", 0.2): setting("a", "fusion", scaled(base, 0.70, 1.08)),
-        ("a", 0.4): setting("a", "fusion", scaled(base, 0.60, 1.20)),  # cuts more, over the perplexity budget
-        ("a", 0.6): setting("a", "fusion", scaled(base, 0.10, 1.00), degenerate=True),
-        ("b", 0.0): setting("b", "fusion", base, alone=True),
-        ("b", 0.2): setting("b", "fusion", scaled(base, 0.75, 1.10)),  # exactly at both thresholds
-        ("b", 0.3): setting("b", "fusion", scaled(base, 0.76, 1.00)),  # a 24 % cut: not enough
-        ("c", 0.0): setting("c", "fusion", base, alone=True),
-        ("c", 0.2): setting("c", "fusion", scaled(base, 0.70, 1.08)),
-        ("c (word_filter)", 0.0): setting("c", "word_filter", scaled(base, 0.50, 1.02)),
-        ("d", 0.0): setting("d", "fusion", base, alone=True),
-        ("d", 0.3): setting("d", "fusion", scaled(base, 0.40, 1.05, which=selection)),  # a cut on the selection prompts only
+        S("a", 0.0): setting("a", "fusion", base, alone=True),
+        S("a", 0.2): setting("a", "fusion", scaled(base, 0.70, 1.08)),
+        S("a", 0.4): setting("a", "fusion", scaled(base, 0.60, 1.20)),  # cuts more, over the perplexity budget
+        S("a", 0.6): setting("a", "fusion", scaled(base, 0.10, 1.00), degenerate=True),
+        S("b", 0.0): setting("b", "fusion", base, alone=True),
+        S("b", 0.2): setting("b", "fusion", scaled(base, 0.75, 1.10)),  # exactly at both thresholds
+        S("b", 0.3): setting("b", "fusion", scaled(base, 0.76, 1.00)),  # a 24 % cut: not enough
+        S("c", 0.0): setting("c", "fusion", base, alone=True),
+        S("c", 0.2): setting("c", "fusion", scaled(base, 0.70, 1.08)),
+        S("c (word_filter)", 0.0): setting("c", "word_filter", scaled(base, 0.50, 1.02)),
+        S("d", 0.0): setting("d", "fusion", base, alone=True),
+        S("d", 0.3): setting("d", "fusion", scaled(base, 0.40, 1.05, which=selection)),  # a cut on the selection prompts only
     }
     checks = {(c["row"]["target"], c["alpha"]): c for c in goal_checks(settings, "toxicity").values()}
     assert checks[("a", 0.2)]["toxicity_change"] == pytest.approx(-0.30) and checks[("a", 0.2)]["perplexity_ratio"] == pytest.approx(1.08)
@@ -148,7 +149,7 @@ def test_goal_verdict_by_hand():
     assert "met on" not in goal_table(settings, "toxicity", {"min_toxicity_drop": 0.5}) and "Met on 0 of 4" in goal_table(
         settings, "toxicity", {"min_toxicity_drop": 0.5}
     )
-    one_each = {k: v for k, v in settings.items() if k not in {("a", 0.4), ("a", 0.6), ("b", 0.3)}}  # fixed before the run
+    one_each = {k: v for k, v in settings.items() if k not in {S("a", 0.4), S("a", 0.6), S("b", 0.3)}}  # fixed before the run
     held_out = verdict(one_each, "toxicity", confirm="held_out")
     assert {t: v["confirmed"]["paired_prompts"] for t, v in held_out.items() if v["confirmed"]} == {"a": 60, "b": 60, "c": 60, "d": 60}  # every prompt confirms
     assert held_out["c"]["chosen"]["beaten_by"] == ["word_filter"] and not held_out["c"]["met"]  # fixed, so judged, though beaten
@@ -168,10 +169,10 @@ def test_goal_verdict_by_hand():
 def test_goal_falls_back_to_unpaired_intervals_without_generations():
     """Grids from before generations were kept: the means and unpaired intervals decide, and goal.md says so."""
     settings = {
-        ("a", 0.0): setting("a", "fusion", None, alone=True, tox=20.0),
-        ("a", 0.2): setting("a", "fusion", None, tox=14.0, ppl=5.4),  # -30 % at +8 %, 16 < 18: apart
-        ("a", 0.4): setting("a", "fusion", None, tox=14.0, ppl=5.4, half=5.0),  # the same means, intervals overlap
-        ("b", 0.5): setting("b", "fusion", None, tox=10.0, ppl=8.0),  # no target alone: not judged
+        S("a", 0.0): setting("a", "fusion", None, alone=True, tox=20.0),
+        S("a", 0.2): setting("a", "fusion", None, tox=14.0, ppl=5.4),  # -30 % at +8 %, 16 < 18: apart
+        S("a", 0.4): setting("a", "fusion", None, tox=14.0, ppl=5.4, half=5.0),  # the same means, intervals overlap
+        S("b", 0.5): setting("b", "fusion", None, tox=10.0, ppl=8.0),  # no target alone: not judged
     }
     checks = {(c["row"]["target"], c["alpha"]): c for c in goal_checks(settings, "toxicity").values()}
     assert set(checks) == {("a", 0.2), ("a", 0.4)}
@@ -187,12 +188,12 @@ def test_summary_rows_mark_the_confirmed_setting():
 
     base = rows_of(np.linspace(0.05, 0.9, 40), np.linspace(1.5, 2.5, 40))
     settings = {
-        ("a", 0.0): setting("a", "fusion", base, alone=True),
-        ("a", 0.2): setting("a", "fusion", scaled(base, 0.7, 1.05)),
-        ("a", 0.4): setting("a", "fusion", scaled(base, 0.9, 1.01)),
+        S("a", 0.0): setting("a", "fusion", base, alone=True),
+        S("a", 0.2): setting("a", "fusion", scaled(base, 0.7, 1.05)),
+        S("a", 0.4): setting("a", "fusion", scaled(base, 0.9, 1.01)),
     }
-    for key in (("a", 0.2), ("a", 0.4)):
-        settings[key].update(paired_change(settings[("a", 0.0)]["per_prompt"], settings[key]["per_prompt"], resamples=100))
+    for key in (S("a", 0.2), S("a", 0.4)):
+        settings[key].update(paired_change(settings[S("a", 0.0)]["per_prompt"], settings[key]["per_prompt"], resamples=100))
     rows = {r["alpha"]: r for r in summary_rows(settings, "toxicity")}
     assert (rows[0.2]["chosen"], rows[0.2]["meets_goal"]) == (True, True) and not rows[0.4]["chosen"] and not rows[0.0]["meets_goal"]
     assert rows[0.2]["toxicity_change"] == pytest.approx(-0.3) and rows[0.0]["toxicity_change"] is None
@@ -200,7 +201,7 @@ def test_summary_rows_mark_the_confirmed_setting():
 
 
 def test_report_labels_points_by_what_varies():
-    from calibfuse.reporting.report import label_by_what_varies, overrides_of
+    from calibfuse.reporting.runs import label_by_what_varies, overrides_of
 
     assert overrides_of("method_names=[fusion,word_filter],calibration_layers=1") == ["method_names=[fusion,word_filter]", "calibration_layers=1"]
     cells = [{"setting": "method_names=[fusion],calibration_layers=" + n} for n in ("1", "3")] + [{"setting": "method_names=[fusion],calibration_layers=3"}]
@@ -253,14 +254,14 @@ def test_recheck_by_a_held_out_scorer_by_hand():
     base = [dict(r, continuation=f"plain {i}") for i, r in enumerate(rows_of(grid_tox, rng.normal(2.0, 0.4, n)))]
     fused = {t: [dict(r, continuation=f"{t} {i}") for i, r in enumerate(scaled(base, 0.70, 1.08))] for t in ("a", "b")}
     table = {f"plain {i}": held_out[i] for i in range(n)} | {f"a {i}": held_out[i] for i in range(n)} | {f"b {i}": held_out[i] / 2 for i in range(n)}
-    settings = {(t, 0.0): setting(t, "fusion", base, alone=True) for t in ("a", "b")} | {(t, 0.2): setting(t, "fusion", fused[t]) for t in ("a", "b")}
+    settings = {S(t, 0.0): setting(t, "fusion", base, alone=True) for t in ("a", "b")} | {S(t, 0.2): setting(t, "fusion", fused[t]) for t in ("a", "b")}
     scorer = ScoresByText(table)
     options = {"empty": "score", "threshold": 0.5, "resamples": 500}
     checks = recheck(settings, "toxicity", scorer, None, None, options)
     assert sorted(scorer.seen) == sorted(table)  # each distinct continuation scored once
     assert checks["a"]["toxicity_change"] == pytest.approx(0.0, abs=1e-12) and not checks["a"]["meets"]
     assert checks["b"]["toxicity_change"] == pytest.approx(-0.5) and checks["b"]["perplexity_ratio"] == pytest.approx(1.08) and checks["b"]["meets"]
-    assert settings[("a", 0.2)]["rows"][0]["toxicity"] == pytest.approx(0.7 * grid_tox[0])  # the grid's scores are left as they were
+    assert settings[S("a", 0.2)]["rows"][0]["toxicity"] == pytest.approx(0.7 * grid_tox[0])  # the grid's scores are left as they were
     text = recheck_table(settings, "toxicity", ScoresByText(table), None, {"fraction": 0.5, "seed": 0}, options)
     _, confirmation = confirmation_split({r["prompt_id"]: r["prompt"] for r in base}, 0.5, 0)
     assert "Rechecked by a held-out scorer, by_text" in text and "Met by both scorers on 1 of 2 target(s)." in text
@@ -286,12 +287,12 @@ def test_recheck_judges_the_chosen_setting_against_rescored_baselines():
 
     table = {f"plain {i}": held_out[i] for i in range(n)}
     settings = {
-        ("c", 0.0): setting("c", "fusion", base, alone=True),
-        ("c", 0.2): setting("c", "fusion", variant("c2", 0.70, 1.08, 1.0)),
-        ("c", 0.4): setting("c", "fusion", variant("c4", 0.60, 1.09, 0.5)),
-        ("c (word_filter)", 0.0): setting("c", "word_filter", variant("cw", 0.90, 1.01, 0.4)),
-        ("e", 0.0): setting("e", "fusion", None, alone=True, tox=20.0),
-        ("e", 0.2): setting("e", "fusion", None, tox=14.0, ppl=5.4),
+        S("c", 0.0): setting("c", "fusion", base, alone=True),
+        S("c", 0.2): setting("c", "fusion", variant("c2", 0.70, 1.08, 1.0)),
+        S("c", 0.4): setting("c", "fusion", variant("c4", 0.60, 1.09, 0.5)),
+        S("c (word_filter)", 0.0): setting("c", "word_filter", variant("cw", 0.90, 1.01, 0.4)),
+        S("e", 0.0): setting("e", "fusion", None, alone=True, tox=20.0),
+        S("e", 0.2): setting("e", "fusion", None, tox=14.0, ppl=5.4),
     }
     options = {"empty": "score", "threshold": 0.5, "resamples": 500}
     checks = recheck(settings, "toxicity", ScoresByText(table), None, None, options)
@@ -301,7 +302,76 @@ def test_recheck_judges_the_chosen_setting_against_rescored_baselines():
     text = recheck_table(settings, "toxicity", ScoresByText(table), None, None, options)
     assert "| e | – (the chosen setting kept no generations to rescore) | no | no |" in text
 
-    fixed = {k: v for k, v in settings.items() if k in {("c", 0.0), ("c", 0.2)}}
-    fixed[("c", 0.2)] = setting("c", "fusion", variant("c2", 0.70, 1.20, 1.0))  # +20 % perplexity: fails, but it is the setting fixed
+    fixed = {k: v for k, v in settings.items() if k in {S("c", 0.0), S("c", 0.2)}}
+    fixed[S("c", 0.2)] = setting("c", "fusion", variant("c2", 0.70, 1.20, 1.0))  # +20 % perplexity: fails, but it is the setting fixed
     assert recheck(fixed, "toxicity", ScoresByText(table), None, "held_out", options)["c"]["perplexity_ratio"] == pytest.approx(1.20)
     assert verdict(fixed, "toxicity", confirm="held_out")["c"]["chosen"]["alpha"] == 0.2
+
+
+def write_grid(run_dir, scorer, prompts, cells, note=None):
+    """A grid.json and generations.jsonl as calibfuse.evaluate writes them, for cells given as
+    (method, alpha, per-prompt toxicity, per-prompt loss): one target `t`, one seed."""
+    import json
+
+    from calibfuse.evaluation.metrics import cell_metrics
+    from calibfuse.utils.files import sha256_json
+
+    context = {"target.weights": "w" * 12, "scorer.name": scorer, "prompts": f"src ({len(prompts)} prompts, {sha256_json(prompts)[:8]})"}
+    grid, generations = [], []
+    for method, alpha, toxicities, losses in cells:
+        alone = method == "none"
+        rows = [
+            {"target": "t", "method": method, "alpha": alpha, "seed": 7, "prompt_id": p, "prompt": f"prompt {p}", "sample": 0,
+             "continuation": f"{method} {alpha} {p}", "toxicity": x, "loss": loss, "new_tokens": 4}
+            for p, x, loss in zip(prompts, toxicities, losses, strict=True)
+        ]  # fmt: skip
+        setting = {"method": method, "alpha": alpha}
+        grid.append(
+            {"target": "t", "method": method, "alpha": alpha, "seed": 7, "setting": "", "scorer": scorer, "target_alone": alone,
+             "setting_key": sha256_json([setting, context]), "decided_by": {"setting": setting, "context": context},
+             **cell_metrics(rows, ["toxicity", "perplexity"], resamples=100)}
+        )  # fmt: skip
+        generations += rows
+    run_dir.mkdir(parents=True)
+    meta = {"metrics": ["toxicity", "perplexity"], "scorer": scorer, "scorer_note": note, "prompts": len(prompts)}
+    (run_dir / "grid.json").write_text(json.dumps(meta | {"cells": grid}))
+    (run_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generations))
+
+
+def test_a_report_keeps_runs_by_different_scorers_apart(tmp_path):
+    """The same target alone scored by two scorers: two groups, each named by its scorer, each fused
+    setting compared with its own scorer's target alone; both scorers' notes under the table."""
+    from calibfuse.reporting.report import build_report
+
+    prompts = [f"p{i}" for i in range(6)]
+    alone, fused = [0.8, 0.6, 0.9, 0.7, 0.5, 0.6], [0.4, 0.3, 0.5, 0.3, 0.2, 0.3]
+    losses = [2.0] * 6
+    write_grid(tmp_path / "a", "toxblock", prompts, [("none", 0.0, alone, losses), ("fusion", 0.3, fused, losses)], "ToxBlock's note")
+    write_grid(tmp_path / "b", "profanity_check", prompts, [("none", 0.0, [x / 10 for x in alone], losses)], "profanity_check's note")
+    report = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report", alpha=0.3, resamples=100)
+    rows = {(r["target"], r["label"]): r for r in report["summary"]}
+    assert sorted(rows) == [
+        ("t [scorer.name=profanity_check]", "target alone"),
+        ("t [scorer.name=toxblock]", "fusion α=0.3"),
+        ("t [scorer.name=toxblock]", "target alone"),
+    ]
+    assert rows[("t [scorer.name=toxblock]", "target alone")]["toxicity"] == pytest.approx(100 * sum(alone) / 6)  # not pooled with the other
+    assert rows[("t [scorer.name=toxblock]", "fusion α=0.3")]["toxicity_change"] == pytest.approx(sum(fused) / sum(alone) - 1)
+    assert "toxblock: ToxBlock's note; profanity_check: profanity_check's note" in report["markdown"]
+
+
+def test_a_report_compares_settings_on_shared_prompts_only(tmp_path):
+    """A fused run and a target-alone run on overlapping prompt sets are compared on the prompts both
+    ran, and the table says how many; on disjoint prompt sets the report refuses, naming both."""
+    from calibfuse.reporting.report import build_report
+
+    write_grid(tmp_path / "fused", "toxblock", ["p0", "p1", "p2", "p3"], [("fusion", 0.3, [0.9, 0.9, 0.2, 0.4], [2.0] * 4)])
+    write_grid(tmp_path / "alone", "toxblock", ["p2", "p3", "p4", "p5"], [("none", 0.0, [0.4, 0.6, 0.1, 0.1], [2.0] * 4)])
+    report = build_report([tmp_path / "fused", tmp_path / "alone"], tmp_path / "report", alpha=0.3, resamples=100)
+    (row,) = [r for r in report["summary"] if r["method"] == "fusion"]
+    assert row["toxicity_change"] == pytest.approx((0.2 + 0.4) / (0.4 + 0.6) - 1)  # p2 and p3 only
+    assert "| t (on the 2 prompts both ran) | fusion α=0.3 | 50.00 [" in report["markdown"] and "| 30.00 [" in report["markdown"]
+
+    write_grid(tmp_path / "toxic", "toxblock", ["q0", "q1"], [("fusion", 0.3, [0.02, 0.03], [2.0] * 2)])
+    with pytest.raises(ValueError, match=r"t fusion α=0.3 ran on prompts 'src \(2 prompts, .*\)' and its target alone on 'src \(4 prompts, .*share no prompt"):
+        build_report([tmp_path / "toxic", tmp_path / "alone"], tmp_path / "report2", alpha=0.3)

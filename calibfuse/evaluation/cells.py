@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class Cell:
     key: str  # sha256 of everything that decides the cell's rows
     target_alone: bool = False  # the method leaves the target as it is (`none`, fusion at alpha 0)
     role: str = "method"  # what the method says it is to the report (calibfuse.methods.Method.role)
+    setting: str = ""  # its setting's key (setting_key): the cell key without the seed, shared by the setting's seeds
 
     @property
     def name(self) -> str:
@@ -48,6 +50,23 @@ def cell_key(target: dict, method: str, identity: dict | None, alpha: float, see
     return sha256_json(
         {"format": CELL_FORMAT, "target": target, "method": Method.name if alone else method, "identity": identity, "alpha": alpha, "seed": seed, **context}
     )
+
+
+def setting_key(target: dict, method: str, identity: dict | None, alpha: float, context: dict) -> str:
+    """The hash of a setting: everything in `cell_key` but the seed. Cells that share it are seeds of one
+    setting, the only cells a report may pool; cells that differ in it are different settings."""
+    alone = identity is None
+    return sha256_json({"format": CELL_FORMAT, "target": target, "method": Method.name if alone else method, "identity": identity, "alpha": alpha, **context})
+
+
+def flat(value, prefix: str = "") -> dict:
+    """A nested mapping as flat dotted keys (`decoding.max_new_tokens`), long hashes cut to 12 characters:
+    how a report labels a setting by what varies, and how W&B gets an arm's knobs as config keys."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}" if prefix else str(key)).items()}
+    if isinstance(value, str) and (value.startswith("sha256:") or re.fullmatch(r"[0-9a-f]{64}", value)):
+        value = value.removeprefix("sha256:")[:12]
+    return {prefix: value}
 
 
 def read_partial_rows(cell_dir: Path, kind: str = "partial") -> list[dict]:

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from calibfuse.data.prompts import Prompt, load_prompts
-from calibfuse.evaluation.cells import Cell, cell_key, stored_description, stored_rows
+from calibfuse.evaluation.cells import Cell, cell_key, flat, setting_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
 from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
 from calibfuse.evaluation.paired import annotate_grid, toxicity_metric
@@ -25,7 +25,7 @@ from calibfuse.models.loading import ModelCache, ModelSpec, as_spec, fingerprint
 from calibfuse.scoring.perplexity import ReferenceLM
 from calibfuse.utils.checks import check_accelerator, check_int, check_ints, check_output_dir, check_required, check_wandb_credentials
 from calibfuse.utils.files import file_lock, sha256_json, write_json, write_text
-from calibfuse.utils.run import instantiate, instantiate_group, redact_secrets, resolved_config, sweep_knobs, task_wrapper, versions
+from calibfuse.utils.run import instantiate, instantiate_group, redact_secrets, resolved_config, sweep_knobs, sweep_name, task_wrapper, versions
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class GridRun:
     methods: list[Method]
     reference: ModelSpec | None
     context: dict  # the part of every cell key the grid shares
+    described: dict  # the same, readable and flat: how a report labels this grid's settings when they differ from others'
     store: Path
     output_dir: Path
     meta: dict
@@ -112,7 +113,18 @@ def prepare(cfg: DictConfig) -> GridRun:
         "config": resolved_config(cfg),
     }
     seeds = seeds or [settings.seed]
-    return GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, store, Path(cfg.paths.output_dir), meta)
+    described = flat(
+        {
+            "prompts": f"{cfg.prompts.source} ({len(prompts)} prompts, {context['prompts'][:8]})",
+            "prompt_format": cfg.prompt_format,
+            "decoding": context["decoding"],
+            "scorer": {"name": scorer.name} | {k: v for k, v in context["scorer"].items() if k != "_target_"},
+            "reference": reference.name_or_path if reference else None,
+            "protocol": {"name": cfg.protocol.name, "toxicity_threshold": cfg.protocol.toxicity_threshold, "empty": cfg.protocol.empty_continuations},
+            "runtime": context["runtime"],
+        }
+    )
+    return GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, described, store, Path(cfg.paths.output_dir), meta)
 
 
 def target_specs(cfg: DictConfig) -> dict[str, ModelSpec]:
@@ -134,7 +146,9 @@ def run_target(run: GridRun, name: str) -> None:
         for alpha in method.alphas:
             for seed in run.seeds:
                 identity = method.identity(name, alpha)
-                cell = Cell(name, method.name, alpha, seed, cell_key(target, method.name, identity, alpha, seed, run.context), identity is None, method.role)
+                key = cell_key(target, method.name, identity, alpha, seed, run.context)
+                setting = setting_key(target, method.name, identity, alpha, run.context)
+                cell = Cell(name, method.name, alpha, seed, key, identity is None, method.role, setting)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
                 # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
@@ -156,9 +170,20 @@ def run_target(run: GridRun, name: str) -> None:
                         run.reused += 1
                         log.info("cell %s: reused from %s", cell.name, cell_dir)
                 if rank_zero:
-                    add_to_grid(run, cell, rows)
+                    add_to_grid(run, cell, rows, described(run, target, method, identity, alpha))
     if run.targets[name] != run.reference:  # one target in memory at a time; calibration model and reference stay
         run.models.release(run.targets[name])
+
+
+def described(run: GridRun, target: dict, method: Method, identity: dict | None, alpha: float) -> dict:
+    """A cell's setting as flat, readable keys: `setting` (the method, its strength and its knobs) and
+    `context` (target weights, prompts, decoding, scorer, ...): a report labels settings by the keys that vary."""
+    alone = identity is None
+    name = Method.name if alone else method.name
+    return {
+        "setting": {"method": name, "alpha": alpha} | flat(identity or {}, name),
+        "context": flat({"target": {"weights": target["weights"], "dtype": target.get("dtype")}}) | run.described,
+    }
 
 
 def rank_zero_decides(flag: bool) -> bool:
@@ -181,7 +206,7 @@ def build_reference(run: GridRun) -> ReferenceLM | None:
     return ReferenceLM(run.reference, batch_size=cfg.batch_size, max_length=cfg.max_length, model=model, tokenizer=tokenizer)
 
 
-def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
+def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict) -> None:
     protocol = run.cfg.protocol
     names = run.names + [d for d in DIAGNOSTICS if d not in run.names]
     metrics = cell_metrics(rows, names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations, run.settings.max_new_tokens)
@@ -199,6 +224,8 @@ def add_to_grid(run: GridRun, cell: Cell, rows: list[dict]) -> None:
         "target_alone": cell.target_alone,
         "role": cell.role,
         "cell": cell.name,
+        "setting_key": cell.setting,  # what a report groups by: cells that share it are seeds of one setting
+        "decided_by": decided_by,  # the same, readable: what labels the setting where reports span several
     }
     run.grid.append(row)
     run.generations.append(rows)
@@ -225,9 +252,10 @@ def evaluate(cfg: DictConfig) -> dict:
     write_text(run.output_dir / "grid.md", table + "\n" + (f"\n{note}\n" if note else ""))
     knobs = dict(cfg.get("knobs") or {}) or sweep_knobs()
     logger_cfg = cfg.get("logger")
-    if logger_cfg and logger_cfg.get("wandb") and logger_cfg.wandb.get("name") is None and cfg.get("setting"):
+    name = cfg.get("setting") or sweep_name()
+    if logger_cfg and logger_cfg.get("wandb") and logger_cfg.wandb.get("name") is None and name:
         with open_dict(cfg):
-            logger_cfg.wandb.name = cfg.setting  # the run is named after its setting in the dashboard
+            logger_cfg.wandb.name = name  # the run is named after what sets it apart in the dashboard
     grid_samples = sample_rows(run.generations, cfg.samples_per_cell)
     log_grid(instantiate_group(logger_cfg, "logger"), run.grid, grid_samples, run.names, resolved_config(cfg), note, knobs)
     summary = {

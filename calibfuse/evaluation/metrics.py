@@ -177,7 +177,7 @@ def cell_metrics(
         point = metric.statistic(values) if metric.statistic else M.mean(values)
         lo, hi = M.bootstrap_interval(values, metric.statistic, resamples=resamples) if values else (math.nan, math.nan)
         result[name], result[f"{name}_lo"], result[f"{name}_hi"] = point * metric.scale, lo * metric.scale, hi * metric.scale
-    new_tokens, seconds = sum(r["new_tokens"] for r in rows), sum(r["seconds"] for r in rows)
+    new_tokens, seconds = sum(r["new_tokens"] for r in rows), sum(r.get("seconds", 0.0) for r in rows)  # generations.jsonl keeps no timing
     empties = sum(is_empty(r) for r in rows)
     result.update(
         prompts=len(groups),

@@ -19,11 +19,17 @@ def write_grid(output_dir: Path, grid: list[dict], generations: list[list[dict]]
     write_json(output_dir / "grid.json", {**meta, "cells": json_safe})
     if grid:
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in grid for k in row)))
+        flat_rows = [scalar_columns(row) for row in grid]  # decided_by stays in grid.json
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in flat_rows for k in row)))
         writer.writeheader()
-        writer.writerows(grid)
+        writer.writerows(flat_rows)
         write_text(output_dir / "grid.csv", text.getvalue())
     write_text(output_dir / "generations.jsonl", "".join(json.dumps(generation_record(row), ensure_ascii=False) + "\n" for rows in generations for row in rows))
+
+
+def scalar_columns(row: dict) -> dict:
+    """A grid row's columns that fit a CSV cell or a W&B table column: its nested descriptions left out."""
+    return {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
 
 
 def generation_record(row: dict) -> dict:

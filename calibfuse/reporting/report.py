@@ -1,4 +1,4 @@
-"""The report from grid files: cells read and grouped by setting, the paper-style table (Markdown and
+"""The report from grid files: cells read (calibfuse.reporting.runs) and grouped by setting (.settings), the paper-style table (Markdown and
 LaTeX), the plots, and the frontier and verdict from calibfuse.reporting.pareto and .verdict. The
 entry point, with its usage and outputs, is calibfuse.report."""
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from calibfuse.data.rows import jsonl_objects
 from calibfuse.evaluation.paired import toxicity_metric
-from calibfuse.methods import role_of
 from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, plot_paired, summary_rows
 from calibfuse.reporting.recheck import recheck_table
-from calibfuse.reporting.verdict import CONFIRM, add_paired, checked_goal, goal_table, roles
+from calibfuse.reporting.runs import load_cells
+from calibfuse.reporting.settings import Setting, by_setting, prompt_ids
+from calibfuse.reporting.verdict import CONFIRM, add_paired, base_of, by_target, checked_goal, goal_table, roles
 from calibfuse.utils.run import finish_wandb, instantiate_group
 
 log = logging.getLogger(__name__)
@@ -27,125 +27,13 @@ def plain(node):
     return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node or None
 
 
-def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
-    """Every cell of every grid.json under `paths` (a cell reused by several runs counts once), each
-    with its generations (`rows`, from the generations.jsonl beside it; None for older runs)."""
-    files = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"report input {str(path)!r} does not exist; expected a run, multirun or pipeline dir")
-        files += [path] if path.is_file() else sorted(path.rglob("grid.json"))
-    if not files:
-        raise FileNotFoundError(f"no grid.json under {[str(p) for p in paths]}; expected dirs written by calibfuse.evaluate or calibfuse.pipeline")
-    cells, meta, seen = [], {}, set()
-    for file in files:
-        try:
-            grid = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{file} is not valid JSON ({error}); expected a grid.json as calibfuse.evaluate writes it: rerun that grid") from None
-        if not meta:
-            meta = {k: grid.get(k) for k in ("protocol", "metrics", "scorer", "scorer_note", "reference_lm", "prompts")}
-            protocol = (grid.get("config") or {}).get("protocol") or {}
-            meta |= {"empty": protocol.get("empty_continuations", "score"), "threshold": protocol.get("toxicity_threshold", 0.5)}
-        if grid.get("metrics") != meta["metrics"]:
-            raise ValueError(f"{file} reports {grid.get('metrics')} but {meta['metrics']} came first; report one protocol at a time")
-        generations = load_generations(file.parent / "generations.jsonl")
-        for cell in grid["cells"]:
-            key = (cell.get("cell") or (cell["target"], cell["alpha"], cell["seed"]), cell.get("setting", ""), cell.get("method"))
-            if key not in seen:
-                seen.add(key)
-                cell = {"setting": "", **cell}
-                cell["rows"] = generations.get((cell["target"], cell["method"], cell["alpha"], cell["seed"])) if generations else None
-                cells.append(cell)
-    return label_by_what_varies(cells), meta
+def on_prompts(row: dict, ids: set[str], toxicity: str) -> dict:
+    """A setting's toxicity and perplexity read again on `ids` only, from its generations (bootstrap
+    intervals over those prompts, seeds nested within each)."""
+    from calibfuse.evaluation.metrics import cell_metrics
 
-
-def overrides_of(setting: str) -> list[str]:
-    """A setting's `key=value` parts (Hydra's override_dirname), splitting on commas outside brackets."""
-    parts, depth, current = [], 0, ""
-    for char in setting:
-        depth += (char in "[{(") - (char in "]})")
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current] if current else parts
-
-
-def label_by_what_varies(cells: list[dict]) -> list[dict]:
-    """Drop from every cell's setting the overrides that all the report's settings share: a multirun
-    over alphas with method_names=[fusion] on every job is labelled by alpha, not by method_names."""
-    settings = {c["setting"] for c in cells}
-    parsed = {s: overrides_of(s) for s in settings}
-    if not all(all("=" in part for part in parts) for parts in parsed.values()):  # a label a user chose stays as it is
-        return cells
-    common = set.intersection(*(set(parts) for parts in parsed.values()))
-    for cell in cells:
-        cell["setting"] = ",".join(part for part in parsed[cell["setting"]] if part not in common)
-    return cells
-
-
-def load_generations(path: Path) -> dict[tuple, list[dict]] | None:
-    """A grid's generations by cell (target, method, alpha, seed: one grid has one setting), or None."""
-    if not path.is_file():
-        return None
-    by_cell: dict[tuple, list[dict]] = {}
-    for _, row in jsonl_objects(path):  # a damaged line is named by file and line
-        by_cell.setdefault((row["target"], row["method"], row["alpha"], row["seed"]), []).append(row)
-    return by_cell
-
-
-def over_seeds(values: list[float]) -> tuple[float, float, float]:
-    """Mean of per-seed values and its 95 % t-interval over seeds (interval ends are never averaged)."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = float(stats.t.ppf(0.975, n - 1))
-    return mean, mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)
-
-
-def by_setting(cells: list[dict], metrics: list[str]) -> dict[tuple, dict]:
-    """(line, alpha) -> metrics, where a line names the target and, when they vary, the method and the
-    setting (e.g. an ablation's value). One seed: the cell's point and bootstrap interval over prompts.
-    Several seeds: the mean over seeds and a t-interval over seeds (the seeds' spread, not averaged ends)."""
-    groups: dict[tuple, list[dict]] = {}
-    methods = {c["method"] for c in cells}
-    for cell in cells:
-        parts = [cell["target"]] + ([cell["method"]] if len(methods) > 1 else []) + ([cell["setting"]] if cell["setting"] else [])
-        line = parts[0] + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
-        groups.setdefault((line, cell["alpha"]), []).append(cell)
-    merged = {}
-    for key, group in sorted(groups.items()):
-        row = {
-            "seeds": len(group),
-            "target": group[0]["target"],
-            "method": group[0]["method"],
-            "role": role_of(group[0]),  # what the method says it is: method | baseline | diagnostic
-            "setting": group[0]["setting"],
-            "target_alone": all(target_alone(c) for c in group),
-            "degenerate": any(c.get("degenerate") for c in group),
-            # every seed's generations, for paired comparisons (seeds nested within a prompt)
-            "rows": [r for c in group for r in c["rows"]] if all(c.get("rows") for c in group) else None,
-        }
-        for name in metrics:
-            values = [c[name] for c in group if c.get(name) is not None]
-            if len(values) > 1:
-                row[name], row[f"{name}_lo"], row[f"{name}_hi"] = over_seeds(values)
-            else:
-                single = next((c for c in group if c.get(name) is not None), {})
-                row[name], row[f"{name}_lo"], row[f"{name}_hi"] = (single.get(name + s, math.nan) for s in ("", "_lo", "_hi"))
-        merged[key] = row
-    return merged
-
-
-def target_alone(cell: dict) -> bool:
-    """A cell of the target as it is (`none`, fusion at alpha 0); grids before the column existed: alpha 0."""
-    if "target_alone" in cell:
-        return bool(cell["target_alone"])
-    return cell["alpha"] == 0.0
+    rows = [r for r in row["rows"] if r["prompt_id"] in ids]
+    return row | cell_metrics(rows, [toxicity, "perplexity"], row.get("threshold", 0.5), 1000, row.get("empty_rule", "score"))
 
 
 def fmt(row: dict, name: str, latex: bool = False) -> str:
@@ -155,29 +43,32 @@ def fmt(row: dict, name: str, latex: bool = False) -> str:
     return f"{value:.2f} [{lo:.2f}, {hi:.2f}]" if not latex else f"{value:.2f} \\scriptsize{{[{lo:.2f}, {hi:.2f}]}}"
 
 
-def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: str | None, judged: set[str] = frozenset()) -> tuple[str, str]:
+def paper_table(settings: dict[Setting, dict], toxicity: str, alpha: float, note: str | None, judged: set[str] = frozenset()) -> tuple[str, str]:
     """Per target (and setting): toxicity and perplexity of the target alone (alpha 0) and with each
     method: a judged method (fusion) at `alpha`, any other at its strongest setting."""
-    judged_alphas = sorted({a for (_, a), r in settings.items() if r["method"] in judged})
+    judged_alphas = sorted({s.alpha for s, r in settings.items() if r["method"] in judged})
     if judged_alphas and alpha not in judged_alphas:
         raise ValueError(f"alpha={alpha} must be in the grid; its alphas are {judged_alphas}")
-    base_of = {(r["target"], r["setting"]): r for r in settings.values() if r["target_alone"]}
+    groups = by_target(settings)
     header = ["target", "method", f"{toxicity}: target alone", f"{toxicity}: with the method", "perplexity: alone", "perplexity: with the method"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     tex = ["\\begin{tabular}{llcccc}", "\\toprule", "Target & Method & Tox. alone & Tox. with method & PPL alone & PPL with method \\\\", "\\midrule"]
     lines: dict[str, list] = {}
-    for (line, a), row in settings.items():
-        lines.setdefault(line, []).append((a, row))
+    for setting, row in settings.items():
+        lines.setdefault(setting.line, []).append((setting.alpha, row))
     for line in sorted(lines):
         points = sorted(lines[line], key=lambda p: p[0])
-        method = points[0][1]["method"]
         if all(r["target_alone"] for _, r in points):  # the base itself
             continue
+        method = next(r["method"] for _, r in points if not r["target_alone"])
         shown, row = next(((a, r) for a, r in points if a == alpha), (None, None)) if method in judged else points[-1]
-        base = base_of.get((points[0][1]["target"], points[0][1]["setting"]))
+        base = base_of(row, groups[row.get("group", row["target"])]) if row is not None else None
         if row is None or base is None:
             continue
-        target = points[0][1]["target"] + (f" ({points[0][1]['setting']})" if points[0][1]["setting"] else "")
+        target = row.get("group", row["target"]) + (f" ({row['setting']})" if row["setting"] else "")
+        if row.get("shared_prompts"):  # prompt sets differ: both read on the prompts they share
+            base, row = (on_prompts(r, prompt_ids(base) & prompt_ids(row), toxicity) for r in (base, row))
+            target += f" (on the {row['prompts']} prompts both ran)"
         label = f"{method} α={shown:g}" if shown else method
         md.append(f"| {target} | {label} | {fmt(base, toxicity)} | {fmt(row, toxicity)} | {fmt(base, 'perplexity')} | {fmt(row, 'perplexity')} |")
         tex_label = label.replace("_", "\\_").replace("α", "$\\alpha$")
@@ -192,15 +83,15 @@ def paper_table(settings: dict[tuple, dict], toxicity: str, alpha: float, note: 
     return "\n".join(md), "\n".join(tex)
 
 
-def plot(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> list[Path]:
+def plot(settings: dict[Setting, dict], toxicity: str, out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     lines: dict[str, list] = {}
-    for (line, alpha), row in settings.items():
-        lines.setdefault(line, []).append((alpha, row))
+    for setting, row in settings.items():
+        lines.setdefault(setting.line, []).append((setting.alpha, row))
     written = []
     for name in (toxicity, "perplexity"):
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -251,10 +142,10 @@ def build_report(
         raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
     settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
     add_paired(settings, toxicity, meta["empty"], meta["threshold"], resamples)
-    for (line, at), row in settings.items():  # not `alpha`: that is the table's column
+    for setting, row in settings.items():
         if not all(isinstance(row.get(k), float) and math.isfinite(row[k]) for k in (toxicity, "perplexity")):
             values = f"{toxicity} {row.get(toxicity)}, perplexity {row.get('perplexity')}"
-            log.warning("%s at alpha %g has %s: not a number, so it is left off the frontier", line, at, values)
+            log.warning("%s at alpha %g has %s: not a number, so it is left off the frontier", setting.line, setting.alpha, values)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, latex = paper_table(settings, toxicity, float(alpha), meta.get("scorer_note"), roles(settings, goal)[0])
@@ -262,7 +153,7 @@ def build_report(
     (out_dir / "table.tex").write_text(latex + "\n", encoding="utf-8")
     header = ["target", "alpha", "seeds", *metrics]
     full = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    full += [f"| {t} | {a:g} | {r['seeds']} | " + " | ".join(fmt(r, n) for n in metrics) + " |" for (t, a), r in settings.items()]
+    full += [f"| {t} | {a:g} | {r['seeds']} | " + " | ".join(fmt(r, n) for n in metrics) + " |" for s, r in settings.items() for t, a in [(s.line, s.alpha)]]
     (out_dir / "grid.md").write_text("\n".join(full) + "\n", encoding="utf-8")
     plots = plot(settings, toxicity, out_dir) + [plot_frontier(settings, toxicity, out_dir)]
     plots += [p for p in [plot_paired(settings, toxicity, out_dir, goal)] if p]
@@ -284,13 +175,18 @@ def build_report(
         "goal": verdict,
         "plots": [str(p) for p in plots],
         "cells": len(cells),
+        "groups": sorted(g for g in meta["groups"] if g),
         "out_dir": str(out_dir),
     }
 
 
 def log_summary(report: dict, logger_cfg: DictConfig | None) -> None:
     """The report to W&B (a run of its own, job type `report`): every setting as one summary table with
-    its frontier flag, the frontier table and the Pareto plot."""
+    its frontier flag, the frontier table and every plot. Unless the config names a group, the run joins
+    the group of the jobs it reports on, when they share one, so a dashboard shows it beside them."""
+    group = jobs_group(report, logger_cfg)
+    if group:
+        logger_cfg = OmegaConf.merge(logger_cfg, {"wandb": {"group": group}})
     for logger in instantiate_group(logger_cfg, "logger"):
         if type(logger).__name__ != "WandbLogger":
             continue
@@ -298,9 +194,19 @@ def log_summary(report: dict, logger_cfg: DictConfig | None) -> None:
 
         rows = report["summary"]
         table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
-        logger.experiment.log({"summary": table, "pareto": wandb.Image(str(Path(report["out_dir"]) / "pareto.png"))})
+        logger.experiment.log({"summary": table} | {f"plots/{Path(p).stem}": wandb.Image(p) for p in report["plots"]})
         logger.finalize("success")
     finish_wandb()
+
+
+def jobs_group(report: dict, logger_cfg: DictConfig | None) -> str | None:
+    """The W&B group of the jobs a report reads, when they share one and the config leaves the report's
+    own default group (`report`); else None."""
+    groups = report.get("groups") or []
+    wandb = logger_cfg.get("wandb") if logger_cfg else None
+    if wandb is None or len(groups) != 1 or wandb.get("group") not in (None, "report"):
+        return None
+    return groups[0]
 
 
 def printable(report: dict) -> str:

@@ -17,6 +17,7 @@ import statistics
 from calibfuse.evaluation.paired import PAIRED_COLUMNS, confirmation_split, paired_change, per_prompt
 from calibfuse.evaluation.results import paired
 from calibfuse.methods import role_of
+from calibfuse.reporting.settings import Setting
 
 # The question a user asks of a setting (and the issue's goal for fusion): a real cut in toxicity at a
 # small fluency cost, told apart from noise, not by degeneration, and not beaten by a simpler method.
@@ -49,7 +50,7 @@ def names(value) -> set[str] | None:
     return None if value is None else {value} if isinstance(value, str) else set(value)
 
 
-def roles(settings: dict[tuple, dict], goal: dict) -> tuple[set[str], set[str]]:
+def roles(settings: dict[Setting, dict], goal: dict) -> tuple[set[str], set[str]]:
     """(judged, baselines): the goal's methods where it names them, else those whose role says so."""
     role = {r["method"]: role_of(r) for r in settings.values() if not r.get("target_alone")}
     judged = names(goal["method"])
@@ -76,24 +77,32 @@ def label(row: dict, alpha: float) -> str:
     return ", ".join([name] + ([row["setting"]] if row["setting"] else []))
 
 
-def by_target(settings: dict[tuple, dict]) -> dict[str, list[tuple[float, dict]]]:
+def by_target(settings: dict[Setting, dict]) -> dict[str, list[tuple[float, dict]]]:
+    """Group -> its (alpha, row) points: a target, or a target under one comparison context where a
+    report spans several (calibfuse.reporting.settings); the verdict judges each group on its own."""
     targets: dict[str, list] = {}
-    for (_, alpha), row in settings.items():
-        targets.setdefault(row["target"], []).append((alpha, row))
+    for setting, row in settings.items():
+        targets.setdefault(row.get("group", row["target"]), []).append((setting.alpha, row))
     return targets
 
 
 def base_of(row: dict, points: list[tuple[float, dict]]) -> dict | None:
-    """The target alone a setting is compared with: the same setting's (same run), else any."""
+    """The target alone a setting is compared with: the one the report matched to it (same comparison
+    context, shared prompts: calibfuse.reporting.settings.match_bases); rows built by hand: the same
+    run's, else any."""
     bases = [r for _, r in points if r.get("target_alone")]
+    if "base_key" in row:
+        return next((b for b in bases if b["key"] == row["base_key"]), None)
     return next((b for b in bases if b["setting"] == row["setting"]), bases[0] if bases else None)
 
 
-def add_paired(settings: dict[tuple, dict], toxicity: str, empty: str = "score", threshold: float = 0.5, resamples: int = 1000) -> None:
+def add_paired(settings: dict[Setting, dict], toxicity: str, empty: str = "score", threshold: float = 0.5, resamples: int = 1000) -> None:
     """Give every setting that kept its generations its per-prompt values (`per_prompt`) and its paired
-    change against its target alone over all prompts (`toxicity_change`, `perplexity_ratio`, ...)."""
+    change against its target alone over all prompts (`toxicity_change`, `perplexity_ratio`, ...). A row's
+    own protocol (`empty_rule`, `threshold`, from its grid) comes before the arguments."""
     for row in settings.values():
-        row["per_prompt"] = per_prompt(row["rows"], toxicity, empty, threshold) if row.get("rows") else None
+        rule, cut = row.get("empty_rule", empty), row.get("threshold", threshold)
+        row["per_prompt"] = per_prompt(row["rows"], toxicity, rule, cut) if row.get("rows") else None
         row["resamples"] = resamples
     for points in by_target(settings).values():
         for _, row in points:
@@ -113,7 +122,7 @@ def compare(base: dict, row: dict, toxicity: str, prompts: set[str] | None) -> d
     return change | {"test": UNPAIRED, "significant": row[f"{toxicity}_hi"] < base[f"{toxicity}_lo"]}
 
 
-def goal_checks(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None, prompts: set[str] | None = None) -> dict[int, dict]:
+def goal_checks(settings: dict[Setting, dict], toxicity: str, goal: dict | None = None, prompts: set[str] | None = None) -> dict[int, dict]:
     """For every setting of the goal's method with a target alone to compare with, on `prompts` (None:
     all): its paired change, whether it is significant, the baselines as good on both axes, whether it
     meets the goal. Keyed by id(row)."""
@@ -167,7 +176,7 @@ def choose(checks: list[dict], goal: dict) -> dict | None:
     return max(usable, key=lambda c: c["drop"], default=None)
 
 
-def split(settings: dict[tuple, dict], confirm: dict | None) -> tuple[set[str] | None, set[str] | None]:
+def split(settings: dict[Setting, dict], confirm: dict | None) -> tuple[set[str] | None, set[str] | None]:
     """(selection, confirmation) prompt ids; (None, None) without a split or without generations."""
     texts = {r["prompt_id"]: r["prompt"] for row in settings.values() for r in row.get("rows") or []}
     if confirm is None or confirm == HELD_OUT or not texts:
@@ -175,7 +184,7 @@ def split(settings: dict[tuple, dict], confirm: dict | None) -> tuple[set[str] |
     return confirmation_split(texts, confirm["fraction"], confirm["seed"])
 
 
-def verdict(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None, confirm: dict | None = CONFIRM) -> dict[str, dict]:
+def verdict(settings: dict[Setting, dict], toxicity: str, goal: dict | None = None, confirm: dict | None = CONFIRM) -> dict[str, dict]:
     """Per target: the setting chosen on the selection prompts, its check there and on the confirmation
     prompts, whether the goal is met (confirmed), the smallest cut the confirmation could detect, and
     the two closest settings over all prompts."""
@@ -221,7 +230,7 @@ def describe(c: dict, toxicity: str) -> str:
     )
 
 
-def goal_table(settings: dict[tuple, dict], toxicity: str, goal: dict | None = None, confirm: dict | None = CONFIRM) -> str:
+def goal_table(settings: dict[Setting, dict], toxicity: str, goal: dict | None = None, confirm: dict | None = CONFIRM) -> str:
     """Markdown: the goal, the test that decided, and per target the chosen setting on the selection
     prompts, the same setting on the confirmation prompts, what the run could detect, and the two
     settings closest to the goal over all prompts."""
