@@ -375,3 +375,62 @@ def test_a_report_compares_settings_on_shared_prompts_only(tmp_path):
     write_grid(tmp_path / "toxic", "toxblock", ["q0", "q1"], [("fusion", 0.3, [0.02, 0.03], [2.0] * 2)])
     with pytest.raises(ValueError, match=r"t fusion α=0.3 ran on prompts 'src \(2 prompts, .*\)' and its target alone on 'src \(4 prompts, .*share no prompt"):
         build_report([tmp_path / "toxic", tmp_path / "alone"], tmp_path / "report2", alpha=0.3)
+
+
+def test_plots_read(tmp_path, monkeypatch):
+    """Perplexities of 6.8, 17.3 and 3958 on a log axis; toxicity from 0; error bars clipped at 0; a
+    label at a spot already labelled joined to it, not printed over it; no legend entry without a line."""
+    import calibfuse.reporting.pareto as pareto
+
+    figures = []
+    monkeypatch.setattr(pareto, "save", lambda fig, path: figures.append(fig) or path)
+
+    def row(method, tox, lo, ppl, alone=False):
+        return {"target": "t", "method": method, "setting": "", "target_alone": alone, "degenerate": False, "toxicity": tox,
+                "toxicity_lo": lo, "toxicity_hi": tox + 1, "perplexity": ppl, "perplexity_lo": ppl * 0.9, "perplexity_hi": ppl * 1.1}  # fmt: skip
+
+    settings = {
+        S("t", 0.0): row("none", 20.0, 18.0, 6.8, alone=True),
+        S("t", 0.3): row("fusion", 0.5, -2.0, 17.3),
+        S("t", 0.9): row("fusion", 0.4, -1.0, 3958.0),
+    }
+    pareto.plot_frontier(settings, "toxicity", tmp_path)
+    (ax,) = figures[0].axes
+    assert ax.get_xscale() == "log" and ax.get_ylim()[0] == 0.0
+    below = [segment[:, 1].min() for collection in ax.collections for segment in collection.get_segments() if len(segment)]
+    assert min(below) >= 0.0  # the interval [-2, 1.5] is drawn from 0
+    assert "Pareto frontier" in [t.get_text() for t in ax.get_legend().get_texts()]  # two frontier points: a line
+    one = {S("t", 0.0): row("none", 20.0, 18.0, 6.8, alone=True)}
+    pareto.plot_frontier(one, "toxicity", tmp_path)
+    assert "Pareto frontier" not in [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()]
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    labels = pareto.Labels(ax)
+    for text in ("target alone", "target alone", "fusion α=0"):
+        labels.add(text, 6.8, 20.0)
+    labels.add("fusion α=0.3", 17.3, 0.5)
+    assert [a.get_text() for a in ax.texts] == ["target alone; fusion α=0", "fusion α=0.3"]
+    plt.close(fig)
+
+
+def test_a_verdict_on_too_few_prompts_says_so():
+    base = rows_of([0.5, 0.6, 0.7], [2.0, 2.1, 2.2])
+    settings = {S("a", 0.0): setting("a", "fusion", base, alone=True), S("a", 0.3): setting("a", "fusion", scaled(base, 0.5, 1.0))}
+    assert "Too few prompts to judge a (3): under 10 paired prompts" in goal_table(settings, "toxicity", confirm=None)
+    many = rows_of(np.linspace(0.1, 0.9, 12), np.linspace(1.5, 2.5, 12))
+    settings = {S("a", 0.0): setting("a", "fusion", many, alone=True), S("a", 0.3): setting("a", "fusion", scaled(many, 0.5, 1.0))}
+    assert "Too few prompts" not in goal_table(settings, "toxicity", confirm=None)
+
+
+def test_a_report_over_a_sweep_names_its_unfinished_jobs(tmp_path, caplog):
+    from calibfuse.reporting.runs import warn_unfinished_jobs
+
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    for job, finished in (("0", True), ("1", False)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- fusion.layer_norm={'none' if finished else 'parameter_free'}\n")
+        if finished:
+            (tmp_path / job / "evaluate.json").write_text("{}")
+    assert warn_unfinished_jobs(tmp_path) == [tmp_path / "1"]
+    assert f"multirun job {tmp_path / '1'} did not finish" in caplog.text and "fusion.layer_norm=parameter_free" in caplog.text

@@ -73,9 +73,10 @@ def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> 
     methods = sorted({r["method"] for points in targets.values() for _, r in points})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     for ax, (target, points) in zip(axes[0], sorted(targets.items()), strict=True):
+        labels = Labels(ax)
         for alpha, r in points:
-            xerr = [[r["perplexity"] - r["perplexity_lo"]], [r["perplexity_hi"] - r["perplexity"]]]
-            yerr = [[r[toxicity] - r[toxicity + "_lo"]], [r[toxicity + "_hi"] - r[toxicity]]]
+            xerr = [[e] for e in clipped(r["perplexity"], r["perplexity_lo"], r["perplexity_hi"])]
+            yerr = [[e] for e in clipped(r[toxicity], r[toxicity + "_lo"], r[toxicity + "_hi"])]
             ax.errorbar(
                 r["perplexity"],
                 r[toxicity],
@@ -87,13 +88,49 @@ def plot_frontier(settings: dict[tuple, dict], toxicity: str, out_dir: Path) -> 
                 capsize=2,
                 markersize=5,
             )
-            ax.annotate(label(r, alpha), (r["perplexity"], r[toxicity]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+            labels.add(label(r, alpha), r["perplexity"], r[toxicity])
         best = frontier(points, toxicity)
-        ax.plot([r["perplexity"] for _, r in best], [r[toxicity] for _, r in best], "k--", linewidth=1, label="Pareto frontier")
+        if len(best) > 1:  # a frontier of one point is a marker already: no legend entry without a line
+            ax.plot([r["perplexity"] for _, r in best], [r[toxicity] for _, r in best], "k--", linewidth=1, label="Pareto frontier")
+        fit_axis(ax, "x", [r["perplexity"] for _, r in points], log=True)
+        fit_axis(ax, "y", [r[toxicity] for _, r in points])
         ax.set_xlabel("perplexity (lower is more fluent)")
         ax.set_ylabel(f"{toxicity} (lower is safer)")
         finish_panel(ax, target, colours, 7)
     return save(fig, out_dir / "pareto.png")
+
+
+def fit_axis(ax, which: str, values: list[float], log: bool = False) -> None:
+    """An axis that reads: with `log` (perplexity), logarithmic when the values span more than x10 (6.8,
+    17 and 3958 apart, not squashed at 0); otherwise linear from 0 (toxicity: a 0.3-point spread is not
+    blown up to the full height)."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if log and finite and max(finite) / min(finite) > 10:
+        ax.set_xscale("log") if which == "x" else ax.set_yscale("log")
+    elif not log:
+        ax.set_ylim(bottom=0.0) if which == "y" else ax.set_xlim(left=0.0)
+
+
+def clipped(value: float, lo: float, hi: float) -> tuple[float, float]:
+    """Error-bar lengths below and above `value` for the interval [lo, hi] clipped to the metric's range (>= 0)."""
+    return max(value - max(lo, 0.0), 0.0), max(hi - value, 0.0)
+
+
+class Labels:
+    """Point labels that do not print on top of one another: a label at a spot already labelled is
+    joined to that label instead (`target alone` shared by several lines is written once)."""
+
+    def __init__(self, ax, fontsize: int = 6):
+        self.ax, self.fontsize, self.placed = ax, fontsize, {}
+
+    def add(self, text: str, x: float, y: float) -> None:
+        spot = (round(x, 6), round(y, 6))
+        if spot in self.placed:
+            annotation = self.placed[spot]
+            if text not in annotation.get_text().split("; "):
+                annotation.set_text(f"{annotation.get_text()}; {text}")
+            return
+        self.placed[spot] = self.ax.annotate(text, (x, y), fontsize=self.fontsize, textcoords="offset points", xytext=(3, 3))
 
 
 def finish_panel(ax, title: str, colours: dict[str, str], fontsize: int) -> None:
@@ -133,12 +170,13 @@ def plot_paired(settings: dict[tuple, dict], toxicity: str, out_dir: Path, goal:
         ax.axvline(budget, color="green", linestyle=":", linewidth=1)
         ax.axhline(-cut, color="green", linestyle="--", linewidth=1)
         ax.axhline(0, color="grey", linewidth=0.5)
+        labels = Labels(ax)
         for alpha, r in points:
             x, y = (r["perplexity_ratio"] - 1) * 100, r["toxicity_change"] * 100
             xerr = [[x - (r["perplexity_ratio_lo"] - 1) * 100], [(r["perplexity_ratio_hi"] - 1) * 100 - x]]
             yerr = [[y - r["toxicity_change_lo"] * 100], [r["toxicity_change_hi"] * 100 - y]]
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="x" if r.get("degenerate") else "o", color=colours[r["method"]], capsize=2, markersize=5)
-            ax.annotate(label(r, alpha), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+            labels.add(label(r, alpha), x, y)
         ax.set_xscale("symlog", linthresh=20)
         ax.set_xlabel("perplexity change, % (log beyond ±20)")
         ax.set_ylabel(f"{toxicity} change, %")

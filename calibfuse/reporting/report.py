@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from calibfuse.evaluation.paired import toxicity_metric
-from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, frontier_table, plot_frontier, plot_paired, summary_rows
+from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, Labels, fit_axis, frontier_table, plot_frontier, plot_paired, save, summary_rows
 from calibfuse.reporting.recheck import recheck_table
 from calibfuse.reporting.runs import load_cells
 from calibfuse.reporting.settings import Setting, by_setting, prompt_ids
@@ -99,27 +99,25 @@ def plot(settings: dict[Setting, dict], toxicity: str, out_dir: Path) -> list[Pa
             points.sort(key=lambda p: p[0])
             xs = [a for a, _ in points]
             ax.plot(xs, [r[name] for _, r in points], marker="o", label=label)
-            ax.fill_between(xs, [r[f"{name}_lo"] for _, r in points], [r[f"{name}_hi"] for _, r in points], alpha=0.2)
+            ax.fill_between(xs, [max(r[f"{name}_lo"], 0.0) for _, r in points], [r[f"{name}_hi"] for _, r in points], alpha=0.2)
+        fit_axis(ax, "y", [r[name] for points in lines.values() for _, r in points], log=name == "perplexity")
         ax.set_xlabel("α (weight of the calibration state)")
         ax.set_ylabel(name)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / f"{name}_vs_alpha.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(save(fig, out_dir / f"{name}_vs_alpha.png"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    labels = Labels(ax)
     for label, points in sorted(lines.items()):
         points.sort(key=lambda p: p[0])
         ax.plot([r["perplexity"] for _, r in points], [r[toxicity] for _, r in points], marker="o", label=label)
         for alpha, r in points:
-            ax.annotate(f"{alpha:g}", (r["perplexity"], r[toxicity]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+            labels.add(f"{alpha:g}", r["perplexity"], r[toxicity])
+    fit_axis(ax, "x", [r["perplexity"] for points in lines.values() for _, r in points], log=True)
+    fit_axis(ax, "y", [r[toxicity] for points in lines.values() for _, r in points])
     ax.set_xlabel("perplexity (lower is more fluent)")
     ax.set_ylabel(f"{toxicity} (lower is safer)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "tradeoff.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save(fig, out_dir / "tradeoff.png"))
     return written
 
 

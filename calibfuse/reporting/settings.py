@@ -154,14 +154,15 @@ def is_hash(value) -> bool:
 
 
 def over_seeds(values: list[float]) -> tuple[float, float, float]:
-    """Mean of per-seed values and its 95 % t-interval over seeds (interval ends are never averaged)."""
+    """Mean of per-seed values and its 95 % t-interval over seeds (interval ends are never averaged),
+    clipped at 0: every metric a grid reports is non-negative."""
     from scipy import stats
 
     n = len(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     t = float(stats.t.ppf(0.975, n - 1))
-    return mean, mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)
+    return mean, max(mean - t * sd / math.sqrt(n), 0.0), mean + t * sd / math.sqrt(n)
 
 
 def by_setting(cells: list[dict], metrics: list[str]) -> dict[Setting, dict]:

@@ -31,6 +31,7 @@ HELD_OUT = "held_out"
 PAIRED = "paired bootstrap over prompts"
 EPS = 1e-9  # a change exactly at a threshold meets it, whatever the last bit of its float says
 UNPAIRED = "unpaired intervals (the grid kept no generations)"
+MIN_PROMPTS = 10  # fewer paired prompts than this: the verdict says the run is too small to judge
 
 
 def checked_goal(goal: dict | None) -> dict:
@@ -265,4 +266,16 @@ def goal_table(settings: dict[Setting, dict], toxicity: str, goal: dict | None =
         "Detectable cut: the median half-width of the paired toxicity-change intervals on the confirmation prompts; "
         "a true cut much smaller than it could not have been told from noise."
     )
+    few = {t: n for t, v in results.items() if (n := judged_prompts(v)) is not None and n < MIN_PROMPTS}
+    if few:
+        summary += (
+            f" Too few prompts to judge {', '.join(f'{t} ({n})' for t, n in few.items())}: "
+            f"under {MIN_PROMPTS} paired prompts an interval says next to nothing; run more prompts."
+        )
     return summary + "\n\n" + "\n".join(lines)
+
+
+def judged_prompts(result: dict) -> int | None:
+    """How many prompts a target's verdict was judged on (its confirmation, else its closest settings'); None when unpaired."""
+    checks = [c for c in (result["confirmed"], *result["closest"]) if c and c.get("test") == PAIRED]
+    return checks[0]["paired_prompts"] if checks else None
