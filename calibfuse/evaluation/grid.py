@@ -141,14 +141,12 @@ def run_target(run: GridRun, name: str) -> None:
     target_lm = reference = None
     bound: set[str] = set()
     rank_zero = rank_zero_only.rank == 0  # under DDP (subprocess launch) every rank runs this function
-    target = {"weights": fingerprint(run.targets[name]), **runtime_identity(run.targets[name])}
+    target = target_identity(run, name)
     for method in run.methods:
         for alpha in method.alphas:
             for seed in run.seeds:
                 identity = method.identity(name, alpha)
-                key = cell_key(target, method.name, identity, alpha, seed, run.context)
-                setting = setting_key(target, method.name, identity, alpha, run.context)
-                cell = Cell(name, method.name, alpha, seed, key, identity is None, method.role, setting)
+                cell = cell_of(run, name, target, method, alpha, seed)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
                 # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
@@ -173,6 +171,19 @@ def run_target(run: GridRun, name: str) -> None:
                     add_to_grid(run, cell, rows, described(run, target, method, identity, alpha))
     if run.targets[name] != run.reference:  # one target in memory at a time; calibration model and reference stay
         run.models.release(run.targets[name])
+
+
+def target_identity(run: GridRun, name: str) -> dict:
+    """What decides a target's outputs: its weights' fingerprint, resolved dtype and device."""
+    return {"weights": fingerprint(run.targets[name]), **runtime_identity(run.targets[name])}
+
+
+def cell_of(run: GridRun, name: str, target: dict, method: Method, alpha: float, seed: int) -> Cell:
+    """The cell of (target, method, alpha, seed), keyed by everything that decides its rows."""
+    identity = method.identity(name, alpha)
+    key = cell_key(target, method.name, identity, alpha, seed, run.context)
+    setting = setting_key(target, method.name, identity, alpha, run.context)
+    return Cell(name, method.name, alpha, seed, key, identity is None, method.role, setting)
 
 
 def described(run: GridRun, target: dict, method: Method, identity: dict | None, alpha: float) -> dict:
