@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import test_pipeline
+from test_pipeline import run
 from test_reliability import grid_cfg
 
 from calibfuse.evaluate import evaluate
 from calibfuse.utils.run import SIGTERM_EXIT, stop_on_sigterm
+
+pipeline_cfg = test_pipeline.pipeline_cfg  # the pipeline's fixture, on tiny models
 
 
 def test_a_damaged_cell_is_set_aside_and_computed_again(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, caplog):
@@ -306,3 +310,54 @@ def test_the_network_guard_refuses_outside_hosts_and_allows_this_machine():
     with socket.create_connection(server.getsockname(), timeout=5):
         pass
     server.close()
+
+
+def test_a_stage_changed_in_place_is_set_aside_and_rebuilt(pipeline_cfg, tmp_path, caplog):
+    """A finished stage records the sha256 of its exported files: one changed weight of the calibration
+    model, or a NaN written into A, is found on reuse, named, kept aside and rebuilt; an intact stage is
+    reused, and one built before stages recorded their hashes is reused and recorded."""
+    import logging
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    caplog.set_level(logging.INFO, logger="calibfuse.pipeline")
+    first = run(pipeline_cfg("until=align"))
+    pretrain, alignment = Path(first["pretrain"]), Path(first["alignments"]["smollm2-135m-instruct"])
+    recorded = json.loads((pretrain / "stage.json").read_text())["sha256"]
+    assert {"calibration_model/model.safetensors", "calibration_model/config.json", "calibration_model/tokenizer.json"} <= set(recorded)
+    assert not any("checkpoints" in name for name in recorded)  # Lightning's checkpoints are resumed, never reused: not hashed
+
+    weights = pretrain / "calibration_model" / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 1  # one bit of the last weight: the file still loads
+    weights.write_bytes(bytes(damaged))
+    caplog.clear()
+    run(pipeline_cfg("until=align", output_dir=tmp_path / "second"))
+    assert f"{weights} does not match the sha256 recorded when the stage finished" in caplog.text
+    (aside,) = tmp_path.joinpath("stages").glob("pretrain-*.broken-*")
+    assert (aside / "calibration_model" / "model.safetensors").read_bytes() == bytes(damaged)  # kept, not deleted
+    rebuilt = json.loads((pretrain / "stage.json").read_text())["sha256"]
+    assert rebuilt["calibration_model/model.safetensors"] == recorded["calibration_model/model.safetensors"]  # the same seeded training again
+
+    path = alignment / "alignment.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
+    tensors["A"][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    caplog.clear()
+    run(pipeline_cfg("until=align", output_dir=tmp_path / "third"))
+    assert f"{path} does not match the sha256 recorded when the stage finished" in caplog.text and "rebuilding the stage" in caplog.text
+    assert len(list(tmp_path.joinpath("stages").glob("align-*.broken-*"))) == 1
+    with safe_open(str(path), framework="pt") as f:
+        assert torch.isfinite(f.get_tensor("A")).all()
+
+    record = json.loads((alignment.parent / "stage.json").read_text())
+    del record["sha256"]  # as a stage built before stages recorded their hashes
+    (alignment.parent / "stage.json").write_text(json.dumps(record))
+    caplog.clear()
+    run(pipeline_cfg("until=align", output_dir=tmp_path / "fourth"))
+    assert "rebuilding" not in caplog.text and caplog.text.count("reusing") == 2
+    assert "recorded no sha256 of its files (built before stages did); recorded them now" in caplog.text
+    assert "alignment/alignment.safetensors" in json.loads((alignment.parent / "stage.json").read_text())["sha256"]
