@@ -361,3 +361,123 @@ def test_a_stage_changed_in_place_is_set_aside_and_rebuilt(pipeline_cfg, tmp_pat
     assert "rebuilding" not in caplog.text and caplog.text.count("reusing") == 2
     assert "recorded no sha256 of its files (built before stages did); recorded them now" in caplog.text
     assert "alignment/alignment.safetensors" in json.loads((alignment.parent / "stage.json").read_text())["sha256"]
+
+
+def tiny_grid_command(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, *extra: str) -> list[str]:
+    """calibfuse.evaluate on the tiny models, the smallest grid: one cell of two prompts."""
+    return [
+        sys.executable,
+        "-m",
+        "calibfuse.evaluate",
+        "target_names=[tiny]",
+        f"+targets.tiny={{_target_:calibfuse.models.loading.ModelSpec,name_or_path:{tiny_target_dir},dtype:float32}}",
+        f"+alignments.tiny={tiny_alignment}",
+        "prompts.limit=2",
+        "alphas=[0]",
+        "protocol.generation.max_new_tokens=2",
+        f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+        "reference_lm.model.dtype=float32",
+        f"cell_store={tmp_path / 'cells'}",
+        "logger=csv",
+        "bootstrap_resamples=50",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *extra,
+    ]
+
+
+def test_the_same_grid_twice_into_one_run_dir_is_refused_and_the_first_run_kept(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = tiny_grid_command(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path)
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["task"], record["status"]) == ("evaluate", "finished")
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert {"grid.json", "generations.jsonl", "evaluate.log", "overrides.yaml"} <= {p.name for p in kept}
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 1
+    assert f"hydra.run.dir: '{run_dir}' already holds a finished evaluate run of the same config" in again.stderr
+    assert f"Expected another hydra.run.dir (finished cells are reused from cell_store), or '{run_dir}' removed" in again.stderr
+    other = subprocess.run([*command, "prompts.limit=1"], capture_output=True, text=True, env=env, timeout=600)
+    assert "already holds a finished evaluate run of another config (prompts.limit: 2 -> 1)" in other.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept  # nothing of the first run replaced or appended to
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
+
+
+def earlier_run(directory: Path, task: str, status: str | None, **config) -> dict:
+    """A run dir as an earlier job left it: .hydra/config.yaml and overrides.yaml, and run.json (None: a dir from before run.json)."""
+    from omegaconf import OmegaConf
+
+    (directory / ".hydra").mkdir(parents=True)
+    config = {"task_name": task, "alphas": [0, 0.5], **config}
+    OmegaConf.save(OmegaConf.create(config), directory / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create([f"{k}={v}" for k, v in config.items() if k != "task_name"]), directory / ".hydra" / "overrides.yaml")
+    if status is not None:
+        (directory / "run.json").write_text(json.dumps({"task": task, "status": status, "host": "elsewhere", "pid": 1, "pid_started": 0}))
+    return config
+
+
+def test_a_run_dir_holding_an_earlier_job_is_refused_unless_this_job_goes_on_in_it(tmp_path):
+    """What may go on in a dir that holds an earlier job: the same pipeline or report (rebuilt from their
+    stores), an unfinished grid of the same config (it resumes), a training stage with ckpt_path; the
+    rest is refused, naming the dir and what it holds."""
+    import socket
+
+    import psutil
+
+    from calibfuse.utils.run_dirs import run_dir_verdict
+
+    def verdict(name, task, config, from_checkpoint=False):
+        return run_dir_verdict(tmp_path / name, "hydra.run.dir", task, {"task_name": task, "alphas": [0, 0.5], **config}, None, from_checkpoint)
+
+    assert verdict("fresh", "evaluate", {}) is None
+    earlier_run(tmp_path / "pipeline", "pipeline", "finished", until="report")
+    assert "holds a finished pipeline run of the same config: going on in it" in verdict("pipeline", "pipeline", {"until": "report"})
+    changed = r"a finished pipeline run of another config \(until: 'report' -> 'evaluate'\)"
+    with pytest.raises(SystemExit, match=rf"'{tmp_path / 'pipeline'}' already holds {changed}"):
+        verdict("pipeline", "pipeline", {"until": "evaluate"})
+    with pytest.raises(SystemExit, match=r"already holds a run of calibfuse\.pipeline \(finished\)"):
+        verdict("pipeline", "evaluate", {"until": "report"})
+
+    earlier_run(tmp_path / "cut", "evaluate", "running")  # killed: its process is gone
+    assert "holds an interrupted evaluate run of the same config: going on in it" in verdict("cut", "evaluate", {})
+    earlier_run(tmp_path / "busy", "evaluate", None)
+    me = {"task": "evaluate", "status": "running", "host": socket.gethostname(), "pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+    (tmp_path / "busy" / "run.json").write_text(json.dumps(me))
+    with pytest.raises(SystemExit, match=rf"already holds an evaluate run that is still running \(pid {os.getpid()}\)"):
+        verdict("busy", "evaluate", {})
+    earlier_run(tmp_path / "legacy", "evaluate", None)  # before run.json: its summary marks it finished
+    (tmp_path / "legacy" / "evaluate.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a finished evaluate run of the same config"):
+        verdict("legacy", "evaluate", {})
+
+    earlier_run(tmp_path / "stage1", "pretrain", "failed")
+    hint = r"Expected another hydra\.run\.dir; or, to resume its training there, ckpt_path=last"
+    with pytest.raises(SystemExit, match=rf"a failed pretrain run; refusing .* {hint}"):
+        verdict("stage1", "pretrain", {})
+    assert "going on from ckpt_path in the failed pretrain run it holds" in verdict("stage1", "pretrain", {"ckpt_path": "last"}, from_checkpoint=True)
+
+
+def test_a_multirun_job_dir_is_checked_against_that_job_s_overrides(tmp_path):
+    """A sweep's job dir is compared with the job Hydra will run there: the same job goes on (rerun after a
+    kill), a dir holding other overrides is refused before any job starts."""
+    from omegaconf import OmegaConf
+
+    from calibfuse.utils.run_dirs import OneRunPerDir
+
+    def start(*task_overrides):
+        hydra = {
+            "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "max_batch_size": None, "params": None},
+            "sweep": {"dir": str(tmp_path / "sweep"), "subdir": "${hydra.job.num}"},
+            "overrides": {"task": list(task_overrides)},
+        }
+        OneRunPerDir().on_multirun_start(OmegaConf.create({"hydra": hydra, "task_name": "pipeline"}))
+
+    (tmp_path / "sweep" / "0" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["num_negatives=2", "until=evaluate"]), tmp_path / "sweep" / "0" / ".hydra" / "overrides.yaml")
+    (tmp_path / "sweep" / "0" / "run.json").write_text(json.dumps({"task": "pipeline", "status": "running", "host": "elsewhere", "pid": 1}))
+    start("num_negatives=2,5", "until=evaluate")  # job 0 is the killed one: it goes on; job 1's dir is new
+    with pytest.raises(SystemExit, match=r"hydra\.sweep\.dir \(job 0\): '.*/sweep/0' already holds an interrupted pipeline run of another config"):
+        start("num_negatives=10,5", "until=evaluate")
