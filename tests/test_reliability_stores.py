@@ -481,3 +481,29 @@ def test_a_multirun_job_dir_is_checked_against_that_job_s_overrides(tmp_path):
     start("num_negatives=2,5", "until=evaluate")  # job 0 is the killed one: it goes on; job 1's dir is new
     with pytest.raises(SystemExit, match=r"hydra\.sweep\.dir \(job 0\): '.*/sweep/0' already holds an interrupted pipeline run of another config"):
         start("num_negatives=10,5", "until=evaluate")
+
+
+def test_a_full_disk_names_the_cell_and_the_file_and_keeps_the_rows(tmp_path, monkeypatch):
+    import errno
+    import re
+
+    from calibfuse.evaluation.cells import Cell, append_rows, finish_cell
+
+    cell = Cell("tiny", "fusion", 0.5, 0, "ab" * 32)
+    cell_dir = tmp_path / cell.name
+    cell_dir.mkdir()
+    append_rows(cell_dir / "partial.rank0.jsonl", [{"prompt_id": "p0", "sample": 0, "toxicity": 0.1}])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    expected = f"cell {cell.name} could not be stored: cannot write {cell_dir / 'rows.jsonl'} (No space left on device); the disk is full"
+    with pytest.raises(OSError, match=re.escape(expected) + f".*its rows are kept in {re.escape(str(cell_dir))}, and a rerun stores it") as raised:
+        finish_cell(cell, cell_dir, ["p0"], 1, {})
+    assert raised.value.errno == errno.ENOSPC
+    assert (cell_dir / "partial.rank0.jsonl").is_file() and not (cell_dir / "cell.json").exists()  # nothing lost, nothing marked finished
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(OSError, match=re.escape(f"cannot append to {cell_dir / 'generated.rank0.jsonl'} (No space left on device); the disk is full")):
+        append_rows(cell_dir / "generated.rank0.jsonl", [{"prompt_id": "p1", "sample": 0}])

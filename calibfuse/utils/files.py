@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -47,10 +48,23 @@ def atomic_path(path: str | Path):
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically: an interrupted run never leaves half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write a text file atomically: an interrupted run never leaves half a file. A failed write (a full
+    disk, a read-only dir) is an OSError that names the file."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path} ({error.strerror or error}){write_hint(error)}") from error
     return Path(path)
+
+
+def write_hint(error: OSError) -> str:
+    """What to do about a failed write, for the errors a user can act on."""
+    if error.errno == errno.ENOSPC:
+        return "; the disk is full: free space there, or point the output elsewhere"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "; expected a writable directory"
+    return ""
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
