@@ -507,3 +507,29 @@ def test_a_full_disk_names_the_cell_and_the_file_and_keeps_the_rows(tmp_path, mo
     monkeypatch.setattr(Path, "open", full)
     with pytest.raises(OSError, match=re.escape(f"cannot append to {cell_dir / 'generated.rank0.jsonl'} (No space left on device); the disk is full")):
         append_rows(cell_dir / "generated.rank0.jsonl", [{"prompt_id": "p1", "sample": 0}])
+
+
+def test_a_read_only_cache_dir_costs_one_warning_and_no_work(tmp_path, monkeypatch, caplog):
+    """Weight hashes are kept in $CALIBFUSE_CACHE_DIR/sha256.json; a cache dir that cannot be written is
+    named once, and the weights are hashed without it."""
+    import errno
+
+    from calibfuse.models import loading
+    from calibfuse.utils.files import sha256_file
+
+    cache, write_text = tmp_path / "cache", Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if cache in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(loading, "_UNCACHED", set())
+    weights = [tmp_path / f"model-{i}.safetensors" for i in range(2)]
+    for i, path in enumerate(weights):
+        path.write_bytes(bytes([i]) * 1000)
+    assert [loading._file_sha256(path, str(cache)) for path in weights] == [sha256_file(path) for path in weights]
+    (warning,) = [r.getMessage() for r in caplog.records if "weight hashes" in r.getMessage()]
+    assert f"cannot keep weight hashes in {cache / 'sha256.json'} (Read-only file system)" in warning and "CALIBFUSE_CACHE_DIR" in warning
+    assert not list(cache.glob("*"))  # no temporary file left behind
