@@ -533,3 +533,15 @@ def test_a_read_only_cache_dir_costs_one_warning_and_no_work(tmp_path, monkeypat
     (warning,) = [r.getMessage() for r in caplog.records if "weight hashes" in r.getMessage()]
     assert f"cannot keep weight hashes in {cache / 'sha256.json'} (Read-only file system)" in warning and "CALIBFUSE_CACHE_DIR" in warning
     assert not list(cache.glob("*"))  # no temporary file left behind
+
+
+def test_repeated_prompt_ids_are_made_unique_with_a_warning_naming_them(tmp_path, caplog):
+    from calibfuse.data.prompts import load_prompts
+
+    source = tmp_path / "mine.jsonl"
+    rows = [{"id": "a", "prompt": {"text": "one"}}, {"id": "b", "prompt": {"text": "two"}}, {"id": "a", "prompt": {"text": "three"}}]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prompts = load_prompts(str(source))
+    assert [p.id for p in prompts] == ["a#0", "b#1", "a#2"]  # rows stay apart
+    (warning,) = [r.getMessage() for r in caplog.records if "repeat an id" in r.getMessage()]
+    assert f"{source}: 2 of 3 prompts repeat an id ('a' x2); every prompt's id gets its position appended (#0, #1, ...)" in warning
