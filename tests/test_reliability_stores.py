@@ -545,3 +545,20 @@ def test_repeated_prompt_ids_are_made_unique_with_a_warning_naming_them(tmp_path
     assert [p.id for p in prompts] == ["a#0", "b#1", "a#2"]  # rows stay apart
     (warning,) = [r.getMessage() for r in caplog.records if "repeat an id" in r.getMessage()]
     assert f"{source}: 2 of 3 prompts repeat an id ('a' x2); every prompt's id gets its position appended (#0, #1, ...)" in warning
+
+
+def test_a_wandb_save_dir_that_cannot_be_written_is_named(tmp_path, caplog):
+    """wandb falls back to the temporary directory in its own terminal chatter, which calibfuse silences."""
+    import tempfile
+
+    from calibfuse.utils.wandb_logger import WandbLogger
+
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    WandbLogger(project="calibfuse", save_dir=str(blocked / "wandb"), offline=True)
+    (warning,) = [r.getMessage() for r in caplog.records if "W&B cannot write" in r.getMessage()]
+    assert f"W&B cannot write its run to {blocked / 'wandb'} (" in warning and f"temporary directory {tempfile.gettempdir()}" in warning
+    assert "logger.wandb.save_dir" in warning
+    caplog.clear()
+    WandbLogger(project="calibfuse", save_dir=str(tmp_path / "ok"), offline=True)
+    assert "W&B cannot write" not in caplog.text
