@@ -562,3 +562,35 @@ def test_a_wandb_save_dir_that_cannot_be_written_is_named(tmp_path, caplog):
     caplog.clear()
     WandbLogger(project="calibfuse", save_dir=str(tmp_path / "ok"), offline=True)
     assert "W&B cannot write" not in caplog.text
+
+
+def test_a_run_waiting_for_a_lock_says_so(tmp_path, caplog):
+    import logging
+    import threading
+
+    from filelock import FileLock
+
+    from calibfuse.utils.files import file_lock
+
+    caplog.set_level(logging.INFO, logger="calibfuse.utils.files")
+    path = tmp_path / ".pretrain-abc.lock"
+    with file_lock(path):
+        pass
+    assert "waiting" not in caplog.text  # a free lock is taken at once, silently
+    other = FileLock(str(path))
+    other.acquire()  # another run holds it
+    entered = threading.Event()
+
+    def wait_for_it():
+        with file_lock(path):
+            entered.set()
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    deadline = time.time() + 10
+    while f"waiting for {path} held by another run" not in caplog.text and time.time() < deadline:
+        time.sleep(0.05)
+    assert f"waiting for {path} held by another run" in caplog.text and not entered.is_set()
+    other.release()
+    waiter.join(timeout=10)
+    assert entered.is_set() and f"acquired {path} after" in caplog.text

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,21 @@ def file_lock(path: str | Path, enabled: bool = True):
     if not enabled:
         yield
         return
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path)):
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # another run builds what this one needs: say what it waits for, then wait
+        log.info("waiting for %s held by another run (it builds what this run needs; this run goes on when it ends)", path)
+        started = time.monotonic()
+        lock.acquire()
+        log.info("acquired %s after %.0f s", path, time.monotonic() - started)
+    try:
         yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
