@@ -594,3 +594,14 @@ def test_a_run_waiting_for_a_lock_says_so(tmp_path, caplog):
     other.release()
     waiter.join(timeout=10)
     assert entered.is_set() and f"acquired {path} after" in caplog.text
+
+
+def test_a_prompt_too_long_is_named_by_its_id_before_the_cell_generates(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path):
+    source = tmp_path / "prompts.jsonl"
+    long = {"id": "the-long-one", "prompt": {"text": "the cat sat on the mat " * 300}}
+    rows = [{"id": f"p{i}", "prompt": {"text": "a short one"}} for i in range(4)] + [long]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = grid_cfg(tiny_alignment, tiny_target_dir, tiny_model_dirs["llama"], tmp_path, "prompts=local_jsonl", f"prompts.source={source}", "prompts.limit=5")
+    with pytest.raises(ValueError, match=r"1 of 5 prompts are too long for .*: prompt 'the-long-one' has \d+ tokens, and its context of \d+ tokens"):
+        evaluate(cfg)
+    assert not list((tmp_path / "cells").glob("*/generated.rank*.jsonl"))  # before the cell's first batch
