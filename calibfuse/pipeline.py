@@ -256,12 +256,31 @@ def check_before_any_stage(cfg: DictConfig, overrides: dict[str, list[str]], tar
     if not targets and cfg.until != "pretrain":
         raise ValueError(f"targets=[] with until={cfg.until}; expected at least one conf/target/ name, e.g. targets=[gemma3-270m] (or until=pretrain)")
     check_output_dir(cfg.stage_store, "stage_store")
-    check_accelerator(compose_config("pretrain", overrides["pretrain"]).trainer, "pretrain_overrides: trainer")
+    pretrain_cfg = compose_config("pretrain", overrides["pretrain"])
+    check_accelerator(pretrain_cfg.trainer, "pretrain_overrides: trainer")
     if cfg.until != "pretrain":
         for target in targets:  # an unknown name fails here, with Hydra's list of conf/target/ options
-            check_accelerator(compose_config("align", [f"target={target}", *overrides["align"]]).trainer, "align_overrides: trainer")
+            align_cfg = compose_config("align", [f"target={target}", *overrides["align"]])
+            check_accelerator(align_cfg.trainer, "align_overrides: trainer")
+            if cfg.alignment == "learned":
+                check_alignment_validates(align_cfg, pretrain_cfg.base_model)
     if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
         check_accelerator(compose_config("evaluate", overrides["evaluate"]).trainer, "evaluate_overrides: trainer")
+
+
+def check_alignment_validates(align_cfg: DictConfig, base_model: DictConfig) -> None:
+    """align_overrides that end stage 2 before its held-out check (e.g. trainer.max_steps=2) fail now, not
+    after stage 1: the check needs the shared vocabulary's size, so both tokenizers load, only for such a trainer."""
+    from calibfuse.models.loading import load_tokenizer
+    from calibfuse.models.vocabulary import shared_vocabulary
+    from calibfuse.stages.align import check_validates, split_vocabulary
+
+    trainer = align_cfg.trainer
+    if (trainer.get("max_steps") or -1) <= 0 and trainer.get("limit_val_batches") != 0:
+        return  # whole epochs: it validates at each epoch's end
+    calibration, target = (load_tokenizer(instantiate(spec)) for spec in (base_model, align_cfg.target))  # stage 1 keeps its base's tokenizer
+    train, _ = split_vocabulary(len(shared_vocabulary(calibration, target, align_cfg.alignment.matching)), align_cfg.alignment.val_fraction, align_cfg.seed)
+    check_validates(trainer, len(train), align_cfg.alignment.batch_size, "align_overrides: trainer")
 
 
 def report_options(cfg: DictConfig) -> tuple[dict | None, dict | str | None, object | None]:

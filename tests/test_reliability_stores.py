@@ -215,6 +215,10 @@ def test_hostile_grid_input_is_named_before_any_model_loads(case, tiny_alignment
         (["targets=[]"], r"targets=\[\] with until=report; expected at least one conf/target/ name"),
         (["targets=[no_such_target]"], r"Could not find 'target/no_such_target'"),
         (["pretrain_overrides=['trainer=gpu']"], r"pretrain_overrides: trainer\.accelerator=gpu, but no CUDA GPU is visible"),
+        (  # stage 2 writes its alignment only with its held-out check, which 2 steps never reach
+            ["align_overrides=['trainer.max_steps=2']"],
+            r"align_overrides: trainer\.max_steps=2 with max_epochs=5 ends stage 2 after 2 batches, before its first held-out check after batch \d+",
+        ),
     ],
 )
 def test_the_pipeline_refuses_what_would_fail_after_stage_1(overrides, match, tmp_path, monkeypatch):
@@ -605,3 +609,42 @@ def test_a_prompt_too_long_is_named_by_its_id_before_the_cell_generates(tiny_ali
     with pytest.raises(ValueError, match=r"1 of 5 prompts are too long for .*: prompt 'the-long-one' has \d+ tokens, and its context of \d+ tokens"):
         evaluate(cfg)
     assert not list((tmp_path / "cells").glob("*/generated.rank*.jsonl"))  # before the cell's first batch
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["trainer.max_steps=2"], r"trainer\.max_steps=2 with max_epochs=1 ends stage 2 after 2 batches, before its first held-out check after batch \d+"),
+        (["+trainer.limit_val_batches=0"], r"trainer\.limit_val_batches=0: stage 2 never runs its held-out check"),
+        (["trainer.max_epochs=1", "trainer.check_val_every_n_epoch=2"], r"max_epochs=1 ends stage 2 after \d+ batches, before its first held-out check"),
+    ],
+)
+def test_stage_2_that_would_stop_before_its_held_out_check_fails_before_training(overrides, match, tiny_model_dirs, tiny_target_dir, tmp_path, monkeypatch):
+    """It used to fail after training, when the alignment was to be written without val/top1."""
+    from conftest import compose_config
+
+    import calibfuse.align
+
+    monkeypatch.setattr(calibfuse.align, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the trainer was checked"))
+    base = [f"calibration_model.name_or_path={tiny_model_dirs['llama']}", f"target.name_or_path={tiny_target_dir}", "trainer.max_epochs=1", "logger=csv"]
+    with pytest.raises(ValueError, match=match):
+        calibfuse.align.align(compose_config("align", [*base, *overrides], tmp_path / "run"))
+
+
+def test_a_trainer_that_validates_in_time_passes_the_check():
+    from omegaconf import OmegaConf
+
+    from calibfuse.stages.align import check_validates
+
+    def trainer(**keys):
+        return OmegaConf.create({"max_epochs": 5, "max_steps": -1, "devices": 1, "check_val_every_n_epoch": 1, **keys})
+
+    check_validates(trainer(), 1000, 32)  # whole epochs: validates at each epoch's end
+    check_validates(trainer(max_steps=32), 1000, 32)  # 32 batches an epoch: the first check is at step 32
+    check_validates(trainer(max_steps=4, val_check_interval=4), 1000, 32)
+    check_validates(trainer(max_steps=16, devices=2), 1000, 32)  # two ranks: 16 batches an epoch each
+    check_validates(trainer(devices=-1, max_steps=2), 1000, 32)  # devices unknown before the run: not judged
+    with pytest.raises(ValueError, match=r"max_steps=31 .* expected max_steps >= 32"):
+        check_validates(trainer(max_steps=31), 1000, 32)
+    with pytest.raises(ValueError, match=r"after batch 16 .* expected max_steps >= 8"):
+        check_validates(trainer(max_steps=7, accumulate_grad_batches=2, val_check_interval=0.5), 1000, 32)
