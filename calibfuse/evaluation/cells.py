@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from calibfuse.methods import Method
-from calibfuse.utils.files import sha256_json, write_json, write_text
+from calibfuse.utils.files import sha256_json, write_hint, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,18 @@ def finished_prompt_ids(rows: list[dict], num_samples: int) -> set[str]:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append rows to a partial file; a line a kill cut short must not swallow the next row."""
-    with path.open("ab") as f:
-        if f.tell() > 0:
-            with path.open("rb") as tail:
-                tail.seek(-1, 2)
-                if tail.read(1) != b"\n":
-                    f.write(b"\n")
-        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+    """Append rows to a partial file; a line a kill cut short must not swallow the next row. A failed
+    write (a full disk) names the file: the rows before it are kept, and the rerun redoes the rest."""
+    try:
+        with path.open("ab") as f:
+            if f.tell() > 0:
+                with path.open("rb") as tail:
+                    tail.seek(-1, 2)
+                    if tail.read(1) != b"\n":
+                        f.write(b"\n")
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+    except OSError as error:
+        raise OSError(error.errno, f"cannot append to {path} ({error.strerror or error}){write_hint(error)}") from error
 
 
 def finish_cell(cell: Cell, cell_dir: Path, prompt_ids: list[str], num_samples: int, description: dict) -> list[dict]:
@@ -108,9 +112,13 @@ def finish_cell(cell: Cell, cell_dir: Path, prompt_ids: list[str], num_samples: 
         raise RuntimeError(f"cell {cell.name}: {len(missing)} generations missing after the predict loop (first: {missing[0]})")
     rows = [latest[(p, s)] for p in prompt_ids for s in range(num_samples)]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    write_text(cell_dir / "rows.jsonl", text)
     checksum = hashlib.sha256(text.encode("utf-8")).hexdigest()  # a cell is reused only while its rows are whole
-    write_json(cell_dir / "cell.json", {"format": CELL_FORMAT, **asdict(cell), "rows": len(rows), "sha256": checksum, **description})
+    try:
+        write_text(cell_dir / "rows.jsonl", text)
+        write_json(cell_dir / "cell.json", {"format": CELL_FORMAT, **asdict(cell), "rows": len(rows), "sha256": checksum, **description})
+    except OSError as error:  # a full disk: the cell's rows stay in its partial files, and the rerun stores it
+        kept = f"its rows are kept in {cell_dir}, and a rerun stores it"
+        raise OSError(error.errno, f"cell {cell.name} could not be stored: {error.strerror}; {kept}") from error
     for path in [*cell_dir.glob("partial.rank*.jsonl"), *cell_dir.glob("generated.rank*.jsonl")]:
         path.unlink()
     return rows

@@ -46,6 +46,16 @@ class EvaluationModule(L.LightningModule):
         self.method.to(self.device)
         if self.reference is not None:
             self.reference.to(self.device)
+        data = getattr(self.trainer, "datamodule", None)
+        self.check_lengths([asdict(p) for p in getattr(data, "remaining", [])])
+
+    def check_lengths(self, prompts: list[dict]) -> None:
+        """A prompt too long for the context is refused before the cell's first batch, named by its id."""
+        if self.settings.long_prompts != "refuse" or not prompts:
+            return
+        lm = self.method.generator(self.target)
+        texts, prompt_format = self.method.prompt([p["text"] for p in prompts], lm)
+        lm.fit_context(lm.prompt_ids(texts, prompt_format), self.settings, names=[p["id"] for p in prompts])
 
     def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[dict]:
         kept = [self.generated.get((p["id"], s)) for p in batch for s in range(self.settings.num_samples)]
@@ -73,6 +83,7 @@ class EvaluationModule(L.LightningModule):
             processors=self.method.logits_processors(self.cell.alpha),
             seeds=seeds,
             diagnostics=diagnostics,
+            names=[p["id"] for p in batch],
         )
         seconds = (time.perf_counter() - started) / len(generations)
         fields = ("sample", "continuation", "new_tokens", "kl", "agreement", "ended_with_eos")

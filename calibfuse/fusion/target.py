@@ -62,8 +62,9 @@ class TargetLM:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
-    def fit_context(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> list[list[int]]:
-        """Every prompt with room for max_new_tokens in the context: refused, or cut from the left."""
+    def fit_context(self, prompt_ids: list[list[int]], settings: GenerationSettings, names: list[str] | None = None) -> list[list[int]]:
+        """Every prompt with room for max_new_tokens in the context: refused (naming the first by its id in
+        `names`, else its position), or cut from the left."""
         if self.context_length is None:
             return prompt_ids
         room = self.context_length - settings.max_new_tokens
@@ -74,7 +75,7 @@ class TargetLM:
             return prompt_ids
         if settings.long_prompts == "refuse":
             raise ValueError(
-                f"{len(long)} of {len(prompt_ids)} prompts are too long for {self.name}: prompt {long[0]} has "
+                f"{len(long)} of {len(prompt_ids)} prompts are too long for {self.name}: prompt {names[long[0]] if names else long[0]!r} has "
                 f"{len(prompt_ids[long[0]])} tokens, and its context of {self.context_length} tokens holds at most {room} "
                 f"with max_new_tokens={settings.max_new_tokens}; shorten them, or keep their last {room} tokens with "
                 "long_prompts=truncate_left (protocol.generation.long_prompts in the grid)"
@@ -99,12 +100,14 @@ class TargetLM:
         use_cache: bool = True,
         seeds: list[int] | None = None,
         diagnostics: bool = False,
+        names: list[str] | None = None,
     ) -> list[Generation]:
         """One Generation per (prompt, sample), in batches of settings.batch_size rows. Sample s of prompt i
-        draws with its own seed, from `seeds[i]` (default settings.seed + i) and s: batching never changes it."""
+        draws with its own seed, from `seeds[i]` (default settings.seed + i) and s: batching never changes it.
+        `names`: the prompts' ids, which name a prompt too long for the context."""
         if isinstance(prompts, str) or len(prompts) == 0:
             raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r}")
-        prompt_ids = self.fit_context(self.prompt_ids(list(prompts), prompt_format), settings)
+        prompt_ids = self.fit_context(self.prompt_ids(list(prompts), prompt_format), settings, names)
         seeds = seeds if seeds is not None else [settings.seed + i for i in range(len(prompts))]
         jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.num_samples)]
         rows = []

