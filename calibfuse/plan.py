@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from calibfuse.methods import Method, role_of
 from calibfuse.models.footprint import GB, activation_bytes, dtype_bytes, kv_cache_bytes, model_config, size_of, training_bytes
 from calibfuse.utils.composing import compose_stage, evaluate_overrides, stage_overrides
+from calibfuse.utils.run import device_count  # its module registers the configs' resolvers (paper_pretrain's accumulation)
 
 
 def machine_memory_gb() -> float:
@@ -26,9 +27,8 @@ def machine_memory_gb() -> float:
 def device_of(trainer: DictConfig, plan: DictConfig, work: str) -> tuple[str, float, float, int]:
     """(name, memory GB per device, TFLOPS per device at its utilisation for `work`, devices) of a stage's trainer."""
     if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto"):
-        devices = trainer.get("devices", 1)
         effective = plan.gpu.peak_tflops * plan.gpu.utilization[work]
-        return plan.gpu.name, plan.gpu.memory_gb, effective, devices if isinstance(devices, int) and devices > 0 else 8
+        return plan.gpu.name, plan.gpu.memory_gb, effective, device_count(trainer.get("devices", 1)) or 8
     return "CPU", plan.cpu.memory_gb or machine_memory_gb(), plan.cpu.peak_tflops * plan.cpu.utilization[work], 1
 
 
