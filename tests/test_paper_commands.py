@@ -83,6 +83,9 @@ def test_every_documented_stage1_command_trains_with_an_effective_batch_of_56(wh
     assert (devices == 1) == one_gpu, f"{where}: {devices} devices without a distributed strategy, or one with it"
     if launcher.get("launcher") == "slurm" and "until=pretrain" in overrides:  # stage 1 as its own SLURM job: one task per GPU
         assert int(launcher["gpus_per_node"]) == int(launcher["tasks_per_node"]) == device_count(trainer.devices), where
+        # and RAM for every rank to load the whole 7B base in bf16 on the host before the cut (calibfuse.plan: 100.4 GiB for 8)
+        host = device_count(trainer.devices) * 6_738_415_616 * 2 / 2**30
+        assert float(launcher.get("mem_gb", 64)) > host, f"{where}: hydra.launcher.mem_gb={launcher.get('mem_gb', 64)}; expected above {host:.0f}"
 
 
 def test_the_one_gpu_command_is_one_device_and_the_old_one_still_adds_up():

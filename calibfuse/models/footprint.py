@@ -31,7 +31,7 @@ SAME_SHAPE = {
     "AdaptLLM/finance-chat": "meta-llama/Llama-2-7b-chat-hf",
     "meta-llama/Llama-2-7b-hf": "meta-llama/Llama-2-7b-chat-hf",
 }
-GB = 1024**3
+GiB = 1024**3  # memory is counted and printed in GiB
 
 
 def shipped_config(hub_id: str) -> Path | None:
