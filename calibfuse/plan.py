@@ -1,7 +1,9 @@
 """Plan a pipeline run before it runs: per stage, the models and their parameters (built on the meta device
-from configs, no weights, no network), peak memory per device at the configured dtype, batch sizes and
-strategy, the compute (6 N per trained token, 2 N per generated, scored or held-out token) and the time at a stated
-utilisation, and whether it fits the configured devices. A plan that cannot fit is refused.
+from configs, no weights, no network), peak memory per device at the configured dtype, the host RAM stage 1's
+ranks take to load the base model, batch sizes and strategy, the compute (6 N per trained token, 2 N per generated,
+scored or held-out token), the time at a stated utilisation of a stated device (the reference's unless plan.gpu /
+plan.cpu say yours), and the total. A plan that cannot fit is refused, naming the stage, the figure and what would fit.
+Memory is in GiB (2^30 bytes).
 
     python -m calibfuse.plan                             # the main job (embedded default, CPU)
     python -m calibfuse.plan experiment=paper_table      # the paper's table (GPU)
@@ -10,26 +12,65 @@ utilisation, and whether it fits the configured devices. A plan that cannot fit 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import hydra
 from omegaconf import DictConfig
 
 from calibfuse.methods import Method, role_of
-from calibfuse.models.footprint import GB, activation_bytes, dtype_bytes, kv_cache_bytes, model_config, size_of, training_bytes
+from calibfuse.models.footprint import GiB, activation_bytes, dtype_bytes, kv_cache_bytes, model_config, size_of, training_bytes
 from calibfuse.utils.composing import compose_stage, evaluate_overrides, stage_overrides
+from calibfuse.utils.run import device_count  # its module registers the configs' resolvers (paper_pretrain's accumulation)
 
 
-def machine_memory_gb() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+def machine_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+
+
+@dataclass
+class Hardware:
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    note: str  # which figures are the reference's and which the user gave
+    ram_note: str = ""  # the CPU's: whose RAM
+
+
+def hardware(plan: DictConfig, kind: str) -> Hardware:
+    """plan.gpu or plan.cpu with its null keys taken from its reference (the CPU's memory: this machine's RAM).
+    A GPU whose memory or peak the user gave is never named after the reference card."""
+    spec, reference = plan[kind], plan[kind].reference
+    peak = spec.peak_tflops if spec.peak_tflops is not None else reference.peak_tflops
+    if kind == "cpu":
+        memory = spec.memory_gib if spec.memory_gib is not None else machine_memory_gib()
+        name = spec.name or (reference.name if spec.peak_tflops is None else "your CPU")
+        note = "plan.cpu.peak_tflops" if spec.peak_tflops is not None else "the reference, plan.cpu.reference; plan.cpu.peak_tflops=<TFLOPS> prices yours"
+        ram = "plan.cpu.memory_gib" if spec.memory_gib is not None else "this machine's; plan.cpu.memory_gib=<GiB> says the node's"
+        return Hardware(name, memory, peak, note, ram)
+    memory = spec.memory_gib if spec.memory_gib is not None else reference.memory_gib
+    given = [key for key in ("name", "memory_gib", "peak_tflops") if spec[key] is not None]
+    name = spec.name or (reference.name if not given else f"{memory:g} GiB GPU")
+    if not given:
+        return Hardware(name, memory, peak, "the reference card, plan.gpu.reference; plan.gpu.name, memory_gib and peak_tflops say yours")
+    missing = [key for key in ("memory_gib", "peak_tflops") if key not in given]
+    note = "given: " + ", ".join(f"plan.gpu.{key}" for key in given) + (f"; {' and '.join(missing)}: {reference.name}'s" if missing else "")
+    return Hardware(name, memory, peak, note)
 
 
 def device_of(trainer: DictConfig, plan: DictConfig, work: str) -> tuple[str, float, float, int]:
-    """(name, memory GB per device, TFLOPS per device at its utilisation for `work`, devices) of a stage's trainer."""
+    """(name, memory GiB per device, TFLOPS per device at its utilisation for `work`, devices) of a stage's trainer."""
     if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto"):
-        devices = trainer.get("devices", 1)
-        effective = plan.gpu.peak_tflops * plan.gpu.utilization[work]
-        return plan.gpu.name, plan.gpu.memory_gb, effective, devices if isinstance(devices, int) and devices > 0 else 8
-    return "CPU", plan.cpu.memory_gb or machine_memory_gb(), plan.cpu.peak_tflops * plan.cpu.utilization[work], 1
+        gpu = hardware(plan, "gpu")
+        return gpu.name, gpu.memory_gib, gpu.peak_tflops * plan.gpu.utilization[work], device_count(trainer.get("devices", 1)) or 8
+    cpu = hardware(plan, "cpu")
+    return "CPU", cpu.memory_gib, cpu.peak_tflops * plan.cpu.utilization[work], 1
+
+
+def strategy_name(trainer: DictConfig) -> str | None:
+    strategy = trainer.get("strategy")
+    if strategy is None or isinstance(strategy, str):
+        return strategy
+    return "fsdp" if "fsdp" in str(strategy.get("_target_", "")) else str(strategy.get("_target_", "custom"))
 
 
 def model_size(spec: DictConfig, num_layers: int | None = None):
@@ -66,15 +107,20 @@ def pretrain_stage(cfg: DictConfig, plan: DictConfig) -> dict:
     per_token = cut.compute - head + scored * head
     tokens = steps * per_step * data.max_length if steps else None
     flops = (6 * per_token * tokens + 2 * per_token * passes * held_out * data.max_length) if tokens else None
-    per_device = training_bytes(cut.total, 0, trainer.get("strategy"), devices) + activation_bytes(cut, data.batch_size * data.max_length)
+    per_device = training_bytes(cut.total, 0, strategy_name(trainer), devices) + activation_bytes(cut, data.batch_size * data.max_length)
+    # every rank of a node loads the whole base on the host, in its dtype, before cutting it to num_layers
+    loaded = full.total * dtype_bytes(p.base_model.get("dtype"), "cpu")
     work = f"{steps} steps x {per_step} rows x <= {data.max_length} tokens" + (
         f", {passes} held-out pass{'es' * (passes > 1)} x {held_out} rows" if passes else ""
     )
     return {
         "stage": "pretrain",
         "models": [(f"{p.base_model.name_or_path} (base)", full.total), (f"its first {p.module.num_layers} layers (trained)", cut.total)],
-        "device": f"{devices} x {name}" + (f" ({trainer.strategy})" if trainer.get("strategy") else ""),
-        "memory": (per_device, memory * GB),
+        "device": f"{devices} x {name}" + (f" ({strategy_name(trainer)})" if trainer.get("strategy") else ""),
+        "memory": (per_device, memory * GiB),
+        "host": (devices * loaded, hardware(plan, "cpu").memory_gib * GiB, hardware(plan, "cpu").ram_note),
+        "host_why": f"{devices} rank{'s' * (devices > 1)} x {loaded / GiB:.1f} GiB: each loads the whole {p.base_model.name_or_path} "
+        f"in {p.base_model.get('dtype')} before cutting it to {p.module.num_layers} layers",
         "flops": flops,
         "work": work if steps else "steps unknown: set plan.rows for the data",
         "seconds": flops / (peak * 1e12 * devices) if flops else None,
@@ -94,7 +140,7 @@ def align_stage(cfg: DictConfig, plan: DictConfig, target: str, calibration) -> 
         "stage": f"align {target}",
         "models": [(a.target.name_or_path, size.total), ("A (trained)", trained)],
         "device": f"1 x {name} (embedding rows only)",
-        "memory": (weights + 16 * trained, memory * GB),
+        "memory": (weights + 16 * trained, memory * GiB),
         "flops": 6 * trained * tokens,
         "work": f"{a.trainer.get('max_epochs', 1)} epochs x <= {vocabulary:,} shared tokens x {a.alignment.num_negatives + 1} candidates",
         "seconds": 6 * trained * tokens / (peak * 1e12),
@@ -120,18 +166,22 @@ def evaluate_stage(cfg: DictConfig, plan: DictConfig, target: str, calibration) 
     new, context = rows * generation.max_new_tokens, rows * plan.prompt_tokens
     per_cell = 2 * size.compute * (new + context) + 2 * ref.compute * (new + context) + (2 * scorer.compute * new if scorer else 0)
     flops = (1 + fused + others) * per_cell + fused * 2 * calibration.compute * (new + context)
-    weight_bytes = size.total * dtype_bytes(spec.get("dtype"), spec.get("device", "cuda"))
-    weight_bytes += calibration.total * dtype_bytes(spec.get("dtype"), spec.get("device", "cuda"))
-    weight_bytes += ref.total * dtype_bytes(reference.get("dtype"), reference.get("device", "cuda"))
-    weight_bytes += scorer.total * 4 if scorer else 0
     batch_tokens = generation.batch_size * (plan.prompt_tokens + generation.max_new_tokens)
-    working = kv_cache_bytes(size, batch_tokens) + kv_cache_bytes(calibration, batch_tokens) + 4 * 4 * generation.batch_size * size.vocab
+    parts = {  # bytes on the grid's device: the reference LM sits beside the target (calibfuse/evaluation/runner.py)
+        "target": size.total * dtype_bytes(spec.get("dtype"), spec.get("device", "cuda")),
+        "calibration model": calibration.total * dtype_bytes(spec.get("dtype"), spec.get("device", "cuda")),
+        "reference": ref.total * dtype_bytes(reference.get("dtype"), reference.get("device", "cuda")),
+        "scorer": scorer.total * 4 if scorer else 0,
+        "working": kv_cache_bytes(size, batch_tokens) + kv_cache_bytes(calibration, batch_tokens) + 4 * 4 * generation.batch_size * size.vocab,
+    }
     models = [(spec.name_or_path, size.total), ("calibration model", calibration.total), (f"{reference.name_or_path} (perplexity)", ref.total)]
     return {
         "stage": f"evaluate {target}",
         "models": models + ([(f"{scorer_model} (toxicity)", scorer.total)] if scorer else []),
         "device": f"{devices} x {name}",
-        "memory": (weight_bytes + working, memory * GB),
+        "memory": (sum(parts.values()), memory * GiB),
+        "parts": parts,
+        "reference": (reference.name_or_path, ref.total, str(reference.get("dtype"))),
         "flops": flops,
         "work": f"{1 + fused + others} cells x {rows:,} rows x {generation.max_new_tokens} new tokens (+ ~{plan.prompt_tokens} prompt tokens)",
         "seconds": flops / (peak * 1e12 * devices),
@@ -145,34 +195,122 @@ def plan_run(cfg: DictConfig) -> list[dict]:
     return stages + [evaluate_stage(cfg, cfg.plan, t, calibration) for t in cfg.targets]
 
 
+def seconds_text(seconds: float | None) -> str:
+    return "–" if not seconds else f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
 def render(stages: list[dict]) -> str:
-    lines = ["| stage | models (parameters) | devices | peak memory per device | fits | compute | time | work |", "|" + "---|" * 8]
+    lines = ["| stage | models (parameters) | devices | peak memory per device | host RAM | fits | compute | time | work |", "|" + "---|" * 9]
     for s in stages:
         models = "; ".join(f"{m} {n / 1e9:.3f}B" if n >= 1e8 else f"{m} {n / 1e6:.2f}M" for m, n in s["models"])
-        need, have = s["memory"]
-        time = f"{s['seconds'] / 3600:.2f} h" if s["seconds"] and s["seconds"] >= 3600 else f"{s['seconds']:.0f} s" if s["seconds"] else "–"
+        (need, have), host = s["memory"], s.get("host")
+        ram = f"{host[0] / GiB:.1f} of {host[1] / GiB:.0f} GiB" if host else "–"  # stage 1's ranks loading the base
+        fits = "yes" if not problems_of(s) else "NO"
         flops = f"{s['flops']:.2e} FLOPs" if s["flops"] else "–"
-        fits = "yes" if need <= have else "NO"
-        lines.append(f"| {s['stage']} | {models} | {s['device']} | {need / GB:.1f} of {have / GB:.0f} GB | {fits} | {flops} | {time} | {s['work']} |")
+        lines.append(
+            f"| {s['stage']} | {models} | {s['device']} | {need / GiB:.1f} of {have / GiB:.0f} GiB | {ram} | {fits} | {flops} | "
+            f"{seconds_text(s['seconds'])} | {s['work']} |"
+        )
     return "\n".join(lines)
+
+
+def total(stages: list[dict]) -> list[str]:
+    """The time of the whole run, one stage after another, and with one job per target after stage 1 (SLURM)."""
+    known = [s["seconds"] or 0 for s in stages]
+    whole = sum(known)
+    if not whole:
+        return []
+    kinds = {kind: sum(s["seconds"] or 0 for s in stages if s["stage"].split()[0] == kind) for kind in ("pretrain", "align", "evaluate")}
+    on_cpu = sum(s["seconds"] or 0 for s in stages if "CPU" in s["device"].split(" (")[0])
+    lower = "at least " if not all(known) else ""
+    lines = [
+        f"total, one stage after another: {lower}{whole:.0f} s ({whole / 3600:.2f} h): "
+        + ", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in kinds.items())
+        + f"; {on_cpu / whole:.0%} of it on the CPU"
+    ]
+    targets = [s["stage"].split(" ", 1)[1] for s in stages if s["stage"].startswith("align ")]
+    if len(targets) > 1:
+        per_target = [sum(s["seconds"] or 0 for s in stages if s["stage"].split(" ", 1)[-1] == t) for t in targets]
+        lines.append(f"total with one job per target after stage 1 (hydra/launcher=slurm): {lower}{kinds['pretrain'] + max(per_target):.0f} s")
+    return lines
+
+
+def problems_of(stage: dict) -> list[tuple[str, str]]:
+    """Why a stage cannot run as planned, each as (what, what would fit): its device's memory, or stage 1's host RAM."""
+    found = []
+    need, have = stage["memory"]
+    if need > have:
+        found.append((f"stage {stage['stage']} needs {need / GiB:.1f} GiB per device and {stage['device']} has {have / GiB:.0f} GiB", memory_advice(stage)))
+    if stage.get("host") and stage["host"][0] > stage["host"][1]:
+        (host, ram, whose), why = stage["host"], stage["host_why"]
+        found.append(
+            (
+                f"stage {stage['stage']} needs {host / GiB:.1f} GiB of host RAM ({why}) and the node has {ram / GiB:.0f} GiB ({whose})",
+                "expected a node with more RAM (plan.cpu.memory_gib=<GiB> says what it has), fewer ranks per node (trainer.devices), "
+                f"and under SLURM hydra.launcher.mem_gb above {host / GiB:.0f} (calibfuse's SLURM jobs ask 64 unless told)",
+            )
+        )
+    return found
+
+
+def refusal(stages: list[dict]) -> str | None:
+    """Every stage that cannot run, the advice once for the stages it fits (four targets' grids share theirs)."""
+    by_advice: dict[str, list[str]] = {}
+    for stage in stages:
+        for what, advice in problems_of(stage):
+            by_advice.setdefault(advice, []).append(what)
+    lines = []
+    for advice, whats in by_advice.items():
+        others = ", ".join(w.split(" needs ")[0].removeprefix("stage ") for w in whats[1:])
+        lines.append(f"refused: {whats[0]}" + (f"; so do {others}" if others else "") + f"\n  {advice}")
+    return "\n".join(lines) or None
+
+
+def memory_advice(stage: dict) -> str:
+    """What would fit: for a grid that one GPU cannot hold because of the reference LM beside the target, each
+    way out with its figure; otherwise the general ones."""
+    general = "expected a device with more memory (plan.gpu.memory_gib, plan.cpu.memory_gib say what you have), FSDP over more devices "
+    general += "(trainer=fsdp), a smaller batch, or a smaller dtype"
+    parts, (need, have) = stage.get("parts"), stage["memory"]
+    if not parts or need - parts["reference"] > have:
+        return general
+    name, int8, dtype = stage["reference"]  # 8-bit: about a byte a parameter
+    ref, rest = parts["reference"], need - parts["reference"]
+
+    def fit(n):
+        return f"{n / GiB:.1f} GiB ({'fits' if n <= have else 'too big'})"
+
+    return (
+        f"expected a plan that fits one {have / GiB:g} GiB GPU. The cause is {name} for perplexity ({ref / GiB:.1f} GiB in {dtype}) beside the "
+        f"{parts['target'] / GiB:.1f} GiB target; without it the stage needs {rest / GiB:.1f} GiB. Ways out, with what each would need: "
+        f"the reference LM on a second GPU like it, {fit(ref)}; in 8-bit beside the target, about {fit(rest + int8)}; scored in a second pass "
+        f"after the target is unloaded, {fit(ref)}, or in 8-bit about {fit(int8)}. calibfuse does none of these yet (the grid holds the "
+        f"reference LM on the target's device). What runs today: a GPU with {need / GiB:.1f} GiB or more (plan.gpu.memory_gib=<GiB>), or "
+        f"reference_lm=gemma3-270m in evaluate_overrides (perplexity under Gemma-3-270M, not the paper's {name})"
+    )
+
+
+def hardware_lines(plan: DictConfig) -> list[str]:
+    """The devices the plan priced, each figure's source said: the reference's or the user's."""
+    lines = []
+    for kind in ("gpu", "cpu"):
+        h, u = hardware(plan, kind), plan[kind].utilization
+        usage = f"{u.train:.0%} of its peak when training, {u.generate:.0%} when generating"
+        memory = f"{h.memory_gib:g} GiB, " if kind == "gpu" else ""
+        ram = f"; RAM {h.memory_gib:.0f} GiB ({h.ram_note})" if kind == "cpu" else ""
+        lines.append(f"{kind.upper()}: {h.name}: {memory}{h.peak_tflops:g} TFLOPS peak ({h.note}){ram}; {usage}")
+    return lines
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="plan")
 def main(cfg: DictConfig) -> None:
     stages = plan_run(cfg)
-    print(render(stages))
-    for device in ("gpu", "cpu"):
-        u = cfg.plan[device].utilization
-        print(f"{'' if device == 'cpu' else chr(10)}time on {device}: {u.train:.0%} of its peak when training, {u.generate:.0%} when generating")
-    print("memory: weights, Adam state, activations, KV cache, logits (calibfuse/models/footprint.py)")
-    too_big = [s for s in stages if s["memory"][0] > s["memory"][1]]
-    if too_big:
-        s = too_big[0]
-        raise SystemExit(
-            f"refused: stage {s['stage']} needs {s['memory'][0] / GB:.1f} GB per device and {s['device']} has {s['memory'][1] / GB:.0f} GB; "
-            "expected a plan that fits: a device with more memory (plan.gpu.memory_gb, plan.cpu.memory_gb say what you have), "
-            "FSDP over more devices (trainer=fsdp), a smaller batch, or a smaller dtype"
-        )
+    print(render(stages), "", *hardware_lines(cfg.plan), sep="\n")
+    print("memory: weights, Adam state, activations, KV cache, logits (calibfuse/models/footprint.py); GiB = 2^30 bytes")
+    print(*total(stages), sep="\n")
+    refused = refusal(stages)
+    if refused:
+        raise SystemExit(refused)
 
 
 if __name__ == "__main__":

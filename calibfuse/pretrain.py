@@ -3,7 +3,7 @@
     python -m calibfuse.pretrain                                   # embedded default, CPU, ~3 min
     python -m calibfuse.pretrain trainer.max_epochs=1 logger=csv   # any key can be overridden
     python -m calibfuse.pretrain hydra.run.dir=DIR ckpt_path=last  # resume the run in DIR
-    python -m calibfuse.pretrain experiment=paper_pretrain         # the paper's setting (GPUs, hub)
+    python -m calibfuse.pretrain experiment=paper_pretrain         # the paper's setting (the hub; 1 GPU, or 8 with trainer=ddp trainer.devices=8)
 
 The run dir receives `calibration_model/` (a save_pretrained folder: config, safetensors, tokenizer)
 with `manifest.json`, Lightning checkpoints in `checkpoints/` and the offline W&B run in `wandb/`.

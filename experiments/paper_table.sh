@@ -14,10 +14,11 @@ SCORER="evaluate_overrides=['prompts=rtp_challenging','protocol=paper','scorer=d
 if [ -z "${SLURM:-}" ]; then
   "$PY" -m calibfuse.pipeline experiment=paper_table "$SCORER" hydra.run.dir="$OUT" "$@"
 else
-  # Stage 1 once (8 GPUs, DDP), then per target: align + evaluate on one GPU each.
+  # Stage 1 once (8 GPUs, DDP), then per target: align + evaluate on one GPU each. Stage 1's 8 ranks each load the whole
+  # 7B base on the host before cutting it: 100 GiB together (python -m calibfuse.plan experiment=paper_table), so mem_gb=160.
   "$PY" -m calibfuse.pipeline -m experiment=paper_table until=pretrain hydra/launcher=slurm \
       hydra.launcher.partition="${PARTITION:?set PARTITION}" hydra.launcher.gpus_per_node=8 hydra.launcher.tasks_per_node=8 \
-      hydra.sweep.dir="${OUT}_stage1" "$@"
+      hydra.launcher.mem_gb=160 hydra.sweep.dir="${OUT}_stage1" "$@"
   "$PY" -m calibfuse.pipeline -m experiment=paper_table "$SCORER" hydra/launcher=slurm hydra.launcher.partition="$PARTITION" \
       targets=llama2-7b-chat-uncensored,llama2-7b-chat,medicine-chat,finance-chat \
       hydra.sweep.dir="$OUT" "$@"

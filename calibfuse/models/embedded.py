@@ -183,3 +183,22 @@ def embedded_gguf(embedded_name: str, cache_dir: str) -> Path:
     if model.assembly == "inside":
         return _package_dir(model.packages[0].replace("-", "_"), embedded_name) / model.gguf_name
     return _assemble(embedded_name, cache_dir)
+
+
+def install_hint_if_missing(embedded_name: str, cache_dir: str) -> str | None:
+    """None when the model's GGUF is here without the network (assembled in cache_dir, or its packages
+    installed); else the pip command that installs them. Nothing is assembled or imported."""
+    model = EMBEDDED_MODELS[embedded_name]
+    if model.assembly != "inside" and (Path(cache_dir).expanduser() / model.gguf_name).is_file():
+        return None
+    try:
+        if model.assembly == "parts":
+            for package in model.packages:
+                _part_file(package, embedded_name)
+        else:
+            found = [_package_dir(package.replace("-", "_"), embedded_name) for package in model.packages]
+            if model.assembly == "inside" and not (found[0] / model.gguf_name).is_file():
+                return _install_hint(embedded_name, reinstall=True)
+    except FileNotFoundError:
+        return _install_hint(embedded_name)
+    return None

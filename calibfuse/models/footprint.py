@@ -31,7 +31,7 @@ SAME_SHAPE = {
     "AdaptLLM/finance-chat": "meta-llama/Llama-2-7b-chat-hf",
     "meta-llama/Llama-2-7b-hf": "meta-llama/Llama-2-7b-chat-hf",
 }
-GB = 1024**3
+GiB = 1024**3  # memory is counted and printed in GiB
 
 
 def shipped_config(hub_id: str) -> Path | None:
@@ -62,7 +62,7 @@ def model_config(name_or_path: str, gguf_file: str | None = None, cache_dir: str
         raise FileNotFoundError(
             f"no config for {name_or_path!r} without the network: not embedded, not a local path, not in "
             "calibfuse/resources/model_configs/, not in the local hub cache; expected one of those "
-            f"(download its config.json once: huggingface-cli download {name_or_path} config.json)"
+            f"(download its config.json once: hf download {name_or_path} config.json)"
         ) from None
 
 

@@ -2,7 +2,7 @@
 
     scorer = build_scorer("profanity_check")                      # offline default (a proxy, see below)
     scorer = build_scorer("toxblock", label="toxic")              # offline BiLSTM trained on Jigsaw 2018 (calibfuse.scoring.toxblock)
-    scorer = build_scorer("detoxify", checkpoint="toxic_original-c1212f89.ckpt", huggingface_config_path="/models/bert-base-uncased")
+    scorer = build_scorer("detoxify", checkpoint="/models/toxic_original-c1212f89.ckpt", huggingface_config_path="/models/bert-base-uncased")
     scorer = build_scorer("hf_classifier", model="/models/toxic-bert", label="toxic")
     scorer = build_scorer("perspective", qps=1)                  # PERSPECTIVE_API_KEY from the environment
     scores = scorer.score(["have a nice day", "you idiot"])

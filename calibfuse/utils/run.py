@@ -104,6 +104,43 @@ def run_id() -> str:
 OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)  # used by conf/hydra/default.yaml
 
 
+def device_count(devices) -> int | None:
+    """How many devices Lightning's `devices` names: a count, a list of ids or "0,1"; None for -1/"auto" (all visible)."""
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices if devices > 0 else None
+    try:
+        return len(list(devices))  # a list of device ids
+    except TypeError:
+        return None
+
+
+def accumulation(effective_batch: int, batch_size: int, devices, num_nodes: int = 1) -> int:
+    """trainer.accumulate_grad_batches such that data.batch_size x devices x num_nodes x it = effective_batch:
+    one effective batch whatever the device count (conf/experiment/paper_pretrain.yaml)."""
+    count = device_count(devices)
+    if count is None:
+        raise ValueError(
+            f"trainer.devices={devices!r} does not say how many devices: effective_batch={effective_batch} needs the count to set "
+            "trainer.accumulate_grad_batches; expected trainer.devices=<GPUs per node>, e.g. trainer.devices=8"
+        )
+    per_step = batch_size * count * num_nodes
+    if per_step <= 0 or effective_batch % per_step:
+        fits = [n for n in range(1, effective_batch // max(batch_size, 1) + 1) if effective_batch % (batch_size * n) == 0]
+        raise ValueError(
+            f"effective_batch={effective_batch} is not a multiple of data.batch_size={batch_size} x trainer.devices={count} x "
+            f"trainer.num_nodes={num_nodes} = {per_step}; expected devices x nodes in {fits}, another data.batch_size, "
+            "or trainer.accumulate_grad_batches=<n> set yourself"
+        )
+    return effective_batch // per_step
+
+
+OmegaConf.register_new_resolver("accumulation", accumulation, replace=True)  # used by conf/experiment/paper_pretrain.yaml
+
+
 def redact_secrets(value: Any) -> Any:
     """A copy of a (nested) config mapping with every secret-looking value replaced by '***'."""
     if isinstance(value, dict):
