@@ -129,7 +129,8 @@ def label_settings(rows: list[dict]) -> dict[Setting, dict]:
         for method in {r["method"] for r in members}:
             mine = [r for r in members if r["method"] == method and not r["target_alone"]]
             knobs = {id(r): {k: v for k, v in r["decided_by"]["setting"].items() if k not in ("method", "alpha")} for r in mine}
-            keys = varying(list(knobs.values()))
+            # a knob varies when two settings at one strength differ in it (a knob that follows α is α's)
+            keys = list(dict.fromkeys(k for a in {r["alpha"] for r in mine} for k in varying([knobs[id(r)] for r in mine if r["alpha"] == a])))
             for r in mine:
                 user = r["user_label"]
                 readable = [k for k in keys if not is_hash(knobs[id(r)].get(k))]
