@@ -66,7 +66,7 @@ def token_texts(tokenizer) -> list[str]:
     """What decoding adds to a text for each token id: decode([a, id]) minus decode([a]) (decoders drop a
     leading space at a text's start, not after a prefix); special tokens add nothing (continuations are
     decoded with skip_special_tokens) and a lone byte of a multi-byte character adds U+FFFD. One pass over
-    the vocabulary per tokenizer, cached (Gemma-3's 262,144 tokens: ~2 s on one core)."""
+    the vocabulary per tokenizer, cached (Gemma-3's 262,144 tokens: 2-3 s of CPU)."""
     if tokenizer in _TOKEN_TEXTS:
         return _TOKEN_TEXTS[tokenizer]
     prefix = tokenizer.encode("a", add_special_tokens=False)
