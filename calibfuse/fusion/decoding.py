@@ -3,13 +3,13 @@ greedy or sampled choice (transformers' temperature and top-p warpers), stop at 
 
 Methods plug in at two points and never edit the loop (nanochat's engine/model split):
 - a *hidden transform* between the target's final norm and its LM head (fusion);
-- *logits processors* after the head: `transformers.LogitsProcessor`s (the word filter is
-  `NoBadWordsLogitsProcessor`; DExperts runs two more LMs).
+- *logits processors* after the head: `transformers.LogitsProcessor`s (the word filter bans what
+  would end a lexicon word; DExperts runs two more LMs).
 A transform or processor that needs the step's inputs (mask, newest tokens) has `start(state)`: it
 gets the batch's `DecodeState`, which the loop updates in place every step.
 
 The loop's bookkeeping stays on the device: one host copy per batch, at the end (and one per step
-only for a transform that must read the text, e.g. fusion across tokenizers).
+only for a transform or processor that must read the text, e.g. fusion across tokenizers, the word filter).
 """
 
 from __future__ import annotations
