@@ -118,7 +118,8 @@ def pretrain_stage(cfg: DictConfig, plan: DictConfig) -> dict:
         "models": [(f"{p.base_model.name_or_path} (base)", full.total), (f"its first {p.module.num_layers} layers (trained)", cut.total)],
         "device": f"{devices} x {name}" + (f" ({strategy_name(trainer)})" if trainer.get("strategy") else ""),
         "memory": (per_device, memory * GiB),
-        "host": (devices * loaded, hardware(plan, "cpu").memory_gib * GiB, hardware(plan, "cpu").ram_note),
+        # checked against this machine's RAM only when the stage runs here (on its CPU); a GPU node's RAM only when given
+        "host": (devices * loaded, hardware(plan, "cpu").memory_gib * GiB, hardware(plan, "cpu").ram_note, name == "CPU" or plan.cpu.memory_gib is not None),
         "host_why": f"{devices} rank{'s' * (devices > 1)} x {loaded / GiB:.1f} GiB: each loads the whole {p.base_model.name_or_path} "
         f"in {p.base_model.get('dtype')} before cutting it to {p.module.num_layers} layers",
         "flops": flops,
@@ -204,7 +205,7 @@ def render(stages: list[dict]) -> str:
     for s in stages:
         models = "; ".join(f"{m} {n / 1e9:.3f}B" if n >= 1e8 else f"{m} {n / 1e6:.2f}M" for m, n in s["models"])
         (need, have), host = s["memory"], s.get("host")
-        ram = f"{host[0] / GiB:.1f} of {host[1] / GiB:.0f} GiB" if host else "–"  # stage 1's ranks loading the base
+        ram = "–" if not host else f"{host[0] / GiB:.1f} of {host[1] / GiB:.0f} GiB" if host[3] else f"{host[0] / GiB:.1f} GiB (node's RAM not given)"
         fits = "yes" if not problems_of(s) else "NO"
         flops = f"{s['flops']:.2e} FLOPs" if s["flops"] else "–"
         lines.append(
@@ -241,8 +242,8 @@ def problems_of(stage: dict) -> list[tuple[str, str]]:
     need, have = stage["memory"]
     if need > have:
         found.append((f"stage {stage['stage']} needs {need / GiB:.1f} GiB per device and {stage['device']} has {have / GiB:.0f} GiB", memory_advice(stage)))
-    if stage.get("host") and stage["host"][0] > stage["host"][1]:
-        (host, ram, whose), why = stage["host"], stage["host_why"]
+    if stage.get("host") and stage["host"][3] and stage["host"][0] > stage["host"][1]:
+        (host, ram, whose, _), why = stage["host"], stage["host_why"]
         found.append(
             (
                 f"stage {stage['stage']} needs {host / GiB:.1f} GiB of host RAM ({why}) and the node has {ram / GiB:.0f} GiB ({whose})",
@@ -308,6 +309,9 @@ def main(cfg: DictConfig) -> None:
     print(render(stages), "", *hardware_lines(cfg.plan), sep="\n")
     print("memory: weights, Adam state, activations, KV cache, logits (calibfuse/models/footprint.py); GiB = 2^30 bytes")
     print(*total(stages), sep="\n")
+    unchecked = [s for s in stages if s.get("host") and not s["host"][3]]
+    for stage in unchecked:  # a GPU node's RAM is not this machine's: said, not guessed
+        print(f"host RAM of stage {stage['stage']}: {stage['host'][0] / GiB:.1f} GiB per node ({stage['host_why']}); plan.cpu.memory_gib=<GiB> checks it")
     refused = refusal(stages)
     if refused:
         raise SystemExit(refused)

@@ -116,8 +116,8 @@ def test_given_detoxify_files_are_found(tmp_path, empty_caches):
 @pytest.mark.slow
 def test_the_entry_point_exits_1_when_something_is_missing(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
-    command = [sys.executable, "-m", "calibfuse.check_offline", f"hydra.run.dir={tmp_path / 'run'}"]
-    paper = subprocess.run([*command, "experiment=paper_table"], capture_output=True, text=True, env=env, cwd=ROOT)
+    command = [sys.executable, "-m", "calibfuse.check_offline"]
+    paper = subprocess.run([*command, "experiment=paper_table", f"hydra.run.dir={tmp_path / 'paper'}"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert paper.returncode == 1 and "9 of 10 missing" in paper.stdout and "fetch: hf download meta-llama/Llama-2-13b-hf" in paper.stdout
-    main = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    main = subprocess.run([*command, f"hydra.run.dir={tmp_path / 'main'}"], capture_output=True, text=True, env=env, cwd=ROOT)  # one run dir per job
     assert main.returncode == 0 and "all 6 present" in main.stdout, main.stdout + main.stderr

@@ -120,6 +120,9 @@ def test_stage_1_counts_every_rank_loading_the_whole_base_on_the_host():
     assert "| 100.4 of 64 GiB | NO |" in render([pretrain])
     one = planned("experiment=paper_table", "plan.cpu.memory_gib=64", "pretrain_overrides=['experiment=paper_pretrain']")[0]
     assert one["device"] == "1 x NVIDIA H100 80GB" and one["host"][0] == LLAMA2_7B * 2 and refusal([one]) is None
+    # planned from another machine (this one), a GPU node's RAM is not known: said, never checked against this machine's
+    unknown = planned("experiment=paper_table")[0]
+    assert not unknown["host"][3] and refusal([unknown]) is None and "| 100.4 GiB (node's RAM not given) | yes |" in render([unknown])
 
 
 def test_the_total_and_the_cpu_priced_at_a_stated_reference():
