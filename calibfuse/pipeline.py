@@ -37,7 +37,8 @@ from calibfuse.utils.checks import check_accelerator, check_output_dir, check_re
 from calibfuse.utils.composing import compose_config, compose_stage, evaluate_overrides, stage_overrides
 from calibfuse.utils.files import file_lock, sha256_file, sha256_json, write_json
 from calibfuse.utils.ranks import distributed, launched_rank, leave_process_group, wait_for_rank_zero
-from calibfuse.utils.run import stop_on_sigterm, sweep_setting
+from calibfuse.utils.run import stop_on_sigterm
+from calibfuse.utils.sweeps import sweep_setting
 
 log = logging.getLogger(__name__)
 

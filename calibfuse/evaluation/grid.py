@@ -25,7 +25,8 @@ from calibfuse.models.loading import ModelCache, ModelSpec, as_spec, fingerprint
 from calibfuse.scoring.perplexity import ReferenceLM
 from calibfuse.utils.checks import check_accelerator, check_int, check_ints, check_output_dir, check_required, check_wandb_credentials
 from calibfuse.utils.files import file_lock, sha256_json, write_json, write_text
-from calibfuse.utils.run import instantiate, instantiate_group, redact_secrets, resolved_config, sweep_knobs, sweep_name, task_wrapper, versions
+from calibfuse.utils.run import instantiate, instantiate_group, redact_secrets, resolved_config, task_wrapper, versions
+from calibfuse.utils.sweeps import sweep_knobs, sweep_name
 
 log = logging.getLogger(__name__)
 
