@@ -9,8 +9,8 @@
 #      target run whole beforehand, into a cell store of its own);
 #   4. calibfuse.report over the sweep: the four-target table.
 # Every run starts from empty stores in OUT; the stand-ins are built once and kept.
-#     experiments/rehearsal.sh                                     # ~3 min on 2 CPU cores
-#     OUT=/tmp/rehearsal ALPHAS='[0.0,0.3]' experiments/rehearsal.sh
+#     OUT=/tmp/rehearsal ALPHAS='[0.0,0.3]' experiments/rehearsal.sh   # 3 min 58 s on a shared 2-core machine (tests/test_rehearsal.py)
+#     experiments/rehearsal.sh                                          # the paper's α 0 ... 0.6: 7 cells per target
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$PWD/.venv/bin/python}
