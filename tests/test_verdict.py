@@ -427,8 +427,9 @@ def test_a_report_over_a_sweep_names_its_unfinished_jobs(tmp_path, caplog):
     from calibfuse.reporting.runs import warn_unfinished_jobs
 
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
-    for job, finished in (("0", True), ("1", False)):
+    for job, finished, mode in (("0", True, "MULTIRUN"), ("1", False, "MULTIRUN"), ("report", False, "RUN")):  # a report kept in the sweep dir is no job
         (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  mode: {mode}\n")
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- fusion.layer_norm={'none' if finished else 'parameter_free'}\n")
         if finished:
             (tmp_path / job / "evaluate.json").write_text("{}")

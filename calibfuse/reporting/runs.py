@@ -67,7 +67,7 @@ def warn_unfinished_jobs(path: Path) -> list[Path]:
     if not (path / "multirun.yaml").is_file():
         return []
     unfinished = []
-    for job in sorted(p for p in path.iterdir() if p.is_dir() and (p / ".hydra" / "overrides.yaml").is_file()):
+    for job in sorted(p for p in path.iterdir() if is_multirun_job(p)):
         if not any(job.rglob("evaluate.json")) and not (job / "pipeline.json").is_file():
             overrides = (job / ".hydra" / "overrides.yaml").read_text(encoding="utf-8").replace("\n", " ").strip()
             log.warning(
@@ -77,6 +77,12 @@ def warn_unfinished_jobs(path: Path) -> list[Path]:
             )
             unfinished.append(job)
     return unfinished
+
+
+def is_multirun_job(directory: Path) -> bool:
+    """A job dir of a multirun (not a single run kept in the sweep dir, such as its report)."""
+    hydra = directory / ".hydra" / "hydra.yaml"
+    return hydra.is_file() and (directory / ".hydra" / "overrides.yaml").is_file() and "mode: MULTIRUN" in hydra.read_text(encoding="utf-8")
 
 
 def overrides_of(setting: str) -> list[str]:
