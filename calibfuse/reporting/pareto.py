@@ -106,7 +106,13 @@ def fit_axis(ax, which: str, values: list[float], log: bool = False) -> None:
     blown up to the full height)."""
     finite = [v for v in values if math.isfinite(v) and v > 0]
     if log and finite and max(finite) / min(finite) > 10:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        axis = ax.xaxis if which == "x" else ax.yaxis
         ax.set_xscale("log") if which == "x" else ax.set_yscale("log")
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 2, 5, 10, 20, ...: plain numbers, none crowded
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
     elif not log:
         ax.set_ylim(bottom=0.0) if which == "y" else ax.set_xlim(left=0.0)
 

@@ -92,6 +92,12 @@ def plot(settings: dict[Setting, dict], toxicity: str, out_dir: Path) -> list[Pa
     lines: dict[str, list] = {}
     for setting, row in settings.items():
         lines.setdefault(setting.line, []).append((setting.alpha, row))
+    groups = by_target(settings)
+    for points in lines.values():  # a strength sweep starts from its target alone (α = 0), drawn on its line too
+        rows = [r for _, r in points if not r["target_alone"]]
+        base = base_of(rows[0], groups[rows[0].get("group", rows[0]["target"])]) if rows else None
+        if len({a for a, _ in points}) > 1 and base is not None and all(a > 0 for a, _ in points):
+            points.append((0.0, base))
     written = []
     for name in (toxicity, "perplexity"):
         fig, ax = plt.subplots(figsize=(5, 3.5))
