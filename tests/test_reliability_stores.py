@@ -61,24 +61,9 @@ def test_sigterm_inside_the_context_exits_non_zero_and_restores_the_handler():
 def test_sigterm_stops_a_grid_within_seconds_and_the_rerun_resumes(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path):
     """SIGTERM while a cell generates: the process ends within seconds, non-zero, and the next run
     reuses what finished and computes only the rest (SLURM sends SIGTERM before its kill)."""
-    command = [
-        sys.executable,
-        "-m",
-        "calibfuse.evaluate",
-        "target_names=[tiny]",
-        f"+targets.tiny={{_target_:calibfuse.models.loading.ModelSpec,name_or_path:{tiny_target_dir},dtype:float32}}",
-        f"+alignments.tiny={tiny_alignment}",
-        "prompts.limit=24",
-        "alphas=[0,0.25,0.5]",
-        "protocol.generation.max_new_tokens=16",
-        "protocol.generation.batch_size=4",
-        f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
-        "reference_lm.model.dtype=float32",
-        f"cell_store={tmp_path / 'cells'}",
-        "logger=csv",
-        "bootstrap_resamples=50",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
+    command = tiny_grid_command(
+        tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, "protocol.generation.batch_size=4", prompts=24, alphas="[0,0.25,0.5]", new_tokens=16
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 240
@@ -367,8 +352,10 @@ def test_a_stage_changed_in_place_is_set_aside_and_rebuilt(pipeline_cfg, tmp_pat
     assert "alignment/alignment.safetensors" in json.loads((alignment.parent / "stage.json").read_text())["sha256"]
 
 
-def tiny_grid_command(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, *extra: str) -> list[str]:
-    """calibfuse.evaluate on the tiny models, the smallest grid: one cell of two prompts."""
+def tiny_grid_command(
+    tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path, *extra: str, prompts: int = 2, alphas: str = "[0]", new_tokens: int = 2
+) -> list[str]:
+    """calibfuse.evaluate on the tiny models; by default the smallest grid: one cell of two prompts."""
     return [
         sys.executable,
         "-m",
@@ -376,9 +363,9 @@ def tiny_grid_command(tiny_alignment, tiny_model_dirs, tiny_target_dir, tmp_path
         "target_names=[tiny]",
         f"+targets.tiny={{_target_:calibfuse.models.loading.ModelSpec,name_or_path:{tiny_target_dir},dtype:float32}}",
         f"+alignments.tiny={tiny_alignment}",
-        "prompts.limit=2",
-        "alphas=[0]",
-        "protocol.generation.max_new_tokens=2",
+        f"prompts.limit={prompts}",
+        f"alphas={alphas}",
+        f"protocol.generation.max_new_tokens={new_tokens}",
         f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
         "reference_lm.model.dtype=float32",
         f"cell_store={tmp_path / 'cells'}",
