@@ -424,7 +424,7 @@ def test_every_input_that_decides_a_cell_changes_its_key(eval_cfg, tiny_target_d
         cfg.targets.tiny.dtype = dtype or cfg.targets.tiny.dtype
         run = prepare(cfg)
         (fusion,) = run.methods
-        cell = cell_of(run, "tiny", target_identity(run, "tiny"), fusion, 0.5, run.seeds[0])
+        cell = cell_of(run, "tiny", target_identity(run, "tiny"), fusion, fusion.identity("tiny", 0.5), 0.5, run.seeds[0])
         return cell.key, cell.setting
 
     def changed(path, edit):  # a copy of a model or alignment dir with one tensor edited

@@ -42,21 +42,23 @@ class Cell:
         return f"{self.target}_{label}_a{self.alpha:g}_s{self.seed}_{self.key[:12]}"
 
 
-def cell_key(target: dict, method: str, identity: dict | None, alpha: float, seed: int, context: dict) -> str:
-    """The hash of a cell: the target (weights, resolved dtype, device), the method's identity (None: the
-    target alone, shared by every method), strength and seed, and the `context` every cell of the grid
-    shares (decoding, prompts, prompt format, scorer, reference LM, accelerator and precision)."""
+def setting_content(target: dict, method: str, identity: dict | None, alpha: float, context: dict) -> dict:
+    """What decides a setting's cells, the seed aside: the target (weights, resolved dtype, device), the
+    method's identity (None: the target alone, shared by every method), strength, and the `context` every
+    cell of the grid shares (decoding, prompts, prompt format, scorer, reference LM, accelerator and precision)."""
     alone = identity is None
-    return sha256_json(
-        {"format": CELL_FORMAT, "target": target, "method": Method.name if alone else method, "identity": identity, "alpha": alpha, "seed": seed, **context}
-    )
+    return {"format": CELL_FORMAT, "target": target, "method": Method.name if alone else method, "identity": identity, "alpha": alpha, **context}
+
+
+def cell_key(target: dict, method: str, identity: dict | None, alpha: float, seed: int, context: dict) -> str:
+    """The hash of a cell: its setting's content and its seed."""
+    return sha256_json(setting_content(target, method, identity, alpha, context) | {"seed": seed})
 
 
 def setting_key(target: dict, method: str, identity: dict | None, alpha: float, context: dict) -> str:
     """The hash of a setting: everything in `cell_key` but the seed. Cells that share it are seeds of one
     setting, the only cells a report may pool; cells that differ in it are different settings."""
-    alone = identity is None
-    return sha256_json({"format": CELL_FORMAT, "target": target, "method": Method.name if alone else method, "identity": identity, "alpha": alpha, **context})
+    return sha256_json(setting_content(target, method, identity, alpha, context))
 
 
 def flat(value, prefix: str = "") -> dict:

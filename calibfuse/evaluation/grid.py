@@ -147,7 +147,7 @@ def run_target(run: GridRun, name: str) -> None:
         for alpha in method.alphas:
             for seed in run.seeds:
                 identity = method.identity(name, alpha)
-                cell = cell_of(run, name, target, method, alpha, seed)
+                cell = cell_of(run, name, target, method, identity, alpha, seed)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
                 # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
@@ -179,9 +179,8 @@ def target_identity(run: GridRun, name: str) -> dict:
     return {"weights": fingerprint(run.targets[name]), **runtime_identity(run.targets[name])}
 
 
-def cell_of(run: GridRun, name: str, target: dict, method: Method, alpha: float, seed: int) -> Cell:
-    """The cell of (target, method, alpha, seed), keyed by everything that decides its rows."""
-    identity = method.identity(name, alpha)
+def cell_of(run: GridRun, name: str, target: dict, method: Method, identity: dict | None, alpha: float, seed: int) -> Cell:
+    """The cell of (target, method, alpha, seed), keyed by everything that decides its rows (`identity`: the method's for it)."""
     key = cell_key(target, method.name, identity, alpha, seed, run.context)
     setting = setting_key(target, method.name, identity, alpha, run.context)
     return Cell(name, method.name, alpha, seed, key, identity is None, method.role, setting)
