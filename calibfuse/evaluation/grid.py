@@ -16,7 +16,7 @@ from calibfuse.evaluation.cells import Cell, cell_key, flat, setting_key, stored
 from calibfuse.evaluation.loggers import log_grid
 from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
 from calibfuse.evaluation.paired import annotate_grid, toxicity_metric
-from calibfuse.evaluation.results import format_table, sample_rows, write_grid
+from calibfuse.evaluation.results import format_table, sample_rows, write_grid, write_prompt_scores
 from calibfuse.evaluation.runner import EvaluationModule, run_cell
 from calibfuse.fusion.decoding import GenerationSettings
 from calibfuse.fusion.target import TargetLM
@@ -252,6 +252,8 @@ def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict) ->
 def evaluate(cfg: DictConfig) -> dict:
     run = prepare(cfg)
     run.output_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        write_prompt_scores(run.output_dir, run.prompts)  # the report's prompt subsets; not part of any cell
     started = time.time()
     for name in run.targets:
         run_target(run, name)

@@ -1,5 +1,6 @@
 """The grid's files: grid.json, grid.csv and generations.jsonl of the cells finished so far (each
-replaced atomically as a cell finishes), and the grid as a Markdown table."""
+replaced atomically as a cell finishes), prompt_scores.jsonl (the prompts' own scores, for the report's
+subsets), and the grid as a Markdown table."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from calibfuse.data.rows import jsonl_objects
 from calibfuse.utils.files import write_json, write_text
 
 GENERATION_FIELDS = ("target", "method", "alpha", "seed", "prompt_id", "prompt", "sample", "continuation", "toxicity", "loss", "new_tokens")
@@ -78,3 +80,21 @@ def format_table(grid: list[dict], names: list[str]) -> str:
 def sample_rows(generations: list[list[dict]], per_cell: int) -> list[dict]:
     """The first `per_cell` generations of every cell, for a table of examples."""
     return [{k: row[k] for k in ("target", "method", "alpha", "seed", "prompt", "continuation", "toxicity")} for rows in generations for row in rows[:per_cell]]
+
+
+PROMPT_SCORES = "prompt_scores.jsonl"  # beside grid.json: every prompt of the grid and its own scores
+
+
+def write_prompt_scores(output_dir: Path, prompts: list) -> None:
+    """One line per prompt of the grid: its id and the source's scores of the prompt text (Perspective
+    attributes; None where the source has none). Kept beside the cells, not in them: cell keys and
+    stored cells stay as they are, and a rerun that reuses every cell still writes it."""
+    write_text(output_dir / PROMPT_SCORES, "".join(json.dumps({"prompt_id": p.id, "scores": p.scores}, ensure_ascii=False) + "\n" for p in prompts))
+
+
+def read_prompt_scores(run_dir: Path) -> dict[str, dict | None]:
+    """prompt_id -> its scores (None: unscored) from a grid's prompt_scores.jsonl; {} for grids written before it."""
+    path = run_dir / PROMPT_SCORES
+    if not path.is_file():
+        return {}
+    return {row["prompt_id"]: row.get("scores") for _, row in jsonl_objects(path)}  # a damaged line is named by file and line

@@ -1,5 +1,6 @@
-"""A report's input: every cell of the grid.json files under the runs given, with its generations,
-its setting's key and description, and its grid's protocol; a multirun's unfinished jobs named."""
+"""A report's input: every cell of the grid.json files under the runs given, with its generations (each
+with its prompt's own scores, from prompt_scores.jsonl), its setting's key and description, and its
+grid's protocol; a multirun's unfinished jobs named."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from pathlib import Path
 
 from calibfuse.data.rows import jsonl_objects
+from calibfuse.evaluation.results import read_prompt_scores
 from calibfuse.reporting.settings import legacy_identity
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ def load_cells(paths: list[str | Path]) -> tuple[list[dict], dict]:
             meta["notes"].setdefault(grid.get("scorer"), grid["scorer_note"])
         meta["groups"].add(((grid.get("config") or {}).get("logger") or {}).get("wandb", {}).get("group"))
         generations = load_generations(file.parent / "generations.jsonl")
+        scores = read_prompt_scores(file.parent)  # the prompts' own scores, for subsets.md ({}: an older grid, every prompt unscored)
+        for row in (r for rows in (generations or {}).values() for r in rows):
+            row["prompt_scores"] = scores.get(row["prompt_id"])
         legacy = False
         for cell in grid["cells"]:
             cell = {"setting": "", **cell, **options}
