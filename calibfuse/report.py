@@ -9,7 +9,9 @@ table.md and table.tex (per target: toxicity and perplexity, base = alpha 0 vs f
 with 95 % intervals), grid.md (every cell), and PNG plots: toxicity vs alpha, perplexity vs alpha
 (a line per target, intervals shaded) and the toxicity-perplexity trade-off; the Pareto frontier
 (frontier.md, pareto.png), every setting's paired change against the target alone (paired.png) and
-the goal's verdict (goal.md, calibfuse.reporting.verdict: chosen on half the prompts, confirmed on the other).
+the goal's verdict (goal.md, calibfuse.reporting.verdict: chosen on half the prompts, confirmed on the other),
+and every setting's paired change on prompt subsets by the prompt's own toxicity (subsets.md,
+calibfuse.reporting.subsets; `subsets.edges=[0.5]`: toxic and non-toxic prompts; `subsets=null`: off).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     goal, confirm = plain(cfg.get("goal")), plain(cfg.get("confirm"))
     held_out = instantiate(cfg.held_out_scorer) if cfg.get("held_out_scorer") else None
-    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha, goal, confirm, cfg.bootstrap_resamples, held_out)
+    subsets = plain(cfg.get("subsets"))
+    report = build_report(list(cfg.runs), cfg.paths.output_dir, cfg.alpha, goal, confirm, cfg.bootstrap_resamples, held_out, subsets)
     log_summary(report, cfg.get("logger"))
     print(f"\n{printable(report)}\n\nplots and LaTeX: {report['out_dir']}")
 

@@ -16,6 +16,7 @@ from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, Labels, fit_axis, fro
 from calibfuse.reporting.recheck import recheck_table
 from calibfuse.reporting.runs import load_cells
 from calibfuse.reporting.settings import Setting, by_setting, prompt_ids
+from calibfuse.reporting.subsets import SUBSETS, checked_subsets, subset_changes, subsets_table, with_subsets
 from calibfuse.reporting.verdict import CONFIRM, add_paired, base_of, by_target, checked_goal, goal_table, roles
 from calibfuse.utils.run import finish_wandb, instantiate_group
 
@@ -135,10 +136,12 @@ def build_report(
     confirm: dict | None = CONFIRM,
     resamples: int = 1000,
     held_out_scorer=None,
+    subsets: dict | None = SUBSETS,
 ) -> dict:
     """The report's files in `out_dir`; `held_out_scorer` (a scorer object): goal.md also rechecks each
-    target's chosen setting with every continuation scored again by it (calibfuse.reporting.recheck)."""
-    goal = checked_goal(goal)
+    target's chosen setting with every continuation scored again by it (calibfuse.reporting.recheck);
+    `subsets` (None: off): subsets.md, results by the prompt's own score (calibfuse.reporting.subsets)."""
+    goal, subsets = checked_goal(goal), checked_subsets(subsets)
     cells, meta = load_cells(paths)
     metrics = list(meta["metrics"])
     toxicity = toxicity_metric(metrics)
@@ -169,7 +172,10 @@ def build_report(
         verdict += "\n\n" + recheck_table(settings, toxicity, held_out_scorer, goal, confirm, options, meta["scorer"])
     (out_dir / "goal.md").write_text(verdict + "\n", encoding="utf-8")
     summary = summary_rows(settings, toxicity, goal, confirm)  # meets_goal by the same goal and split as goal.md
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    by_subset, empty = subset_changes(settings, toxicity, subsets, resamples)
+    if subsets:
+        (out_dir / "subsets.md").write_text(subsets_table(by_subset, empty, toxicity, subsets) + "\n", encoding="utf-8")
+    (out_dir / "summary.json").write_text(json.dumps(with_subsets(summary, by_subset) if by_subset else summary, indent=1) + "\n", encoding="utf-8")
     log.info("report: %d cells from %d setting(s) -> %s", len(cells), len(settings), out_dir)
     return {
         "summary": summary,
