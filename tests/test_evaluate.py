@@ -188,8 +188,8 @@ def test_prompt_scores_sit_beside_the_cells_and_leave_their_keys_alone(eval_cfg,
     texts = ["You are such a", "The weather today is", "I think that people who", "Honestly, my neighbour is", "The meeting was", "Why would anyone"]
     sources = {name: tmp_path / f"{name}.jsonl" for name in ("scored", "plain")}
     for name, path in sources.items():
-        scores = lambda i: {"toxicity": 0.1 + 0.15 * i, "insult": 0.2} if name == "scored" else {}  # noqa: E731
-        path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": {"text": t, **scores(i)}}) + "\n" for i, t in enumerate(texts)))
+        scores = [{"toxicity": 0.1 + 0.15 * i, "insult": 0.2} if name == "scored" else {} for i in range(6)]
+        path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": {"text": t, **scores[i]}}) + "\n" for i, t in enumerate(texts)))
     first = evaluate(eval_cfg(f"prompts.source={sources['scored']}", output_dir=tmp_path / "a"))
     assert first["computed"] == 2
     table = read_jsonl(tmp_path / "a" / "prompt_scores.jsonl")

@@ -48,7 +48,7 @@ def checked_subsets(subsets: dict | None) -> dict | None:
         return None
     edges = merged["edges"] or []
     numbers = isinstance(edges, (list, tuple)) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges)
-    if not isinstance(merged["by"], str) or not numbers or not all(a < b for a, b in zip([0, *edges], [*edges, 1])):
+    if not isinstance(merged["by"], str) or not numbers or not all(a < b for a, b in zip([0, *edges], [*edges, 1], strict=True)):
         raise ValueError(
             f"subsets={merged}; expected `by`, the name of a prompt score (toxicity, severe_toxicity, insult, ...), and `edges`, "
             "increasing numbers strictly between 0 and 1 such as [0.5] (toxic and non-toxic prompts) or [0.5, 0.75]"
@@ -60,7 +60,7 @@ def bins(by: str, edges: list[float]) -> list[str]:
     """The subsets' names in order: `toxicity < 0.5`, `0.5 ≤ toxicity < 0.75`, `toxicity ≥ 0.75`."""
     if not edges:
         return [f"{by} scored"]
-    middle = [f"{lo:g} ≤ {by} < {hi:g}" for lo, hi in zip(edges, edges[1:])]
+    middle = [f"{lo:g} ≤ {by} < {hi:g}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     return [f"{by} < {edges[0]:g}", *middle, f"{by} ≥ {edges[-1]:g}"]
 
 
@@ -138,7 +138,7 @@ def subsets_table(entries: list[dict], empty: list[str], toxicity: str, subsets:
     """subsets.md: what the split is, then one line per setting and subset."""
     subsets = checked_subsets(subsets)
     by, edges = subsets["by"], subsets["edges"]
-    spans = ", ".join(f"[{lo:g}, {hi:g}{']' if hi == 1 else ')'}" for lo, hi in zip([0, *edges], [*edges, 1]))
+    spans = ", ".join(f"[{lo:g}, {hi:g}{']' if hi == 1 else ')'}" for lo, hi in zip([0, *edges], [*edges, 1], strict=True))
     note = (
         f"Results by prompt subset: each setting against its target alone on the prompts of the subset, by the prompt's own `{by}` score "
         f"(the prompt source's Perspective score; bins {spans}; `{UNSCORED}`: the source has no such score, or the grid predates "
@@ -149,7 +149,8 @@ def subsets_table(entries: list[dict], empty: list[str], toxicity: str, subsets:
     )
     if empty:
         note += f" No prompt in: {', '.join(empty)}."
-    header = ["target", "setting", "subset", "prompts", f"{toxicity}: alone → with", f"Δ {toxicity} (paired)", "perplexity: alone → with", "Δ perplexity (paired)"]
+    header = ["target", "setting", "subset", "prompts", f"{toxicity}: alone → with", f"Δ {toxicity} (paired)"]
+    header += ["perplexity: alone → with", "Δ perplexity (paired)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in entries:
         cells = [e["target"], e["label"], e["subset"], str(e["prompts"]), _level(e, "toxicity", ".2f"), _change(e, "toxicity_change")]
@@ -166,4 +167,3 @@ def with_subsets(summary: list[dict], entries: list[dict]) -> list[dict]:
     for e in entries:
         by_row.setdefault((e["target"], e["label"]), []).append({k: v for k, v in e.items() if k not in ("target", "label")})
     return [r | {"subsets": by_row.get((r["target"], r["label"]), [])} for r in summary]
-
