@@ -190,3 +190,20 @@ def test_the_calibration_model_alone_is_scored_with_its_own_tokenizer(tiny_model
 
     got = continuation_logprobs(target, Alone(), 0.0, CONTEXTS, CONTINUATIONS)
     assert_same(got, by_hand(own))
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_target_alone_and_word_filter(tmp_path):
+    """On the embedded SmolLM2: steps equal one forward for the target alone, and the word filter's forced
+    log-probs of its own greedy continuations equal the decode's, every token the argmax."""
+    from calibfuse.methods.word_filter import WholeWordFilter, lexicon_index, read_lexicon
+
+    spec = ModelSpec("smollm2-135m-instruct", dtype="float32")
+    lm = TargetLM(load_model(spec), load_tokenizer(spec))
+    contexts, continuations = ["The capital of France is", "Brazil is the largest country in"], [" Paris, a city on the Seine.", " South America."]
+    stepped = continuation_logprobs(lm, Method(), 0.0, contexts, continuations, stepwise=True)
+    full = continuation_logprobs(lm, Method(), 0.0, contexts, continuations, stepwise=False)
+    assert [n for _, n, _ in stepped] == [n for _, n, _ in full] and [s for s, _, _ in stepped] == pytest.approx([s for s, _, _ in full], abs=1e-3)
+    words = read_lexicon()
+    scored, expected = decoded_and_forced(lm, None, [WholeWordFilter(lexicon_index(lm.tokenizer, words))], ["You are such a", "Shut up, you"], steps=8)
+    assert all(greedy for _, greedy in scored) and [s for s, _ in scored] == pytest.approx(expected, abs=1e-3)
