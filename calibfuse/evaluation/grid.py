@@ -16,6 +16,7 @@ from calibfuse.evaluation.cells import Cell, cell_key, flat, setting_key, stored
 from calibfuse.evaluation.loggers import log_grid
 from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
 from calibfuse.evaluation.paired import annotate_grid, toxicity_metric
+from calibfuse.evaluation.quality import Neutral, annotate_quality, neutral_columns
 from calibfuse.evaluation.results import format_table, sample_rows, write_grid, write_prompt_scores
 from calibfuse.evaluation.runner import EvaluationModule, run_cell
 from calibfuse.fusion.decoding import GenerationSettings
@@ -52,7 +53,9 @@ class GridRun:
     store: Path
     output_dir: Path
     meta: dict
+    neutral: Neutral | None = None  # the method's own perplexity on held-out neutral text (calibfuse.evaluation.quality)
     models: ModelCache = field(default_factory=ModelCache)
+    neutral_memo: dict = field(default_factory=dict)  # per setting: seeds share one neutral measurement
     grid: list[dict] = field(default_factory=list)
     generations: list[list[dict]] = field(default_factory=list)
     computed: int = 0
@@ -125,7 +128,9 @@ def prepare(cfg: DictConfig) -> GridRun:
             "runtime": context["runtime"],
         }
     )
-    return GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, described, store, Path(cfg.paths.output_dir), meta)
+    run = GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, described, store, Path(cfg.paths.output_dir), meta)
+    run.neutral = Neutral.of(cfg.get("neutral"))
+    return run
 
 
 def target_specs(cfg: DictConfig) -> dict[str, ModelSpec]:
@@ -143,6 +148,18 @@ def run_target(run: GridRun, name: str) -> None:
     bound: set[str] = set()
     rank_zero = rank_zero_only.rank == 0  # under DDP (subprocess launch) every rank runs this function
     target = target_identity(run, name)
+
+    def ready(method: Method) -> TargetLM:
+        """The target and the method bound to it, loaded on first need: a fully finished target loads nothing."""
+        nonlocal target_lm, reference
+        if target_lm is None:
+            target_lm = TargetLM(*run.models.get(run.targets[name]), prompt_format=run.cfg.prompt_format, name=name)
+            reference = build_reference(run)
+        if method.name not in bound:
+            method.bind(name, target_lm, run.models)
+            bound.add(method.name)
+        return target_lm
+
     for method in run.methods:
         for alpha in method.alphas:
             for seed in run.seeds:
@@ -150,26 +167,24 @@ def run_target(run: GridRun, name: str) -> None:
                 cell = cell_of(run, name, target, method, identity, alpha, seed)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
+                neutral = None
                 # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
                 # locks, the other ranks follow it through the predict loop's barriers.
                 with file_lock(cell_dir / ".lock", enabled=rank_zero):
                     rows = stored_rows(cell_dir)
                     if not rank_zero_decides(rows is not None):
-                        if target_lm is None:  # load lazily: a fully finished target loads nothing
-                            target_lm = TargetLM(*run.models.get(run.targets[name]), prompt_format=run.cfg.prompt_format, name=name)
-                            reference = build_reference(run)
-                        if method.name not in bound:
-                            method.bind(name, target_lm, run.models)
-                            bound.add(method.name)
-                        module = EvaluationModule(target_lm, method, cell, run.settings, run.scorer, reference, cell_dir)
+                        module = EvaluationModule(ready(method), method, cell, run.settings, run.scorer, reference, cell_dir)
                         description = {"target_model": run.targets[name].name_or_path, "identity": identity}
                         rows = run_cell(run.cfg.trainer, cell, cell_dir, module, run.prompts, description)
                         run.computed += 1
                     else:
                         run.reused += 1
                         log.info("cell %s: reused from %s", cell.name, cell_dir)
+                    if rank_zero and run.neutral is not None:  # a reused cell that lacks them gets them here, without generating
+                        setting = sha256_json([name, target, Method.name if identity is None else method.name, identity, alpha])
+                        neutral = run.neutral.for_cell(cell_dir, lambda m=method: ready(m), method, alpha, run.neutral_memo, setting)
                 if rank_zero:
-                    add_to_grid(run, cell, rows, described(run, target, method, identity, alpha))
+                    add_to_grid(run, cell, rows, described(run, target, method, identity, alpha), neutral)
     if run.targets[name] != run.reference:  # one target in memory at a time; calibration model and reference stay
         run.models.release(run.targets[name])
 
@@ -217,7 +232,7 @@ def build_reference(run: GridRun) -> ReferenceLM | None:
     return ReferenceLM(run.reference, batch_size=cfg.batch_size, max_length=cfg.max_length, model=model, tokenizer=tokenizer)
 
 
-def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict) -> None:
+def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict, neutral: dict | None = None) -> None:
     protocol = run.cfg.protocol
     names = run.names + [d for d in DIAGNOSTICS if d not in run.names]
     metrics = cell_metrics(rows, names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations, run.settings.max_new_tokens)
@@ -231,19 +246,21 @@ def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict) ->
         "scorer": run.scorer.name,
         **metrics,
         "degenerate": is_degenerate(metrics, **protocol.degenerate),
+        **neutral_columns(neutral, run.cfg.bootstrap_resamples),
         "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"),
         "target_alone": cell.target_alone,
         "role": cell.role,
         "cell": cell.name,
         "setting_key": cell.setting,  # what a report groups by: cells that share it are seeds of one setting
         "decided_by": decided_by,  # the same, readable: what labels the setting where reports span several
-    }
+    } | ({"neutral": neutral} if neutral else {})  # per text, for paired comparisons (grid.json; not a CSV column)
     run.grid.append(row)
     run.generations.append(rows)
     toxicity = toxicity_metric(run.names)
     if toxicity:  # every setting against the target alone of this run, on the same prompts
         options = {"toxicity": toxicity, "empty": protocol.empty_continuations, "threshold": protocol.toxicity_threshold}
         annotate_grid(run.grid, run.generations, options, run.cfg.bootstrap_resamples)
+    annotate_quality(run.grid, run.generations, run.cfg.bootstrap_resamples)
     write_grid(run.output_dir, run.grid, run.generations, run.meta)
     log.info("cell %s: %s", cell.name, ", ".join(f"{n} {row[n]:.3g}" for n in run.names))
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from calibfuse.evaluation.paired import toxicity_metric
 from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, Labels, fit_axis, frontier_table, plot_frontier, plot_paired, save, summary_rows
+from calibfuse.reporting.quality import add_quality, quality_table
 from calibfuse.reporting.recheck import recheck_table
 from calibfuse.reporting.runs import load_cells
 from calibfuse.reporting.settings import Setting, by_setting, prompt_ids
@@ -149,6 +150,7 @@ def build_report(
         raise ValueError(f"the grids report {metrics}; a report needs a toxicity metric and perplexity")
     settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
     add_paired(settings, toxicity, meta["empty"], meta["threshold"], resamples)
+    add_quality(settings, cells, resamples)  # neutral perplexity and dist-n, paired (quality.md, summary.json)
     for setting, row in settings.items():
         if not all(isinstance(row.get(k), float) and math.isfinite(row[k]) for k in (toxicity, "perplexity")):
             values = f"{toxicity} {row.get(toxicity)}, perplexity {row.get('perplexity')}"
@@ -166,6 +168,7 @@ def build_report(
     plots += [p for p in [plot_paired(settings, toxicity, out_dir, goal)] if p]
     best = frontier_table(settings, toxicity)
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
+    (out_dir / "quality.md").write_text(quality_table(settings) + "\n", encoding="utf-8")
     verdict = goal_table(settings, toxicity, goal, confirm)
     if held_out_scorer is not None:
         options = {"empty": meta["empty"], "threshold": meta["threshold"], "resamples": resamples}
@@ -182,6 +185,7 @@ def build_report(
         "markdown": markdown,
         "latex": latex,
         "frontier": best,
+        "quality": str(out_dir / "quality.md"),
         "goal": verdict,
         "plots": [str(p) for p in plots],
         "cells": len(cells),

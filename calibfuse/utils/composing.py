@@ -67,4 +67,31 @@ def evaluate_overrides(targets: list[str], alignments: dict, calibration: Path, 
         result.append(f"{'' if target in built_in else '+'}alignments.{target}={path}")
     if cfg.alignment == "identity":
         result.append(f"calibration_model={{name_or_path:'{calibration}'}}")
-    return result + extra
+    return result + neutral_overrides(compose_config("pretrain", stage_overrides(cfg)["pretrain"]).data) + extra
+
+
+# What decides stage 1's held-out split: the neutral-text perplexity reads its rows (calibfuse.evaluation.quality).
+SPLIT_KEYS = ("path", "hf_name", "split", "prompt_columns", "completion_column", "data_types", "load_kwargs", "corpus", "max_examples", "val_fraction", "seed")
+
+
+def neutral_overrides(data: DictConfig) -> list[str]:
+    """The grid's neutral texts from the held-out split of the pipeline's own stage 1 (its data settings)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(data, resolve=True)
+    return [f"++neutral.data.{k}={as_override(values.get(k))}" for k in SPLIT_KEYS]
+
+
+def as_override(value) -> str:
+    """A value in Hydra's override grammar: strings quoted, lists and mappings nested."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(as_override(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{as_override(v)}" for k, v in value.items()) + "}"
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
