@@ -20,7 +20,11 @@ PIQA = [
     ("How to water a plant", ["pour water on the soil.", "pour sand"], 0),
     ("Make tea.", ["Boil water and steep the leaves.", "Freeze the leaves."], 0),
 ]
-BOOLQ = [("is the sky blue", "The sky is blue on a clear day.", "True"), ("do fish fly", "Most fish swim and cannot fly.", "False"), ("is ice cold", "Ice is cold.", "True")]
+BOOLQ = [
+    ("is the sky blue", "The sky is blue on a clear day.", "True"),
+    ("do fish fly", "Most fish swim and cannot fly.", "False"),
+    ("is ice cold", "Ice is cold.", "True"),
+]
 
 
 @pytest.fixture

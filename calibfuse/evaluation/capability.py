@@ -217,7 +217,9 @@ class Capability:
                 stored = None
             if not stored or stored.get("key") != key:
                 if (setting, task) not in self.memo:
-                    self.memo[(setting, task)] = self.measure(target_lm_of(), method, alpha, task)
+                    done = self.memo[(setting, task)] = self.measure(target_lm_of(), method, alpha, task)
+                    acc = M.mean([row["acc"] for row in done["items"]])
+                    log.info("capability %s (%s, alpha %g): acc %.3f on %d items in %.1f s", task, method.name, alpha, acc, len(done["items"]), done["seconds"])
                 stored = self.memo[(setting, task)]
                 write_json(path, stored)
             found[task] = stored

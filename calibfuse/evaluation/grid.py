@@ -132,8 +132,7 @@ def prepare(cfg: DictConfig) -> GridRun:
         }
     )
     run = GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, described, store, Path(cfg.paths.output_dir), meta)
-    run.neutral = Neutral.of(cfg.get("neutral"))
-    run.capability = capability
+    run.neutral, run.capability = Neutral.of(cfg.get("neutral")), capability
     return run
 
 
