@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from calibfuse.data.prompts import Prompt, load_prompts
+from calibfuse.evaluation.capability import Capability, annotate_capability, capability_columns
 from calibfuse.evaluation.cells import Cell, cell_key, flat, setting_key, stored_description, stored_rows
 from calibfuse.evaluation.loggers import log_grid
 from calibfuse.evaluation.metrics import DIAGNOSTICS, cell_metrics, check_metrics, is_degenerate
@@ -54,6 +55,7 @@ class GridRun:
     output_dir: Path
     meta: dict
     neutral: Neutral | None = None  # the method's own perplexity on held-out neutral text (calibfuse.evaluation.quality)
+    capability: Capability | None = None  # zero-shot multiple-choice accuracy (calibfuse.evaluation.capability)
     models: ModelCache = field(default_factory=ModelCache)
     neutral_memo: dict = field(default_factory=dict)  # per setting: seeds share one neutral measurement
     grid: list[dict] = field(default_factory=list)
@@ -85,6 +87,7 @@ def prepare(cfg: DictConfig) -> GridRun:
     if seeds is not None and (not isinstance(seeds, ListConfig) or not seeds):
         raise ValueError(f"seeds={seeds!r}; expected a non-empty list of integers such as seeds=[1,2,3], or null for the protocol's seed")
     seeds = list(dict.fromkeys(check_int("seeds", s) for s in seeds)) if seeds else None  # a repeated seed runs once
+    capability = Capability.of(cfg.get("capability"))  # an unknown task or a missing task file fails here, before any model loads
     settings: GenerationSettings = instantiate(cfg.protocol.generation)
     names = check_metrics(list(cfg.protocol.metrics))
     prompts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
@@ -129,7 +132,7 @@ def prepare(cfg: DictConfig) -> GridRun:
         }
     )
     run = GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, described, store, Path(cfg.paths.output_dir), meta)
-    run.neutral = Neutral.of(cfg.get("neutral"))
+    run.neutral, run.capability = Neutral.of(cfg.get("neutral")), capability
     return run
 
 
@@ -167,7 +170,8 @@ def run_target(run: GridRun, name: str) -> None:
                 cell = cell_of(run, name, target, method, identity, alpha, seed)
                 cell_dir = run.store / cell.name
                 cell_dir.mkdir(parents=True, exist_ok=True)
-                neutral = None
+                neutral = capability = None
+                setting = sha256_json([name, target, Method.name if identity is None else method.name, identity, alpha])  # seeds share extras
                 # One job per cell (parallel jobs may share one, e.g. alpha = 0); under DDP only rank 0
                 # locks, the other ranks follow it through the predict loop's barriers.
                 with file_lock(cell_dir / ".lock", enabled=rank_zero):
@@ -181,10 +185,11 @@ def run_target(run: GridRun, name: str) -> None:
                         run.reused += 1
                         log.info("cell %s: reused from %s", cell.name, cell_dir)
                     if rank_zero and run.neutral is not None:  # a reused cell that lacks them gets them here, without generating
-                        setting = sha256_json([name, target, Method.name if identity is None else method.name, identity, alpha])
                         neutral = run.neutral.for_cell(cell_dir, lambda m=method: ready(m), method, alpha, run.neutral_memo, setting)
+                    if rank_zero and run.capability is not None:  # the same for the capability tasks
+                        capability = run.capability.for_cell(cell_dir, lambda m=method: ready(m), method, alpha, setting)
                 if rank_zero:
-                    add_to_grid(run, cell, rows, described(run, target, method, identity, alpha), neutral)
+                    add_to_grid(run, cell, rows, described(run, target, method, identity, alpha), neutral, capability)
     if run.targets[name] != run.reference:  # one target in memory at a time; calibration model and reference stay
         run.models.release(run.targets[name])
 
@@ -232,28 +237,33 @@ def build_reference(run: GridRun) -> ReferenceLM | None:
     return ReferenceLM(run.reference, batch_size=cfg.batch_size, max_length=cfg.max_length, model=model, tokenizer=tokenizer)
 
 
-def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict, neutral: dict | None = None) -> None:
+def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict, neutral: dict | None = None, capability: dict | None = None) -> None:
     protocol = run.cfg.protocol
     names = run.names + [d for d in DIAGNOSTICS if d not in run.names]
     metrics = cell_metrics(rows, names, protocol.toxicity_threshold, run.cfg.bootstrap_resamples, protocol.empty_continuations, run.settings.max_new_tokens)
-    row = {
-        "target": cell.target,
-        "method": cell.method,
-        "alpha": cell.alpha,
-        "seed": cell.seed,
-        "setting": run.cfg.get("setting") or "",
-        "protocol": protocol.name,
-        "scorer": run.scorer.name,
-        **metrics,
-        "degenerate": is_degenerate(metrics, **protocol.degenerate),
-        **neutral_columns(neutral, run.cfg.bootstrap_resamples),
-        "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"),
-        "target_alone": cell.target_alone,
-        "role": cell.role,
-        "cell": cell.name,
-        "setting_key": cell.setting,  # what a report groups by: cells that share it are seeds of one setting
-        "decided_by": decided_by,  # the same, readable: what labels the setting where reports span several
-    } | ({"neutral": neutral} if neutral else {})  # per text, for paired comparisons (grid.json; not a CSV column)
+    row = (
+        {
+            "target": cell.target,
+            "method": cell.method,
+            "alpha": cell.alpha,
+            "seed": cell.seed,
+            "setting": run.cfg.get("setting") or "",
+            "protocol": protocol.name,
+            "scorer": run.scorer.name,
+            **metrics,
+            "degenerate": is_degenerate(metrics, **protocol.degenerate),
+            **neutral_columns(neutral, run.cfg.bootstrap_resamples),
+            **capability_columns(capability, run.cfg.bootstrap_resamples),
+            "peak_memory_mb": stored_description(run.store / cell.name).get("peak_memory_mb"),
+            "target_alone": cell.target_alone,
+            "role": cell.role,
+            "cell": cell.name,
+            "setting_key": cell.setting,  # what a report groups by: cells that share it are seeds of one setting
+            "decided_by": decided_by,  # the same, readable: what labels the setting where reports span several
+        }
+        | ({"neutral": neutral} if neutral else {})
+        | ({"capability": capability} if capability else {})
+    )  # per text / item: grid.json, not CSV
     run.grid.append(row)
     run.generations.append(rows)
     toxicity = toxicity_metric(run.names)
@@ -261,6 +271,7 @@ def add_to_grid(run: GridRun, cell: Cell, rows: list[dict], decided_by: dict, ne
         options = {"toxicity": toxicity, "empty": protocol.empty_continuations, "threshold": protocol.toxicity_threshold}
         annotate_grid(run.grid, run.generations, options, run.cfg.bootstrap_resamples)
     annotate_quality(run.grid, run.generations, run.cfg.bootstrap_resamples)
+    annotate_capability(run.grid, run.cfg.bootstrap_resamples)
     write_grid(run.output_dir, run.grid, run.generations, run.meta)
     log.info("cell %s: %s", cell.name, ", ".join(f"{n} {row[n]:.3g}" for n in run.names))
 

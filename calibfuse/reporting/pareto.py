@@ -11,6 +11,7 @@ from pathlib import Path
 from calibfuse.evaluation.paired import PAIRED_COLUMNS
 from calibfuse.evaluation.quality import QUALITY_COLUMNS
 from calibfuse.evaluation.results import paired
+from calibfuse.reporting.capability import capability_keys
 from calibfuse.reporting.verdict import CONFIRM, by_target, label, verdict
 
 DIAGNOSTIC_COLUMNS = ("kl", "top1_agreement", "empty_rate", "repetition", "letter_share")
@@ -199,6 +200,7 @@ def summary_rows(settings: dict[tuple, dict], toxicity: str, goal: dict | None =
     results = verdict(settings, toxicity, goal, confirm)
     chosen = {id(v["chosen"]["row"]): v["met"] for v in results.values() if v["chosen"]}
     paired_keys = [f"{c}{s}" for c in PAIRED_COLUMNS for s in ("", "_lo", "_hi")] + list(QUALITY_COLUMNS)  # quality: calibfuse.reporting.quality
+    paired_keys += capability_keys(settings)  # cap_<task>_...: calibfuse.reporting.capability
     for target, points in sorted(by_target(settings).items()):
         best = {id(r) for _, r in frontier(points, toxicity)}
         for alpha, r in sorted(points, key=lambda p: (p[1]["method"], p[1]["setting"], p[0])):

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from calibfuse.evaluation.paired import toxicity_metric
+from calibfuse.reporting.capability import add_capability, capability_table
 from calibfuse.reporting.pareto import DIAGNOSTIC_COLUMNS, Labels, fit_axis, frontier_table, plot_frontier, plot_paired, save, summary_rows
 from calibfuse.reporting.quality import add_quality, quality_table
 from calibfuse.reporting.recheck import recheck_table
@@ -151,6 +152,7 @@ def build_report(
     settings = by_setting(cells, metrics + [d for d in DIAGNOSTIC_COLUMNS if d not in metrics and any(d in c for c in cells)])
     add_paired(settings, toxicity, meta["empty"], meta["threshold"], resamples)
     add_quality(settings, cells, resamples)  # neutral perplexity and dist-n, paired (quality.md, summary.json)
+    add_capability(settings, cells, resamples)  # zero-shot accuracy per task, paired by item (capability.md, summary.json)
     for setting, row in settings.items():
         if not all(isinstance(row.get(k), float) and math.isfinite(row[k]) for k in (toxicity, "perplexity")):
             values = f"{toxicity} {row.get(toxicity)}, perplexity {row.get('perplexity')}"
@@ -169,6 +171,7 @@ def build_report(
     best = frontier_table(settings, toxicity)
     (out_dir / "frontier.md").write_text(best + "\n", encoding="utf-8")
     (out_dir / "quality.md").write_text(quality_table(settings) + "\n", encoding="utf-8")
+    (out_dir / "capability.md").write_text(capability_table(settings) + "\n", encoding="utf-8")
     verdict = goal_table(settings, toxicity, goal, confirm)
     if held_out_scorer is not None:
         options = {"empty": meta["empty"], "threshold": meta["threshold"], "resamples": resamples}
@@ -186,6 +189,7 @@ def build_report(
         "latex": latex,
         "frontier": best,
         "quality": str(out_dir / "quality.md"),
+        "capability": str(out_dir / "capability.md"),
         "goal": verdict,
         "plots": [str(p) for p in plots],
         "cells": len(cells),
