@@ -157,6 +157,7 @@ def test_bad_contrast_options_fail_naming_the_key_before_models_load(tmp_path):
         "objective.kl_weight=lots": r"objective.kl_weight='lots'; expected a number >= 0",
         "objective.shared=maybe": r"objective.shared='maybe'; expected true or false",
         "objective.name=steer": r"objective.name='steer'; expected one of \['contrast'\]",
+        "alpha=0": r"alpha=0 with objective=contrast: the steer .* is zero; expected alpha > 0",
         "~toxic_data": r"objective=contrast trains the sign-flipped fusion on toxic completions; expected toxic_data",
     }
     for override, message in cases.items():

