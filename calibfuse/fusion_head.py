@@ -2,15 +2,19 @@
 so that the fused model predicts non-toxic text well at a fixed alpha, target and calibration model frozen.
 
     python -m calibfuse.fusion_head alignment_dir=<align run>/alignment alpha=0.3
+    python -m calibfuse.fusion_head alignment_dir=<align run>/alignment objective=contrast fusion.scale=learned
     python -m calibfuse.pipeline fusion_head=true             # after stage 2, for every target
 
 Only A trains (with scale=learned, also a scalar gain on LN(h_c A); with layer_norm=affine, the
 LayerNorm's weight and bias), starting from stage 2's A: the loss
 is the fused model's next-token loss on stage 1's non-toxic corpus, read through the target's tokenizer.
 With `toxic_data` (an extension, not in the paper), it adds a push away from the completion tokens of
-toxic text (unlikelihood, or a margin over the target's NLL), so the head also learns what to avoid. Across tokenizers, the calibration state at a
-target position is the calibration model's state at its last token that ends within the characters the
-target has read (character offsets), as the calibration stream reads it at inference. The result is an
+toxic text (unlikelihood, or a margin over the target's NLL), so the head also learns what to avoid;
+`objective=contrast` trains by LM-Steer's lesson instead (calibfuse.stages.fusion_head_contrast: the
+sign-flipped fusion fitted to toxic text, a shared alignment dropped at export, a KL to the target).
+Across tokenizers, the calibration state at a target position is the calibration model's state at its
+last token that ends within the characters the target has read (character offsets), as the calibration
+stream reads it at inference. The result is an
 alignment artifact like stage 2's (`alignment/`), so `methods.fusion` uses it unchanged.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -30,6 +35,7 @@ from calibfuse.fusion.config import check_alpha
 from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 from calibfuse.stages.export import fit_and_export
 from calibfuse.stages.fusion_head import INITS, TOXIC_LOSSES, ExportFusionHead, FusionHeadModule, fit_on_hidden_states, held_out_loss, toxic_nll
+from calibfuse.stages.fusion_head_contrast import ContrastHeadModule, check_objective
 from calibfuse.stages.fusion_head_data import TextData, toxic_rows, unzip
 from calibfuse.utils.checks import check_required, check_wandb_credentials
 from calibfuse.utils.run import instantiate, resolved_config, task_wrapper
@@ -50,6 +56,7 @@ def train_fusion_head(cfg: DictConfig) -> dict:
         raise ValueError(f"toxic_weight={cfg.toxic_weight}; expected a number >= 0")
     if cfg.toxic_loss not in TOXIC_LOSSES:
         raise ValueError(f"toxic_loss={cfg.toxic_loss!r}; expected one of {list(TOXIC_LOSSES)}")
+    objective = check_objective(cfg)  # None: the fused LM loss; else the contrast's options
     stage2 = Path(cfg.alignment_dir).expanduser()
     A, meta = load_alignment(stage2)
     stage2 = stage2.parent if stage2.is_file() else stage2
@@ -66,7 +73,8 @@ def train_fusion_head(cfg: DictConfig) -> dict:
     gain = alignment_gain(stage2, default=1.0) if fusion.scale == "learned" else 1.0  # a head's gain carries on
     norm_affine = alignment_norm_affine(stage2, required=False) if fusion.layer_norm == "affine" else None  # as do its LN weights
     toxic_options = dict(toxic_weight=cfg.toxic_weight, toxic_loss=cfg.toxic_loss, margin=cfg.margin)
-    module = FusionHeadModule(A, cfg.alpha, fusion, cfg.max_length, instantiate(cfg.optimizer), gain, norm_affine=norm_affine, **toxic_options)
+    head = FusionHeadModule if objective is None else partial(ContrastHeadModule, **objective)
+    module = head(A, cfg.alpha, fusion, cfg.max_length, instantiate(cfg.optimizer), gain, norm_affine=norm_affine, **toxic_options)
     module.attach(loaded["target"][1], tokenizers["target"], loaded["calibration_model"][1], tokenizers["calibration_model"])
     if cfg.init == "hidden_states":
         rows = datamodule.train[: cfg.init_rows]

@@ -64,6 +64,7 @@ KNOBS = (
     "fusion_head",
     "fusion_head_alpha",
     "fusion_head_init",
+    "fusion_head_objective",
 )
 VOLATILE_KEYS = ("paths", "logger", "callbacks", "tags", "ckpt_path", "task_name")
 DECIDING_CALLBACKS = ("early_stopping",)  # callbacks that decide when training stops, so what it makes: keyed
@@ -205,6 +206,8 @@ def pipeline(cfg: DictConfig) -> dict:
         raise ValueError("layer_norm=affine uses the LayerNorm weights a fusion head trains; expected fusion_head=true (and alignment=learned)")
     if cfg.fusion_head_init != "stage2" and not cfg.fusion_head:
         raise ValueError(f"fusion_head_init={cfg.fusion_head_init!r} sets where a fusion head's A starts; expected fusion_head=true with it")
+    if cfg.get("fusion_head_objective") and not cfg.fusion_head:
+        raise ValueError(f"fusion_head_objective={cfg.fusion_head_objective!r} sets how a fusion head trains; expected fusion_head=true with it")
     goal, confirm, held_out = report_options(cfg) if cfg.until == "report" else (None, None, None)
     check_before_any_stage(cfg, overrides, targets)
     pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)

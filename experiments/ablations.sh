@@ -12,6 +12,7 @@
 #   experiments/ablations.sh head_init     # fusion head: A from stage 2 vs from a hidden-state fit on paired text
 #   experiments/ablations.sh head_scale    # fusion head: unit-RMS LN(h_c A) vs a learned gain
 #   experiments/ablations.sh head_norm     # fusion head: parameter-free LayerNorm vs its weight and bias trained
+#   experiments/ablations.sh head_contrast # fusion head: the fused LM loss vs LM-Steer's contrast (sign-flipped likelihood on toxic text)
 #   experiments/ablations.sh seeds         # training seeds 1 / 2 / 3
 #   experiments/ablations.sh alpha         # alpha 0 ... 1 (one job)
 # Each job is a W&B run in the group "<stage>-ablation_<name>"; unchanged stages are reused.

@@ -76,6 +76,9 @@ class FusionHeadModule(L.LightningModule):
     def trained(self) -> list[torch.nn.Parameter]:
         return [p for p in (self.A, self.log_gain, self.norm_weight, self.norm_bias) if p is not None]
 
+    def objective_record(self, metrics: dict) -> dict:  # what alignment.json says of another objective (fusion_head_contrast)
+        return {}
+
     def attach(self, target, target_tokenizer, calibration, calibration_tokenizer) -> None:
         for model in (target, calibration):
             model.eval().requires_grad_(False)
@@ -207,6 +210,7 @@ class ExportFusionHead(ExportArtifact):
                 "toxic_completion_nll": nll,
             }
             log.info("held-out toxic completions, NLL per token: target %.2f, fused %.2f -> %.2f", nll["target"], nll["fused_before"], nll["fused_after"])
+        head |= pl_module.objective_record(trainer.callback_metrics)
         records = {role: model_record(*self.models[role], self.out_dir) for role in ("calibration_model", "target")}
         return {
             **{k: v for k, v in self.stage2_meta.items() if k not in ("config", "training", "versions", "created")},
