@@ -23,7 +23,7 @@ class CalibrationAlone(Fusion):
         model, tokenizer = models.get(self.plans[target]["calibration"])
         self.lm = TargetLM(model, tokenizer, prompt_format=target_lm.prompt_format)
 
-    def generator(self, target_lm: TargetLM) -> TargetLM:
+    def generator(self, target_lm: TargetLM, alpha: float = 0.0) -> TargetLM:
         return self.lm
 
     def modules(self) -> list:
