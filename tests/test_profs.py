@@ -77,7 +77,7 @@ def test_the_fit_is_the_svd_of_the_centered_differences_by_hand(tiny_model_dirs,
     def sentence(text, layer):  # one unpadded text through transformers' own hidden states (layer l's output: index l + 1)
         with torch.no_grad():
             hidden = model(input_ids=tokenizer(text, return_tensors="pt")["input_ids"], output_hidden_states=True).hidden_states[layer + 1][0]
-        return hidden.mean(0)
+        return hidden[1:].mean(0)  # without the first token (the attention sink)
 
     for layer in (1, 2):
         T, N = (torch.stack([sentence(t, layer) for t in texts]).double() for texts in (toxic, nontoxic))
