@@ -135,9 +135,9 @@ class ProFS(Method):
 
     def __init__(
         self,
-        alphas=(1.0,),
+        alphas=(0.5, 1.0),
         layers=None,
-        rank: int = 2,
+        rank: int = 10,
         sentences: int = 500,
         centering: str = "svd",
         toxic: dict | None = None,
