@@ -136,6 +136,7 @@ def test_a_grid_runs_profs_beside_the_target_alone_and_never_edits_the_cached_ta
             "prompts.limit=4",
             "methods.profs.alphas=[0,1]",
             "methods.profs.layers=[1,2]",
+            "methods.profs.rank=2",
             "methods.profs.sentences=24",
             f"methods.profs.toxic.path={toxic_tsv}",
             "methods.profs.nontoxic.path=embedded:nontoxic",
