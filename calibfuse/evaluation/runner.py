@@ -53,7 +53,7 @@ class EvaluationModule(L.LightningModule):
         """A prompt too long for the context is refused before the cell's first batch, named by its id."""
         if self.settings.long_prompts != "refuse" or not prompts:
             return
-        lm = self.method.generator(self.target)
+        lm = self.method.generator(self.target, self.cell.alpha)
         texts, prompt_format = self.method.prompt([p["text"] for p in prompts], lm)
         lm.fit_context(lm.prompt_ids(texts, prompt_format), self.settings, names=[p["id"] for p in prompts])
 
@@ -68,7 +68,7 @@ class EvaluationModule(L.LightningModule):
         settings = replace(self.settings, batch_size=len(batch) * self.settings.num_samples)
         seeds = [self.cell.seed + zlib.crc32(p["id"].encode()) for p in batch]
         started = time.perf_counter()
-        lm = self.method.generator(self.target)
+        lm = self.method.generator(self.target, self.cell.alpha)
         given = [p["text"] for p in batch]
         texts, prompt_format = self.method.prompt(given, lm)
         # KL and agreement compare with the target on the same input: not applicable when another LM

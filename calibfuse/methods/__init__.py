@@ -25,6 +25,7 @@ BUILT_IN_ROLES = {
     "word_filter": "baseline",
     "prompting": "baseline",
     "dexperts": "baseline",
+    "profs": "baseline",
 }
 
 
@@ -56,8 +57,9 @@ class Method:
         """Load what it needs next to this target (called once per target, before its cells)."""
 
     def generator(self, target_lm: TargetLM, alpha: float = 0.0) -> TargetLM:
-        """The LM that generates at strength `alpha`: the target (the default), or another LM with its own
-        tokenizer (the calibration model alone). Diagnostics against the target need the target generating."""
+        """The LM that generates at strength `alpha`: the target (the default), another LM with its own
+        tokenizer (the calibration model alone), or an edited copy of the target (ProFS). Diagnostics
+        against the target need the target generating."""
         return target_lm
 
     def modules(self) -> list:
