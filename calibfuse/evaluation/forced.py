@@ -20,8 +20,6 @@ A token a processor bans (the word filter's -inf) gives -inf: callers decide wha
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import LogitsProcessorList
 
@@ -30,10 +28,8 @@ from calibfuse.models.lm import lm_head_logits
 
 
 def generator_of(method, target_lm, alpha: float):
-    """The LM that generates for `method` at `alpha` (Method.generator gained `alpha`; older ones lack it)."""
-    if "alpha" in inspect.signature(method.generator).parameters:
-        return method.generator(target_lm, alpha=alpha)
-    return method.generator(target_lm)
+    """The LM that generates for `method` at `alpha`, as the grid's runner asks for it."""
+    return method.generator(target_lm, alpha)
 
 
 def encode_pairs(lm, contexts: list[str], continuations: list[str], prompt_format: str | None = None) -> list[tuple[list[int], list[int]]]:
