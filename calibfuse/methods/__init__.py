@@ -25,6 +25,7 @@ BUILT_IN_ROLES = {
     "word_filter": "baseline",
     "prompting": "baseline",
     "dexperts": "baseline",
+    "lm_steer": "baseline",
 }
 
 
