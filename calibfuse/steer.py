@@ -59,7 +59,8 @@ def train_steer(cfg: DictConfig) -> dict:
     clean_train, clean_val, clean = clean_split(instantiate(cfg.data, tokenizer=tokenizer), tokenizer)
     toxic_train, toxic_val, toxic = toxic_split(instantiate(cfg.toxic_data, tokenizer=tokenizer), tokenizer, cfg.max_length)
     data = SteerData({"clean": clean_train, "toxic": toxic_train}, {"clean": clean_val, "toxic": toxic_val}, cfg.batch_size, cfg.max_length, cfg.val_rows)
-    log.info("steer data: %d + %d non-toxic rows, %d + %d toxic rows (training + held-out)", *map(len, (clean_train, data.val["clean"], toxic_train, data.val["toxic"])))
+    sizes = (len(clean_train), len(data.val["clean"]), len(toxic_train), len(data.val["toxic"]))
+    log.info("steer data: %d + %d non-toxic rows, %d + %d toxic rows (training + held-out)", *sizes)
 
     model = load_model(spec)
     module = SteerModule(model.config.hidden_size, cfg.rank, cfg.epsilon, cfg.init_var, optimizer)

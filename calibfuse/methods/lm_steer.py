@@ -34,7 +34,7 @@ def read_steer(name: str, path) -> tuple[Path, dict]:
     """The steer/ dir named for a target and its manifest, without loading a model; errors name the key."""
     key = f"methods.lm_steer.steers.{name}"
     if path in (None, "???", ""):
-        raise ValueError(f"no steer for target {name!r}: set {key}=<steer run dir>/steer, the steer/ dir a `python -m calibfuse.steer target={name}` run writes")
+        raise ValueError(f"no steer for target {name!r}: set {key}=<steer run dir>/steer, the steer/ dir that `python -m calibfuse.steer target={name}` writes")
     directory = Path(path).expanduser()
     directory = directory.parent if directory.is_file() else directory
     missing = [f for f in FILES if not (directory / f).is_file()]
