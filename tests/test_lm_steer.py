@@ -118,6 +118,13 @@ def test_the_training_loss_by_hand(tiny_model_dirs):
     assert per_class["toxic"].item() == pytest.approx(class_nll(ids["toxic"], -1.0), rel=1e-5)
     assert class_nll(ids["toxic"], -1.0) != pytest.approx(class_nll(ids["toxic"], 1.0), rel=1e-3)  # the steer value matters
     assert {n for n, _ in module.named_parameters()} == {"projector1", "projector2"} and set(module.state_dict()) == {"projector1", "projector2"}
+    cached = SteerModule(32, rank=8, epsilon=0.3, init_var=0.5, cache_states=True)
+    cached.load_state_dict(module.state_dict())
+    cached.attach(target, tokenizer)
+    with torch.no_grad():  # the states kept after a row's first pass give the same loss, batched with other rows or not
+        assert [cached.loss(ids)[0].item() for _ in range(2)] == [pytest.approx(expected, rel=1e-5)] * 2
+        assert cached.nll(ids["toxic"][:1], -1.0)[0].item() == pytest.approx(module.nll(ids["toxic"][:1], -1.0)[0].item(), rel=1e-5)
+    assert len(cached.states) == 4
 
 
 def test_a_steer_trained_by_the_entry_point_runs_in_the_grid(trained_steer, tiny_model_dirs, tmp_path):

@@ -32,13 +32,16 @@ class SteerModule(L.LightningModule):
     """projector1 and projector2, (2, d, rank) each (the detox steer, then the dummy steer), are the only
     parameters; the frozen target is held outside the module, so checkpoints hold the steers alone."""
 
-    def __init__(self, hidden_size: int, rank: int, epsilon: float, init_var: float, optimizer=None):
+    def __init__(self, hidden_size: int, rank: int, epsilon: float, init_var: float, optimizer=None, cache_states: bool = False):
         super().__init__()
         # LM-Steer's init: both factors N(0, 1) * init_var, so W starts near 0 and the target alone.
         self.projector1 = torch.nn.Parameter(torch.randn(2, hidden_size, rank) * init_var)
         self.projector2 = torch.nn.Parameter(torch.randn(2, hidden_size, rank) * init_var)
         self.epsilon, self.optimizer_factory = epsilon, optimizer
         self.frozen: dict = {}
+        # The target is frozen, so a row's final hidden states never change: kept after its first pass, a row
+        # read again (the next epoch, every held-out pass) costs the LM head only, not the target's layers.
+        self.states: dict[tuple, torch.Tensor] | None = {} if cache_states else None
         self.val_sums: dict[str, list[float]] = {}
 
     def attach(self, target, tokenizer) -> None:
@@ -57,17 +60,34 @@ class SteerModule(L.LightningModule):
         delta = sum(s * (h @ self.projector1[i]) @ self.projector2[i].T for i, s in ((DETOX, detox), (DUMMY, dummy)) if s != 0)
         return h + self.epsilon * delta
 
-    def nll(self, rows: list[list[int]], detox: float, dummy: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token NLL of every token of the rows (right-padded) with the detox steer at `detox`
-        and the dummy at `dummy`, and the number of predicted tokens."""
+    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.frozen["tokenizer"].pad_token_id
         pad = pad if pad is not None else self.frozen["tokenizer"].eos_token_id
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
-        with torch.no_grad():  # the target is frozen: no graph through its layers
-            h, _ = final_hidden(self.frozen["target"], input_ids=ids, attention_mask=mask, use_cache=False)
-        logits = lm_head_logits(self.frozen["target"], self.steered(h.float(), detox, dummy)).float()[:, :-1]
+        return ids, mask
+
+    @torch.no_grad()  # the target is frozen: no graph through its layers
+    def hidden(self, rows: list[list[int]]) -> torch.Tensor:
+        """The target's final hidden states (fp32) of right-padded rows; a causal LM's states of a row do not
+        depend on the padding after it, so a row's states are its own, cached or not."""
+        if self.states is None:
+            ids, mask = self._padded(rows)
+            return final_hidden(self.frozen["target"], input_ids=ids, attention_mask=mask, use_cache=False)[0].float()
+        missing = [list(r) for r in dict.fromkeys(map(tuple, rows)) if r not in self.states]
+        if missing:
+            ids, mask = self._padded(missing)
+            h = final_hidden(self.frozen["target"], input_ids=ids, attention_mask=mask, use_cache=False)[0].float()
+            self.states.update({tuple(r): h[i, : len(r)].clone() for i, r in enumerate(missing)})
+        width = max(len(r) for r in rows)
+        return torch.stack([torch.nn.functional.pad(self.states[tuple(r)], (0, 0, 0, width - len(r))) for r in rows]).to(self.device)
+
+    def nll(self, rows: list[list[int]], detox: float, dummy: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token NLL of every token of the rows (right-padded) with the detox steer at `detox`
+        and the dummy at `dummy`, and the number of predicted tokens."""
+        ids, mask = self._padded(rows)
+        logits = lm_head_logits(self.frozen["target"], self.steered(self.hidden(rows), detox, dummy)).float()[:, :-1]
         logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
         keep = mask[:, 1:].bool()
         return -logp[keep].sum(), keep.sum()

@@ -54,11 +54,12 @@ def toxic_split(data, tokenizer, max_length: int) -> tuple[list[list[int]], list
 
 class SteerData(L.LightningDataModule):
     """Training batches {"clean": ids, "toxic": ids} of batch_size rows each (Lightning cycles the shorter
-    loader); held-out loaders per class, clean first, capped at val_rows each."""
+    loader), from the first train_rows of each class's (shuffled) training split; held-out loaders per
+    class, clean first, capped at val_rows each."""
 
-    def __init__(self, train: dict[str, list], val: dict[str, list], batch_size: int, max_length: int, val_rows: int | None = None):
+    def __init__(self, train: dict[str, list], val: dict[str, list], batch_size: int, max_length: int, val_rows: int | None = None, train_rows=None):
         super().__init__()
-        self.train = {c: [ids[:max_length] for ids in train[c]] for c in CLASSES}
+        self.train = {c: [ids[:max_length] for ids in train[c][:train_rows]] for c in CLASSES}
         self.val = {c: [ids[:max_length] for ids in val[c][:val_rows]] for c in CLASSES}
         self.batch_size = batch_size
 
