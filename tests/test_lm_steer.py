@@ -210,3 +210,55 @@ def test_bad_steer_options_are_named_before_any_model_loads(tiny_model_dirs, tmp
     cfg = compose_config("steer", [*steer_overrides(tiny_model_dirs["llama"], toxic), *([override] if toxic else [])], tmp_path / "run")
     with pytest.raises(ValueError, match=match):
         train_steer(cfg)
+
+
+def test_the_pipeline_trains_a_steer_per_target_and_the_grid_uses_it(tiny_model_dirs, tiny_target_dir, tmp_path):
+    """steer=true: a keyed `steer` stage per target (reused on a rerun), its steer/ dir passed to lm_steer."""
+    from hydra import initialize_config_dir
+
+    from calibfuse.pipeline import pipeline
+
+    def listed(*items: str) -> str:
+        return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+    tiny = ["logger=csv", "trainer.max_epochs=1"]
+    steer = steer_overrides(tiny_target_dir, toxic_file(tmp_path))
+    steer = [o for o in steer if not o.startswith("target.")] + [f"target.name_or_path={tiny_target_dir}", "target.dtype=float32"]
+    overrides = [
+        "targets=[smollm2-135m-instruct]",
+        "alphas=[0]",
+        "method_names=[none,lm_steer]",
+        "steer=true",
+        "until=evaluate",
+        f"stage_store={tmp_path / 'stages'}",
+        "pretrain_overrides="
+        + listed(f"base_model.name_or_path={tiny_model_dirs['llama']}", "data=embedded_nontoxic", "data.max_examples=16", "trainer.max_steps=1", *tiny),
+        "align_overrides=" + listed(f"target.name_or_path={tiny_target_dir}", *tiny),
+        "steer_overrides=" + listed(*steer),
+        "evaluate_overrides="
+        + listed(
+            f"targets.smollm2-135m-instruct.name_or_path={tiny_target_dir}",
+            "targets.smollm2-135m-instruct.dtype=float32",
+            f"reference_lm.model.name_or_path={tiny_model_dirs['llama']}",
+            "reference_lm.model.dtype=float32",
+            "prompts.limit=4",
+            "protocol.generation.max_new_tokens=3",
+            "methods.lm_steer.alphas=[0,2]",
+            "logger=csv",
+            f"cell_store={tmp_path / 'cells'}",
+            "bootstrap_resamples=100",
+        ),
+    ]
+    def run(overrides, name):
+        cfg = compose_config("pipeline", overrides, tmp_path / name)
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):  # the stages compose their own configs
+            return pipeline(cfg)
+
+    result = run(overrides, "run")
+    (stage,) = (tmp_path / "stages").glob("steer-*")
+    assert result["steers"] == {"smollm2-135m-instruct": str(stage / "steer")}
+    assert (result["evaluate"]["computed"], result["evaluate"]["reused"]) == (2, 1)  # lm_steer at 0 is none's cell
+    again = run(overrides, "again")
+    assert again["steers"] == result["steers"] and again["evaluate"]["computed"] == 0  # the stage and its cells reused
+    with pytest.raises(ValueError, match=r"steer=true trains steers for method lm_steer, and lm_steer needs them"):
+        run([*overrides[:2], "method_names=[none]", *overrides[3:]], "bad")
