@@ -249,6 +249,7 @@ def test_the_pipeline_trains_a_steer_per_target_and_the_grid_uses_it(tiny_model_
             "bootstrap_resamples=100",
         ),
     ]
+
     def run(overrides, name):
         cfg = compose_config("pipeline", overrides, tmp_path / name)
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):  # the stages compose their own configs
