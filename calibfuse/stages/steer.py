@@ -168,9 +168,9 @@ class ExportSteer(ExportArtifact):
 
     def write(self, trainer, pl_module: SteerModule, tensors: dict[str, torch.Tensor]) -> dict:
         save_file(tensors, self.out_dir / "steer.safetensors", metadata={"format": FORMAT})
-        after = {name: trainer.callback_metrics[f"val/{name}_nll"].item() for name in CLASSES}
+        after = held_out(pl_module, self.val, self.batch_size)  # read here, not from the last validation loop: training may end between two
         losses = dict(self.record.pop("losses"))
-        losses["val_after"] = {k: round(v, 4) for k, v in after.items()} | {"loss": round(sum(after.values()) / 2, 4)}
+        losses["val_after"] = after | {"loss": round(sum(after.values()) / 2, 4)}
         losses["train_last"] = round(trainer.callback_metrics["train/loss"].item(), 4) if "train/loss" in trainer.callback_metrics else None
         losses["inference_after"] = inference_losses(pl_module, self.val, self.batch_size)
         log.info(
