@@ -62,7 +62,7 @@ def check_made_for(name: str, directory: Path, meta: dict, spec: ModelSpec, mode
 class LMSteer(Method):
     role = "baseline"
 
-    def __init__(self, alphas=(0.0, 1.0, 2.0), steers: dict | None = None, dummy: bool = False, check_fingerprints: bool = True):
+    def __init__(self, alphas=(0.0, 0.5, 1.0, 2.0), steers: dict | None = None, dummy: bool = False, check_fingerprints: bool = True):
         self.alphas = checked_strengths(alphas)
         if not isinstance(dummy, bool):
             raise ValueError(f"methods.lm_steer.dummy={dummy!r}; expected true or false")
