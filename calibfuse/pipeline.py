@@ -33,6 +33,7 @@ from calibfuse.methods import role_of
 from calibfuse.pretrain import pretrain
 from calibfuse.reporting.report import build_report, log_summary, plain, printable
 from calibfuse.reporting.verdict import HELD_OUT, checked_confirm, checked_goal, names
+from calibfuse.steer import train_steer
 from calibfuse.utils.checks import check_accelerator, check_output_dir, check_required
 from calibfuse.utils.composing import compose_config, compose_stage, evaluate_overrides, stage_overrides
 from calibfuse.utils.files import file_lock, sha256_file, sha256_json, write_json
@@ -83,7 +84,7 @@ def stage_key(cfg: DictConfig, inputs: dict | None = None) -> str:
     return sha256_json({"config": content, "inputs": inputs or {}})
 
 
-ARTIFACTS = {"pretrain": "calibration_model", "align": "alignment", "fusion_head": "alignment"}  # a stage's exported files
+ARTIFACTS = {"pretrain": "calibration_model", "align": "alignment", "fusion_head": "alignment", "steer": "steer"}  # a stage's exported files
 
 
 def artifact_hashes(stage: str, directory: Path) -> dict[str, str]:
@@ -119,6 +120,8 @@ def artifact_problem(stage: str, directory: Path) -> str | None:
     if stage == "pretrain":
         required = ["calibration_model/manifest.json", "calibration_model/config.json", "calibration_model/model.safetensors"]
         weights, tensor = directory / "calibration_model" / "model.safetensors", None
+    elif stage == "steer":
+        required, weights, tensor = ["steer/steer.json", "steer/steer.safetensors"], directory / "steer" / "steer.safetensors", "W"
     else:
         required = ["alignment/alignment.json", "alignment/alignment.safetensors"]
         weights, tensor = directory / "alignment" / "alignment.safetensors", "A"
@@ -208,6 +211,8 @@ def pipeline(cfg: DictConfig) -> dict:
         raise ValueError(f"fusion_head_init={cfg.fusion_head_init!r} sets where a fusion head's A starts; expected fusion_head=true with it")
     if cfg.get("fusion_head_objective") and not cfg.fusion_head:
         raise ValueError(f"fusion_head_objective={cfg.fusion_head_objective!r} sets how a fusion head trains; expected fusion_head=true with it")
+    if cfg.steer != ("lm_steer" in cfg.method_names) and not any("lm_steer.steers" in o for o in cfg.evaluate_overrides):
+        raise ValueError('steer=true trains steers for method lm_steer, and lm_steer needs them; expected both: steer=true "method_names=[...,lm_steer]"')
     goal, confirm, held_out = report_options(cfg) if cfg.until == "report" else (None, None, None)
     check_before_any_stage(cfg, overrides, targets)
     pretrain_dir, pretrain_key, _ = run_stage("pretrain", compose_stage("pretrain", overrides["pretrain"]), store, None, pretrain)
@@ -223,8 +228,14 @@ def pipeline(cfg: DictConfig) -> dict:
                 directory, _, _ = run_stage("fusion_head", head_cfg, store, {"align": align_key}, train_fusion_head)
             alignments[target] = directory / "alignment"
     result["alignments"] = {k: str(v) for k, v in alignments.items()}
+    steers = {}  # the LM-Steer baseline: one steer per target, for the grid's lm_steer method
+    for target in targets if cfg.steer and STAGES.index(cfg.until) >= STAGES.index("evaluate") else []:
+        steer_cfg = compose_stage("steer", [f"target={target}", *overrides["steer"]])
+        steers[target] = run_stage("steer", steer_cfg, store, None, train_steer)[0] / "steer"
+    result |= {"steers": {k: str(v) for k, v in steers.items()}} if steers else {}
     if STAGES.index(cfg.until) >= STAGES.index("evaluate"):
-        evaluate_cfg = compose_stage("evaluate", evaluate_overrides(targets, alignments, calibration, cfg, overrides["evaluate"]))
+        steer_paths = [f"++methods.lm_steer.steers.{target}={path}" for target, path in steers.items()]
+        evaluate_cfg = compose_stage("evaluate", evaluate_overrides(targets, alignments, calibration, cfg, [*steer_paths, *overrides["evaluate"]]))
         if launched_rank() > 0 and not distributed(evaluate_cfg):
             return result  # a single-process grid and its report are rank 0's
         with open_dict(evaluate_cfg):

@@ -26,6 +26,7 @@ BUILT_IN_ROLES = {
     "prompting": "baseline",
     "dexperts": "baseline",
     "profs": "baseline",
+    "lm_steer": "baseline",
 }
 
 

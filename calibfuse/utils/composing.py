@@ -28,6 +28,7 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list[str]]:
             f"init={cfg.fusion_head_init}",
         ]
         + ([f"objective={cfg.fusion_head_objective}"] if cfg.get("fusion_head_objective") else []),  # null: no group, the faithful head's key
+        "steer": [f"seed={cfg.train_seed}"],
         "evaluate": [f"alphas=[{','.join(str(a) for a in cfg.alphas)}]", f"methods=[{','.join(cfg.method_names)}]", f"prompts={cfg.prompt_set}"]
         + [f"fusion.{knob}={cfg[knob]}" for knob in ("layer_norm", "calibration_context", "alignment", "scale")]
         + [f"cell_store={cfg.cell_store}"]

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"  # written into each job's dir at its start (status running) and end (finished | failed)
 GOES_ON = ("pipeline", "report", "corpus")  # rebuilt from their stores and inputs: the same config goes on in its dir
-FROM_CHECKPOINT = ("pretrain", "align", "fusion_head")  # go on in their dir only to resume: with ckpt_path set
+FROM_CHECKPOINT = ("pretrain", "align", "fusion_head", "steer")  # go on in their dir only to resume: with ckpt_path set
 
 
 def a(word: str) -> str:
