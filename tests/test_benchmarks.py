@@ -14,7 +14,7 @@ EXPECTED = {
     "scorer_validity.py": "verdict:",
     "align_negative_sampling.py": "per token / bulk =",
     "fusion_overhead.py": "fused / calibfuse alpha=0:",
-    "methods.py": "| fusion | α=0.3 |",
+    "methods.py": "Peers' cost per token against the target alone, this run: lm_steer",
     "positions.py": "rows split differently 0 of 200",
     "pretrain_step.py": "every position / scored only =",
     "gpu_check.py": "no CUDA GPU here",  # CI has none; on a GPU: "CUDA bf16 vs CPU fp32"
