@@ -113,7 +113,8 @@ def main():
         )
     ratio = {c["method"]: c["generation_seconds"] / base["generation_seconds"] for c in cells}
     print(
-        f"\nPeers' cost per token against the target alone, this run: lm_steer {ratio['lm_steer']:.2f}× (goal ≤ 1.05×), profs {ratio['profs']:.2f}× (goal 1.00×)"
+        f"\nPeers' cost per token against the target alone, this run: lm_steer {ratio['lm_steer']:.2f}× (goal ≤ 1.05×), "
+        f"profs {ratio['profs']:.2f}× (goal 1.00×)"
     )
     if not args.expert:
         print("| dexperts | – | not run: needs --expert and --anti-expert sharing the target's tokenizer (none ships offline) | | | |")
