@@ -34,9 +34,10 @@ from calibfuse.fusion.artifacts import alignment_gain, alignment_norm_affine, lo
 from calibfuse.fusion.config import check_alpha
 from calibfuse.models.loading import ModelSpec, load_model, load_tokenizer
 from calibfuse.stages.export import fit_and_export
-from calibfuse.stages.fusion_head import INITS, TOXIC_LOSSES, ExportFusionHead, FusionHeadModule, fit_on_hidden_states, held_out_loss, toxic_nll
+from calibfuse.stages.fusion_head import INITS, TOXIC_LOSSES, FusionHeadModule, fit_on_hidden_states, held_out_loss, toxic_nll
 from calibfuse.stages.fusion_head_contrast import ContrastHeadModule, check_objective
 from calibfuse.stages.fusion_head_data import TextData, toxic_rows, unzip
+from calibfuse.stages.fusion_head_export import ExportFusionHead
 from calibfuse.utils.checks import check_required, check_wandb_credentials
 from calibfuse.utils.run import instantiate, resolved_config, task_wrapper
 

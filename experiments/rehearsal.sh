@@ -105,7 +105,7 @@ from pathlib import Path
 SPEED = ("generation_seconds", "tokens_per_second", "peak_memory_mb")  # how fast the machine was, not what was computed
 reference, resumed = (Path(d) for d in sys.argv[1:])
 grids = [list(csv.DictReader((d / "grid.csv").open())) for d in (reference, resumed)]
-columns = [c for c in grids[0][0] if c not in (*SPEED, "setting")]  # setting: each run's own label
+columns = [c for c in grids[0][0] if c not in (*SPEED, "setting") and not c.endswith("_seconds")]  # setting: each run's own label; *_seconds: how long a measurement took
 if [len(g) for g in grids] != [len(grids[0])] * 2:
     sys.exit(f"  cells: {len(grids[0])} uninterrupted, {len(grids[1])} resumed")
 differ = [f"  {a['cell']} {c}: {a[c]} uninterrupted, {b[c]} resumed" for a, b in zip(*grids) for c in columns if a[c] != b.get(c)]
@@ -113,7 +113,7 @@ if (reference / "generations.jsonl").read_bytes() != (resumed / "generations.jso
     differ.append("  generations.jsonl differs")
 if differ:
     sys.exit("\n".join(differ))
-print(f"  resumed = uninterrupted: grid.csv's {len(grids[0])} cells x {len(columns)} columns (left out: {', '.join(SPEED)}, setting), generations.jsonl")
+print(f"  resumed = uninterrupted: grid.csv's {len(grids[0])} cells x {len(columns)} columns (left out: {', '.join(SPEED)}, other *_seconds, setting), generations.jsonl")
 EOF
 
 echo "== 4. the paper-style table over the sweep"

@@ -9,8 +9,9 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
+from calibfuse.data.datamodule import held_out_texts
 from calibfuse.evaluate import evaluate
-from calibfuse.evaluation.quality import held_out_texts, paired_quality
+from calibfuse.evaluation.quality import paired_quality
 from calibfuse.reporting.report import build_report
 
 
@@ -75,7 +76,7 @@ def test_grid_and_report_get_neutral_perplexity_and_dist_n_paired(grid_cfg, tiny
     # the target alone's neutral perplexity, by hand
     spec = ModelSpec(str(tiny_model_dirs["llama"]), dtype="float32")
     lm = TargetLM(load_model(spec), load_tokenizer(spec))
-    neutral = Neutral.of(cfg.neutral)
+    neutral = Neutral.of(cfg.neutral, held_out_texts)
     scored = continuation_logprobs(lm, Method(), 0.0, [p for p, _ in neutral.texts], neutral.cut(lm.tokenizer))
     assert [lp for lp, _ in base["neutral"]["per_text"]] == pytest.approx([lp for lp, _, _ in scored], abs=1e-4)
     expected = math.exp(-sum(lp for lp, _, _ in scored) / sum(n for _, n, _ in scored))

@@ -220,3 +220,23 @@ class PromptCompletionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate())
+
+
+def held_out_texts(data: dict, count: int) -> list[tuple[str, str]]:
+    """The first `count` (prompt, completion) rows of stage 1's held-out split, as PromptCompletionDataModule.setup makes
+    it from the same data settings (path, corpus recipe, seed, max_examples, val_fraction): one row per
+    completion, shuffled with the seed, the first round(rows x val_fraction) held out. Rows stage 1 drops
+    as too long only shift the split's end, so the first rows are held out whatever the tokenizer."""
+    keys = ("path", "hf_name", "split", "prompt_columns", "completion_column", "data_types", "load_kwargs", "corpus")
+    read = read_prompt_completions(**{k: data[k] for k in keys if k in data})
+    first = {}
+    for pair in read:
+        first.setdefault(" ".join(pair.completion.split()), pair)
+    pairs = list(first.values())
+    random.Random(data.get("seed", 42)).shuffle(pairs)
+    if data.get("max_examples") is not None:
+        pairs = pairs[: data["max_examples"]]
+    held_out = max(1, round(len(pairs) * data.get("val_fraction", 0.1)))
+    if count > held_out:
+        log.warning("neutral.texts=%d but the held-out split of %s has about %d rows: using those", count, data["path"], held_out)
+    return [(" ".join(p.prompt.split()), " ".join(p.completion.split())) for p in pairs[: min(count, held_out)]]

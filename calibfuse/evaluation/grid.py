@@ -11,6 +11,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from calibfuse.data.datamodule import held_out_texts
 from calibfuse.data.prompts import Prompt, load_prompts
 from calibfuse.evaluation.capability import Capability, annotate_capability, capability_columns
 from calibfuse.evaluation.cells import Cell, cell_key, flat, setting_key, stored_description, stored_rows
@@ -132,7 +133,7 @@ def prepare(cfg: DictConfig) -> GridRun:
         }
     )
     run = GridRun(cfg, settings, seeds, names, prompts, scorer, targets, methods, reference, context, described, store, Path(cfg.paths.output_dir), meta)
-    run.neutral, run.capability = Neutral.of(cfg.get("neutral")), capability
+    run.neutral, run.capability = Neutral.of(cfg.get("neutral"), held_out_texts), capability
     return run
 
 

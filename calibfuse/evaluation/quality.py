@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,28 +40,6 @@ PAIRED_QUALITY = ("neutral_ppl_ratio", *(f"{d}_change" for d in DIST))
 QUALITY_COLUMNS = (*NEUTRAL_COLUMNS[:5], *DIST, *(f"{c}{s}" for c in PAIRED_QUALITY for s in ("", "_lo", "_hi")))
 
 
-def held_out_texts(data: dict, count: int) -> list[tuple[str, str]]:
-    """The first `count` (prompt, completion) rows of stage 1's held-out split, as PromptCompletionDataModule.setup makes
-    it from the same data settings (path, corpus recipe, seed, max_examples, val_fraction): one row per
-    completion, shuffled with the seed, the first round(rows x val_fraction) held out. Rows stage 1 drops
-    as too long only shift the split's end, so the first rows are held out whatever the tokenizer."""
-    from calibfuse.data.datamodule import read_prompt_completions
-
-    keys = ("path", "hf_name", "split", "prompt_columns", "completion_column", "data_types", "load_kwargs", "corpus")
-    read = read_prompt_completions(**{k: data[k] for k in keys if k in data})
-    first = {}
-    for pair in read:
-        first.setdefault(" ".join(pair.completion.split()), pair)
-    pairs = list(first.values())
-    random.Random(data.get("seed", 42)).shuffle(pairs)
-    if data.get("max_examples") is not None:
-        pairs = pairs[: data["max_examples"]]
-    held_out = max(1, round(len(pairs) * data.get("val_fraction", 0.1)))
-    if count > held_out:
-        log.warning("neutral.texts=%d but the held-out split of %s has about %d rows: using those", count, data["path"], held_out)
-    return [(" ".join(p.prompt.split()), " ".join(p.completion.split())) for p in pairs[: min(count, held_out)]]
-
-
 @dataclass
 class Neutral:
     """The neutral-text measurement of a grid: its rows (prompt, completion; uncut) and how many tokens of each
@@ -74,14 +51,15 @@ class Neutral:
     batch_size: int = 16
 
     @classmethod
-    def of(cls, cfg) -> Neutral | None:
-        """From the config's `neutral` block; None when off (texts=0 or no block)."""
+    def of(cls, cfg, read_texts) -> Neutral | None:
+        """From the config's `neutral` block; None when off (texts=0 or no block). `read_texts(data, count)`: the
+        data package's held_out_texts, passed in so that the report, which reads this module, sits on no data reader."""
         if not cfg or not cfg.get("texts"):
             return None
         from omegaconf import OmegaConf
 
         data = OmegaConf.to_container(cfg.data, resolve=True)
-        return cls(held_out_texts(data, int(cfg.texts)), int(cfg.max_tokens), int(cfg.get("batch_size", 16)))
+        return cls(read_texts(data, int(cfg.texts)), int(cfg.max_tokens), int(cfg.get("batch_size", 16)))
 
     @property
     def key(self) -> str:

@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 from calibfuse.fusion.artifacts import model_record
 from calibfuse.models.lm import final_hidden, lm_head_logits
 from calibfuse.stages.export import ExportArtifact
-from calibfuse.stages.steer_data import CLASSES, STEER_VALUES
 
 log = logging.getLogger(__name__)
+
+CLASSES = ("clean", "toxic")
+STEER_VALUES = {"clean": 1.0, "toxic": -1.0}  # the detox steer's value per class in training (LM-Steer's labels)
 
 DETOX, DUMMY = 0, 1  # the steers' rows in projector1 / projector2
 FORMAT = "calibfuse.steer/1"

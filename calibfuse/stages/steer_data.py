@@ -13,9 +13,6 @@ from calibfuse.data.datamodule import encode_many, read_prompt_completions
 from calibfuse.data.resumable import shuffled_loader
 from calibfuse.stages.fusion_head_data import toxic_rows
 
-CLASSES = ("clean", "toxic")
-STEER_VALUES = {"clean": 1.0, "toxic": -1.0}  # the detox steer's value per class in training (LM-Steer's labels)
-
 
 def clean_split(data, tokenizer) -> tuple[list[list[int]], list[list[int]], dict]:
     """Stage 1's rows as its data module splits them (PromptCompletionDataModule.setup: one row per
@@ -55,16 +52,16 @@ def toxic_split(data, tokenizer, max_length: int) -> tuple[list[list[int]], list
 class SteerData(L.LightningDataModule):
     """Training batches {"clean": ids, "toxic": ids} of batch_size rows each (Lightning cycles the shorter
     loader), from the first train_rows of each class's (shuffled) training split; held-out loaders per
-    class, clean first, capped at val_rows each."""
+    class in the order given (clean first: calibfuse.stages.steer.CLASSES), capped at val_rows each."""
 
     def __init__(self, train: dict[str, list], val: dict[str, list], batch_size: int, max_length: int, val_rows: int | None = None, train_rows=None):
         super().__init__()
-        self.train = {c: [ids[:max_length] for ids in train[c][:train_rows]] for c in CLASSES}
-        self.val = {c: [ids[:max_length] for ids in val[c][:val_rows]] for c in CLASSES}
+        self.train = {c: [ids[:max_length] for ids in rows[:train_rows]] for c, rows in train.items()}
+        self.val = {c: [ids[:max_length] for ids in rows[:val_rows]] for c, rows in val.items()}
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return {c: shuffled_loader(self.train[c], batch_size=self.batch_size, collate_fn=list) for c in CLASSES}  # resumable mid-epoch
+        return {c: shuffled_loader(self.train[c], batch_size=self.batch_size, collate_fn=list) for c in self.train}  # resumable mid-epoch
 
     def val_dataloader(self):
-        return [DataLoader(self.val[c], batch_size=self.batch_size, collate_fn=list) for c in CLASSES]
+        return [DataLoader(self.val[c], batch_size=self.batch_size, collate_fn=list) for c in self.val]
