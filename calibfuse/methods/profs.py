@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibfuse.data.datamodule import read_prompt_completions
+from calibfuse.fusion.calibration import find_decoder_layers
 from calibfuse.fusion.target import TargetLM
 from calibfuse.methods import Method
 from calibfuse.models.loading import fingerprint, runtime_identity
@@ -36,11 +37,14 @@ RECIPE_VERSION = 2  # bump when the pairing or fit changes what the same options
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder's blocks: the first ModuleList whose every block has an `mlp`."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and all(hasattr(block, "mlp") for block in module):
-            return module
-    raise ValueError(f"profs: {type(model).__name__} has no list of decoder layers with an `mlp`; expected a decoder LM (Llama, Gemma-3, Qwen2 families)")
+    """The decoder's blocks, found as stage 1 finds them (find_decoder_layers), each with an `mlp` to edit."""
+    try:
+        layers = find_decoder_layers(model)[2]
+    except (AttributeError, ValueError):  # no config, or no stack of num_hidden_layers blocks
+        layers = None
+    if layers is None or not all(hasattr(block, "mlp") for block in layers):
+        raise ValueError(f"profs: {type(model).__name__} has no list of decoder layers with an `mlp`; expected a decoder LM (Llama, Gemma-3, Qwen2 families)")
+    return layers
 
 
 def output_projection(model, block, index: int) -> torch.nn.Module:
